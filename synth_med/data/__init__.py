@@ -1,0 +1,1 @@
+"""Data: procedural worlds, the example schema, the grain input pipeline, augmentations."""

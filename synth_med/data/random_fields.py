@@ -1,0 +1,91 @@
+"""Counter-based, vectorised randomness: example i of a world depends only on (seed, i).
+
+A splitmix64 hash of (seed, stream, index, counter) gives uniform numbers without
+any generator state, so a batch of examples is drawn in a few numpy operations and
+any single example can be regenerated alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  with np.errstate(over="ignore"):
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+  return x ^ (x >> np.uint64(31))
+
+
+def _base(seed: int, stream: int, index: np.ndarray) -> np.ndarray:
+  index = np.asarray(index).astype(np.uint64)
+  with np.errstate(over="ignore"):
+    s = _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + np.uint64(stream))
+    return _mix(s ^ (index * _GOLDEN + np.uint64(0x632BE59BD9B4E019)))
+
+
+def uniform(seed: int, stream: int, index: np.ndarray, n: int = 1) -> np.ndarray:
+  """float32[len(index), n] uniform in [0, 1), a pure function of its arguments."""
+  base = _base(seed, stream, index)
+  with np.errstate(over="ignore"):
+    ctr = base[:, None] + np.arange(1, n + 1, dtype=np.uint64)[None, :] * _GOLDEN
+  return ((_mix(ctr) >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24)))
+
+
+def normal(seed: int, stream: int, index: np.ndarray, n: int = 1) -> np.ndarray:
+  """float32[len(index), n] standard normal (Box-Muller on `uniform`)."""
+  m = (n + 1) // 2
+  u = uniform(seed, stream, index, 2 * m)
+  u1 = np.maximum(u[:, :m], 1e-7)
+  r = np.sqrt(-2.0 * np.log(u1))
+  th = 2.0 * np.pi * u[:, m:]
+  z = np.concatenate([r * np.cos(th), r * np.sin(th)], axis=1)
+  return z[:, :n].astype(np.float32)
+
+
+def categorical(u: np.ndarray, probs: np.ndarray) -> np.ndarray:
+  """Inverse-CDF draw: u float[B], probs float[B, K] or [K] -> int32[B]."""
+  probs = np.broadcast_to(np.asarray(probs, np.float64), (len(u),) + np.shape(probs)[-1:])
+  cdf = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
+  out = (u[:, None] >= cdf).sum(axis=1)
+  return np.minimum(out, probs.shape[1] - 1).astype(np.int32)
+
+
+def smooth_noise(seed: int, stream: int, index: np.ndarray, size: int, cells: int,
+                 channels: int = 1) -> np.ndarray:
+  """float32[B, size, size, channels] in ~[-1, 1]: bilinear upsampled value noise."""
+  b = len(index)
+  u = uniform(seed, stream, index, cells * cells * channels).reshape(b, cells, cells, channels)
+  u = 2.0 * u - 1.0
+  m = interpolation_matrix(cells, size)
+  return np.einsum("hc,bcdk,wd->bhwk", m, u, m, optimize=True).astype(np.float32)
+
+
+_INTERP_CACHE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """float32[n_out, n_in] bilinear (half-pixel centred) resampling matrix."""
+  key = (n_in, n_out)
+  if key not in _INTERP_CACHE:
+    x = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    x = np.clip(x, 0, n_in - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = (x - lo).astype(np.float32)
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), lo] += 1 - w
+    m[np.arange(n_out), hi] += w
+    _INTERP_CACHE[key] = m
+  return _INTERP_CACHE[key]
+
+
+def blur(images: np.ndarray, sigma: float) -> np.ndarray:
+  """Gaussian blur over the two spatial axes of float[B, H, W, C]."""
+  if sigma <= 0:
+    return images
+  return ndimage.gaussian_filter(images, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=2.5)

@@ -1,0 +1,27 @@
+"""Procedural medical-like worlds: the embedded default data (no downloads)."""
+from __future__ import annotations
+
+from typing import Any
+
+from synth_med.data.worlds.base import Split, World
+from synth_med.errors import SynthMedError
+
+WORLDS = ("skin", "chest", "tissue")
+
+
+def make_world(data_config: Any) -> World:
+  """Builds the world named by `data_config.world`."""
+  name = data_config.world
+  if name == "skin":
+    from synth_med.data.worlds.skin import SkinWorld
+    return SkinWorld(data_config)
+  if name == "chest":
+    from synth_med.data.worlds.chest import ChestWorld
+    return ChestWorld(data_config)
+  if name == "tissue":
+    from synth_med.data.worlds.tissue import TissueWorld
+    return TissueWorld(data_config)
+  raise SynthMedError(f"data.world={name!r} is unknown; choose one of {list(WORLDS)}.")
+
+
+__all__ = ["World", "Split", "make_world", "WORLDS"]

@@ -1,0 +1,219 @@
+"""Shared machinery of the procedural worlds: example ids, splits, skew and capture.
+
+An example id packs (domain, stream, i) into one int64, so every example is a
+pure function of (world seed, id). Streams keep splits disjoint: train, val,
+test and unlabelled draws of the same domain never share an example.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from synth_med.data import random_fields as rf
+from synth_med.data.schema import UNKNOWN, DatasetSpec
+from synth_med.errors import SynthMedError
+
+TRAIN, VAL, TEST, UNLABELLED = 0, 1, 2, 3
+STREAM_NAMES = {"train": TRAIN, "val": VAL, "test": TEST, "unlabelled": UNLABELLED}
+
+# Fraction of the majority group's count kept for the under-represented group,
+# from 002 Table A2 (sex: 1157, 115, 19 males against 8972 females).
+SKEW_FRACTIONS = {"none": None, "less": 1157 / 8972, "more": 115 / 8972, "most": 19 / 8972}
+
+
+def make_ids(domain: int, stream: int, i: np.ndarray) -> np.ndarray:
+  """Packs (domain, stream, i) into int64 example ids."""
+  i = np.asarray(i, np.int64)
+  return (np.int64(domain) << np.int64(40)) | (np.int64(stream) << np.int64(32)) | i
+
+
+def unpack_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  ids = np.asarray(ids, np.int64)
+  return ((ids >> 40).astype(np.int32), ((ids >> 32) & 0xFF).astype(np.int32),
+          (ids & 0xFFFFFFFF).astype(np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+  """How a domain's camera/scanner/stain changes an image (applied in [0, 1])."""
+  gain: tuple[float, ...] = (1.0, 1.0, 1.0)  # per-channel colour cast
+  brightness: float = 0.0
+  contrast: float = 1.0
+  gamma: float = 1.0
+  blur: float = 0.0  # Gaussian sigma in pixels at 64 px
+  noise: float = 0.01  # Gaussian noise std
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A named, finite list of example ids, labelled or not."""
+  name: str
+  ids: np.ndarray
+  labelled: bool
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+class World(abc.ABC):
+  """A procedural data set: metadata and images as pure functions of example ids."""
+
+  spec: DatasetSpec
+  captures: Mapping[str, Capture]
+
+  def __init__(self, data_config: Any):
+    self.config = data_config
+    self.seed = int(data_config.seed)
+    self.image_size = int(data_config.image_size)
+
+  # --- to implement -----------------------------------------------------------
+  @abc.abstractmethod
+  def metadata(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Labels, attributes and the hidden variables the renderer needs; cheap."""
+
+  @abc.abstractmethod
+  def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]) -> np.ndarray:
+    """float32[B, H, W, C] in [0, 1] before capture effects."""
+
+  # --- shared -----------------------------------------------------------------
+  @property
+  def id_domains(self) -> tuple[str, ...]:
+    return tuple(self.config.id_domains)
+
+  @property
+  def ood_domains(self) -> tuple[str, ...]:
+    return tuple(self.config.ood_domains)
+
+  def uniform(self, stream: int, ids: np.ndarray, n: int = 1) -> np.ndarray:
+    return rf.uniform(self.seed, stream, ids, n)
+
+  def grid(self) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in [-1, 1], each float32[1, H, W]."""
+    n = self.image_size
+    t = ((np.arange(n, dtype=np.float32) + 0.5) / n) * 2.0 - 1.0
+    return t[None, None, :].repeat(n, 1), t[None, :, None].repeat(n, 2)
+
+  def examples(self, ids: np.ndarray, labelled: bool = True) -> dict[str, np.ndarray]:
+    """The schema dict (see `schema.py`) for a batch of example ids."""
+    ids = np.asarray(ids, np.int64)
+    meta = self.metadata(ids)
+    img = self.render(ids, meta)
+    img = self.apply_capture(img, meta["domain"], ids)
+    out = {
+        "image": np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8),
+        "label": meta["label"].astype(np.float32),
+        "label_mask": meta["label_mask"].astype(np.float32),
+        "labelled": np.full(len(ids), bool(labelled)),
+        "domain": meta["domain"].astype(np.int32),
+        "index": ids,
+    }
+    if not labelled:
+      out["label"] = np.zeros_like(out["label"])
+      out["label_mask"] = np.zeros_like(out["label_mask"])
+    for a in self.spec.attributes:
+      out[f"attrs/{a.name}"] = meta[f"attrs/{a.name}"].astype(np.int32)
+    return out
+
+  def apply_capture(self, img: np.ndarray, domain: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Domain shift: colour cast, brightness, contrast, gamma, blur and noise."""
+    out = np.empty_like(img)
+    scale = self.image_size / 64.0
+    for d in np.unique(domain):
+      sel = np.nonzero(domain == d)[0]
+      cap = self.captures[self.spec.domains[d]]
+      x = img[sel]
+      x = rf.blur(x, cap.blur * scale)
+      c = x.shape[-1]
+      x = x * np.asarray(cap.gain[:c], np.float32)
+      x = (x - 0.5) * cap.contrast + 0.5 + cap.brightness
+      x = np.clip(x, 0.0, 1.0)
+      if cap.gamma != 1.0:
+        x = x ** np.float32(cap.gamma)
+      if cap.noise > 0:
+        n = rf.smooth_noise(self.seed, 901, ids[sel], self.image_size, max(self.image_size // 2, 2), c)
+        x = x + cap.noise * n
+      out[sel] = x
+    return out
+
+  # --- splits -----------------------------------------------------------------
+  def split(self, name: str) -> Split:
+    """Builds a named split: 'train', 'val', 'unlabelled', 'id' (ID test) or an OOD domain."""
+    cfg = self.config
+    if name == "train":
+      return Split("train", self._train_ids(), True)
+    if name == "val":
+      return Split("val", self._draw(self.id_domains, VAL, int(cfg.val_size), labelled_only=True), True)
+    if name == "id":
+      return Split("id", self._draw(self.id_domains, TEST, int(cfg.test_size), labelled_only=True), True)
+    if name == "unlabelled":
+      doms = tuple(cfg.unlabelled_domains)
+      bad = [d for d in doms if d not in self.spec.domains]
+      if bad:
+        raise SynthMedError(f"data.unlabelled_domains has unknown domain(s) {bad}; "
+                            f"choose from {list(self.spec.domains)}.")
+      return Split("unlabelled", self._unlabelled_ids(doms), False)
+    if name in self.ood_domains:
+      return Split(name, self._draw((name,), TEST, int(cfg.ood_size), labelled_only=True), True)
+    raise SynthMedError(f"unknown split {name!r} for world {self.spec.name!r}; valid splits: "
+                        f"{['train', 'val', 'id', 'unlabelled', *self.ood_domains]}")
+
+  def eval_split_names(self) -> tuple[str, ...]:
+    return ("id",) + self.ood_domains
+
+  def usable_for_labelled_training(self, meta: Mapping[str, np.ndarray]) -> np.ndarray:
+    """bool[B]: whether an example may enter the labelled classifier set."""
+    return np.ones(len(meta["domain"]), bool)
+
+  def _draw(self, domains: tuple[str, ...], stream: int, n: int, labelled_only: bool) -> np.ndarray:
+    """n ids spread evenly over `domains`, skipping examples unusable as labelled."""
+    out = []
+    per = [n // len(domains) + (1 if k < n % len(domains) else 0) for k in range(len(domains))]
+    for dom, m in zip(domains, per):
+      d = self.spec.domain_id(dom)
+      got, start = [], 0
+      while sum(len(g) for g in got) < m:
+        ids = make_ids(d, stream, np.arange(start, start + 2 * m + 16))
+        start += 2 * m + 16
+        if labelled_only:
+          ids = ids[self.usable_for_labelled_training(self.metadata(ids))]
+        got.append(ids)
+      out.append(np.concatenate(got)[:m])
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+  def _unlabelled_ids(self, domains: tuple[str, ...]) -> np.ndarray:
+    n = int(self.config.unlabelled_size)
+    return self._draw(domains, UNLABELLED, n, labelled_only=False)
+
+  def _train_ids(self) -> np.ndarray:
+    """The ID labelled pool with the configured skew caps applied (Table A2 rule)."""
+    cfg = self.config
+    pool = self._draw(self.id_domains, TRAIN, int(cfg.train_size), labelled_only=True)
+    skew = cfg.skew
+    if skew.setting == "none" and int(skew.cap) < 0:
+      return pool
+    meta = self.metadata(pool)
+    key = f"attrs/{skew.attribute}"
+    if key not in meta:
+      raise SynthMedError(f"data.skew.attribute={skew.attribute!r} is not an attribute of the "
+                          f"{self.spec.name} world; choose from {[a.name for a in self.spec.attributes]}.")
+    values = meta[key]
+    minority = np.isin(values, np.asarray(tuple(skew.minority_values), np.int32))
+    if not minority.any():
+      return pool
+    majority_count = int(((values != UNKNOWN) & ~minority).sum())
+    if int(skew.cap) >= 0:
+      cap = int(skew.cap)
+    else:
+      cap = int(round(SKEW_FRACTIONS[skew.setting] * majority_count))
+    # Spread the cap over the minority values in proportion to their counts.
+    keep = ~minority
+    mvals, mcounts = np.unique(values[minority], return_counts=True)
+    total = mcounts.sum()
+    for v, c in zip(mvals, mcounts):
+      quota = int(round(cap * c / total)) if total > cap else int(c)
+      where = np.nonzero(values == v)[0][:quota]
+      keep[where] = True
+    return pool[keep]
