@@ -62,3 +62,82 @@ def apply_skew_arg(config: ConfigDict, words: set[str]) -> None:
 def mesh_config() -> ConfigDict:
   """Device mesh: axis name -> size; -1 takes the remaining devices."""
   return ConfigDict({"data": -1, "model": 1})
+
+
+def model_config(depth: int = 50, width: float = 1.0, block_units: tuple[int, ...] = ()) -> ConfigDict:
+  """BiT-ResNet; block_units/fractional width give CPU-scale variants."""
+  return ConfigDict({
+      "name": "bit_resnet",
+      "depth": depth,
+      "width": width,
+      "block_units": block_units,
+      "root_pool": True,
+      "pretrained_npz": "",  # a local BiT .npz; the head is re-initialised
+  })
+
+
+def train_config(steps: int, batch_size: int, optimizer: str, lr: float, schedule: str,
+                 weight_decay: float = 0.0, warmup_steps: int = 0) -> ConfigDict:
+  return ConfigDict({
+      "steps": steps,
+      "batch_size": batch_size,
+      "optimizer": {"name": optimizer, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps,
+                    "weight_decay": weight_decay, "grad_clip": 0.0},
+      "ema_decay": 0.0,
+      "log_every": 50,
+      "eval_every": 0,
+      "checkpoint_every": 200,
+      "keep_checkpoints": 2,
+  })
+
+
+def eval_config() -> ConfigDict:
+  return ConfigDict({
+      "batch_size": 256,
+      "top_k": (1, 3),
+      "min_group_size": 20,  # smaller subgroups are flagged and left out of gaps
+      "bootstrap": 200,  # resamples for 95 % CIs of every group metric
+      "beta_samples": 100_000,  # 002 App. F.2
+      "seed": 0,
+      "use_ema": False,
+  })
+
+
+def smoke(config: ConfigDict) -> None:
+  """Shrinks any classifier config to run in well under a minute on a CPU."""
+  config.data.image_size = 16
+  config.data.train_size = 256
+  config.data.val_size = 64
+  config.data.test_size = 128
+  config.data.ood_size = 128
+  config.data.unlabelled_size = 64
+  config.data.skew.setting = "less"
+  config.model.depth = 50
+  config.model.width = 0.125
+  config.model.block_units = (1, 1, 1, 1)
+  config.train.steps = 6
+  config.train.batch_size = 16
+  config.train.log_every = 2
+  config.train.checkpoint_every = 3
+  config.eval.batch_size = 64
+  config.eval.bootstrap = 10
+  config.eval.beta_samples = 1000
+  config.eval.min_group_size = 5
+
+
+def classifier_base(world: str, image_size: int) -> ConfigDict:
+  config = ConfigDict()
+  config.experiment = "classifier"
+  config.seed = 0
+  config.distributed = False  # True: call jax.distributed.initialize() (multi-host)
+  config.data = data_config(world, image_size)
+  config.data.cache = True  # render the finite splits once into memory
+  config.data.num_threads = 2
+  config.loss = ConfigDict({"name": "ce", "focal_gamma": 2.0})
+  config.eval = eval_config()
+  config.mesh = mesh_config()
+  # (regex over the train-state path, partition spec): first match wins,
+  # otherwise replicated. E.g. (("head/kernel", (None, "model")),) shards the
+  # classifier head over the 'model' axis.
+  config.sharding_rules = ()
+  return config

@@ -1,0 +1,23 @@
+"""synth_med entry point: `python launch/main.py --config=configs/derm_classifier.py[:smoke] --workdir=DIR`."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from synth_med.experiments import cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder; a rerun resumes from it.")
+
+
+def main(argv):
+  del argv
+  cli.run_main(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG))

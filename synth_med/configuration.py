@@ -1,0 +1,63 @@
+"""Config validation: every enumerated setting is checked once, before any work.
+
+ml_collections already refuses unknown keys (the configs are locked) and wrong
+types on override; this adds the valid *choices* of each enumerated key, and
+names both the key and the choices in the error.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from synth_med.errors import SynthMedError
+
+EXPERIMENTS = ("classifier",)
+
+
+def _choice(config: Any, dotted: str, choices) -> None:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  if value not in choices:
+    raise SynthMedError(f"--config.{dotted}={value!r} is not valid; choose one of {list(choices)}.")
+
+
+def _positive(config: Any, dotted: str, allow_zero: bool = False) -> None:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  if value < 0 or (value == 0 and not allow_zero):
+    raise SynthMedError(f"--config.{dotted}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
+
+
+def validate(config: Any) -> None:
+  """Raises SynthMedError naming the first invalid key and its valid choices."""
+  from synth_med.data.augment import AUGMENTS
+  from synth_med.data.worlds import WORLDS
+  from synth_med.data.worlds.base import SKEW_FRACTIONS
+  from synth_med.data.worlds.chest import LABEL_POLICIES
+  from synth_med.models.bit_resnet import DEPTHS
+  from synth_med.objectives.classification import LOSSES
+  from synth_med.train.optimizers import OPTIMIZERS, SCHEDULES
+
+  _choice(config, "experiment", EXPERIMENTS)
+  _choice(config, "data.source", ("world",))
+  _choice(config, "data.world", WORLDS)
+  _choice(config, "data.label_policy", LABEL_POLICIES)
+  _choice(config, "data.skew.setting", tuple(SKEW_FRACTIONS))
+  _choice(config, "data.augment", AUGMENTS)
+  _choice(config, "model.name", ("bit_resnet",))
+  if not config.model.block_units:
+    _choice(config, "model.depth", tuple(sorted(DEPTHS)))
+  _choice(config, "loss.name", LOSSES)
+  _choice(config, "train.optimizer.name", OPTIMIZERS)
+  _choice(config, "train.optimizer.schedule", SCHEDULES)
+  for key in ("data.image_size", "data.train_size", "data.test_size", "data.ood_size", "train.steps",
+              "train.batch_size", "eval.batch_size", "model.width", "train.optimizer.lr"):
+    _positive(config, key)
+  if not 8 <= config.data.image_size <= 1024:
+    raise SynthMedError(f"--config.data.image_size={config.data.image_size} must be in 8..1024.")
+  if not 0.0 <= config.train.ema_decay < 1.0:
+    raise SynthMedError(f"--config.train.ema_decay={config.train.ema_decay} must be in [0, 1).")
+  for name, size in config.mesh.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise SynthMedError(f"--config.mesh.{name}={size!r} must be a positive int or -1.")

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (scikit-learn), fairness (fairlearn MetricFrame), evaluators."""

@@ -1,0 +1,1 @@
+"""Experiments: stages with skip/resume, and the command-line entry point."""

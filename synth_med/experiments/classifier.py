@@ -1,0 +1,129 @@
+"""The classifier stage: train a BiT-ResNet on a world's labelled ID data, evaluate ID and OOD.
+
+Writes to its folder: checkpoints/, tensorboard/, config.json, metrics.json and
+DONE. A folder with DONE is skipped; one without resumes from its checkpoint.
+Later stages (baselines, synthetic mixes, seeds) call `run_classifier` with
+their own folder.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from synth_med.data.augment import make_augment
+from synth_med.data.pipeline import TrainStream, WorldSource, materialise
+from synth_med.data.worlds import make_world
+from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
+from synth_med.experiments import artifacts
+from synth_med.models import bit_resnet
+from synth_med.objectives.classification import ClassifierTask, probabilities
+from synth_med.train import sharding
+from synth_med.train.loop import train
+from synth_med.train.metric_writers import create_writer
+
+
+def build_model(config: Any, spec) -> bit_resnet.Model:
+  m = config.model
+  return bit_resnet.Model(num_outputs=bit_resnet.num_outputs(spec.label_kind, spec.num_classes),
+                          depth=int(m.depth), width=float(m.width), block_units=tuple(m.block_units),
+                          root_pool=bool(m.root_pool))
+
+
+def make_predict(task: ClassifierTask, mesh: jax.sharding.Mesh, label_kind: str):
+  """(params) -> fn(local batch dict) -> global probabilities (numpy)."""
+  fn = jax.jit(lambda params, images: probabilities(task.logits(params, images)[0], label_kind),
+               out_shardings=sharding.replicated(mesh))
+
+  def bind(params):
+    def predict(batch):
+      images = sharding.to_global({"image": batch["image"]}, mesh)["image"]
+      return np.asarray(jax.device_get(fn(params, images)))
+    return predict
+  return bind
+
+
+def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
+  """Trains and evaluates one classifier; returns the metrics dict (also in metrics.json)."""
+  metrics_path = os.path.join(workdir, "metrics.json")
+  if artifacts.is_done(workdir) and os.path.exists(metrics_path):
+    print(f"classifier in {workdir} is done; skipping (delete DONE to rerun)", flush=True)
+    return artifacts.read_json(metrics_path)
+  t0 = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  artifacts.write_json(os.path.join(workdir, "config.json"), artifacts.config_to_dict(config))
+
+  world = make_world(config.data)
+  spec = world.spec
+  mesh = sharding.make_mesh(config.mesh)
+  train_split = world.split("train")
+  if len(train_split) == 0:
+    from synth_med.errors import SynthMedError
+    raise SynthMedError("the training split is empty after skew and label-policy filtering; raise "
+                        "data.train_size or relax data.skew.")
+  source = WorldSource(world, train_split)
+  if config.data.cache:
+    source = materialise(source, "train split")
+  stream = TrainStream(source, int(config.train.batch_size), seed=int(config.seed),
+                       num_threads=int(config.data.num_threads))
+  model = build_model(config, spec)
+  task = ClassifierTask(model, spec.label_kind, loss=config.loss.name,
+                        focal_gamma=float(config.loss.focal_gamma),
+                        augment=make_augment(spec.name, config.data.augment),
+                        pretrained_npz=config.model.pretrained_npz, load_fn=bit_resnet.load)
+  bind = make_predict(task, mesh, spec.label_kind)
+  eval_bs = int(config.eval.batch_size)
+  sharding.check_batch_size(eval_bs, mesh, "eval.batch_size")
+
+  def eval_source(name):
+    src = WorldSource(world, world.split(name))
+    return materialise(src, f"{name} split") if config.data.cache else src
+
+  eval_writer = create_writer(os.path.join(workdir, "tensorboard", "eval"), console=False)
+  val_eval = ClassificationEvaluator("val", eval_source("val"), spec, config.eval, eval_bs, fairness=False)
+  every = int(config.train.eval_every)
+
+  def val_hook(step: int, state) -> None:
+    if every > 0 and step % every == 0 and step < int(config.train.steps):
+      res = val_eval.run(bind(state.ema_params if config.eval.use_ema else state.params))
+      eval_writer.write_scalars(step, flatten_for_writer("val", res))
+      summary = ", ".join(f"{k}={v:.3f}" for k, v in res["overall"].items() if v is not None and "/" not in k)
+      print(f"val @ step {step}: {summary}", flush=True)
+
+  result = train(task, config, stream, workdir, hooks=[val_hook], mesh=mesh)
+  t_train = time.time() - t0
+  params = result.state.ema_params if config.eval.use_ema else result.state.params
+  predict = bind(params)
+  metrics: dict[str, Any] = {"world": spec.name, "classes": list(spec.class_names),
+                             "high_risk": list(spec.high_risk), "train_examples": len(train_split),
+                             "steps": int(config.train.steps), "splits": {}}
+  for name in ("val",) + world.eval_split_names():
+    ev = val_eval if name == "val" else ClassificationEvaluator(name, eval_source(name), spec, config.eval,
+                                                               eval_bs)
+    res = ev.run(predict)
+    metrics["splits"][name] = res
+    eval_writer.write_scalars(int(config.train.steps), flatten_for_writer(name, res))
+  metrics["wall_time_s"] = {"train": t_train, "total": time.time() - t0}
+  eval_writer.flush()
+  artifacts.write_json(metrics_path, metrics)
+  artifacts.mark_done(workdir)
+  print(summary_table(metrics), flush=True)
+  print(f"wrote {metrics_path} ({metrics['wall_time_s']['total']:.0f} s)", flush=True)
+  return metrics
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+  """A short human-readable table of the headline metrics and gaps per split."""
+  lines = []
+  for split, res in metrics["splits"].items():
+    head = ", ".join(f"{k}={v:.3f}" for k, v in res["overall"].items()
+                     if v is not None and "/" not in k)
+    lines.append(f"[{split}] n={res['n']}: {head}")
+    for attr, gaps in res.get("gaps", {}).items():
+      txt = ", ".join(f"{m}={g['gap']:.3f}" for m, g in gaps.items() if g["gap"] is not None)
+      if txt:
+        lines.append(f"    gap by {attr}: {txt}")
+  return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Command-line parsing for launch/main.py: clear errors instead of tracebacks.
+
+`--config=path.py:arg` loads an ml_collections config file (locked), and
+`--config.a.b=value` overrides it. An unknown key, a wrong type, a bad config
+argument or any SynthMedError is printed as one message naming the key and the
+valid choices, and the process exits with status 2 (1 for run-time errors).
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import Any, Sequence
+
+from absl import flags
+
+from synth_med.errors import SynthMedError
+
+
+def _keys(config: Any, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in config.items():
+    out.append(prefix + k)
+    if hasattr(v, "items") and not isinstance(v, dict):
+      out.extend(_keys(v, prefix + k + "."))
+  return out
+
+
+def _unknown_key_message(argv: Sequence[str], config_flag: Any) -> str | None:
+  """Finds the first --config.x override that is not a key and explains it."""
+  try:
+    config = config_flag.value
+  except Exception:  # noqa: BLE001
+    config = None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    if config is None:
+      return f"--config.{key}: the config file could not be loaded"
+    node, ok = config, True
+    for part in key.split("."):
+      if hasattr(node, "keys") and part in node.keys():
+        node = node[part]
+      else:
+        ok = False
+        break
+    if not ok:
+      parent = key.rsplit(".", 1)[0] if "." in key else ""
+      valid = [k for k in _keys(config) if k.rsplit(".", 1)[0] == parent or (not parent and "." not in k)]
+      close = difflib.get_close_matches(key, _keys(config), n=3)
+      hint = f" Did you mean {', '.join(close)}?" if close else ""
+      return (f"unknown config key --config.{key}.{hint} Valid keys"
+              f"{' under ' + parent if parent else ''}: {', '.join(sorted(valid))}")
+  return None
+
+
+def parse_flags(argv: Sequence[str], config_flag: Any) -> list[str]:
+  """absl flags parser with readable errors for config mistakes."""
+  try:
+    return flags.FLAGS(list(argv))
+  except Exception as e:  # noqa: BLE001 - absl raises several types here
+    msg = _unknown_key_message(argv, config_flag) if not isinstance(e, flags.IllegalFlagValueError) else None
+    text = str(e).strip().strip("'\"").replace("\\n", " ")
+    if isinstance(e, flags.IllegalFlagValueError) and "invalid literal" in text:
+      text += " (wrong type for this config key: give a value of the key's type)"
+    sys.stderr.write(f"synth_med: bad command line: {msg or text}\n")
+    sys.exit(2)
+
+
+def run_main(config: Any, workdir: str) -> None:
+  """Runs the experiment; user-facing errors print without a traceback."""
+  from synth_med.experiments.run import run  # pylint: disable=import-outside-toplevel
+  try:
+    run(config, workdir)
+  except SynthMedError as e:
+    sys.stderr.write(f"synth_med: error: {e}\n")
+    sys.exit(1)

@@ -1,0 +1,1 @@
+"""Objectives: classification losses and the classifier task."""

@@ -1,0 +1,1 @@
+"""Training: one functional, sharded loop that every model (diffusion, upsampler, classifier) reuses."""

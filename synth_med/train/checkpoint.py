@@ -1,0 +1,55 @@
+"""Checkpoints through orbax `CheckpointManager`: keep-N, atomic, resume from the workdir."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from synth_med.errors import SynthMedError
+
+
+class Checkpointer:
+  """Saves and restores a pytree (the train state) under `directory`.
+
+  Orbax writes each step to a temporary folder and renames it when complete,
+  so a run killed mid-save leaves the previous checkpoint intact.
+  """
+
+  def __init__(self, directory: str, keep: int = 2):
+    directory = os.path.abspath(directory)
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+      raise SynthMedError(f"cannot create checkpoint folder {directory!r}: {e.strerror}; choose a "
+                          "writable --workdir.") from e
+    self.directory = directory
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state))
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    step = self.latest_step() if step is None else step
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # noqa: BLE001 - shape/structure mismatch, corrupt files
+      raise SynthMedError(f"cannot restore checkpoint step {step} from {self.directory!r}: {e}. If the "
+                          "model config changed since that run, use a fresh --workdir.") from e
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

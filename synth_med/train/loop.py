@@ -1,0 +1,176 @@
+"""The one training loop: every model plugs in as a `Task`.
+
+A task supplies pure functions; the loop owns the rest: the mesh and shardings
+(regex rules from the config), the optax optimizer, EMA, the jitted and donated
+train step, orbax checkpoints with automatic resume, clu metric writers,
+progress with ETA, periodic hooks (evaluation) and the NaN guard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from synth_med.data.pipeline import TrainStream
+from synth_med.errors import SynthMedError
+from synth_med.train import checkpoint as ckpt_lib
+from synth_med.train import sharding, state as state_lib
+from synth_med.train.metric_writers import create_writer
+from synth_med.train.optimizers import make_optimizer
+from synth_med.train.progress import Progress
+
+TrainState = state_lib.TrainState
+
+
+class Task(Protocol):
+  """What a model supplies to the loop."""
+
+  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+    """Fresh parameters (traced under jit; shapes come from `batch`)."""
+
+  def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array
+           ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
+    """Scalar loss and scalar metrics for one global batch."""
+
+
+Hook = Callable[[int, TrainState], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+  state: TrainState
+  mesh: jax.sharding.Mesh
+  start_step: int  # where this run started (> 0 after a resume)
+
+
+def _finite(x: Any) -> bool:
+  return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+def train(task: Task, config: Any, stream: TrainStream, workdir: str,
+          hooks: Sequence[Hook] = (), mesh: jax.sharding.Mesh | None = None) -> LoopResult:
+  """Trains `task` for `config.train.steps` steps, resuming from `workdir/checkpoints`.
+
+  `config` needs: train.{steps, batch_size, optimizer, ema_decay, log_every,
+  checkpoint_every, keep_checkpoints}, mesh, sharding_rules and seed.
+  """
+  tcfg = config.train
+  total = int(tcfg.steps)
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(int(tcfg.batch_size), mesh)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise SynthMedError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a writable "
+                        "--workdir.") from e
+
+  tx, schedule = make_optimizer(tcfg.optimizer, total)
+  ema_decay = float(tcfg.ema_decay)
+  rules = [tuple(r) for r in config.sharding_rules]
+  root_rng = jax.random.key(int(config.seed))
+
+  first = sharding.to_global(stream.batch(0), mesh)
+  batch_shardings = {k: v.sharding for k, v in first.items()}
+
+  def init_state(rng, batch):
+    params = task.init(rng, batch)
+    return state_lib.create(params, tx, jax.random.fold_in(rng, 1))
+
+  abstract = jax.eval_shape(init_state, root_rng, first)
+  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), int(tcfg.keep_checkpoints))
+  start = ckpt.latest_step()
+  if start is not None:
+    print(f"resuming from checkpoint step {start} in {ckpt.directory}", flush=True)
+    state = ckpt.restore(ckpt_lib.abstract_with_shardings(abstract, state_shardings))
+  else:
+    start = 0
+    state = jax.jit(init_state, out_shardings=state_shardings)(root_rng, first)
+    load = getattr(task, "load_pretrained", None)
+    if load is not None:
+      params = load(jax.device_get(state.params))
+      if params is not None:
+        params = jax.device_put(params, state_shardings.params)
+        state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
+                              opt_state=jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        ema_params=state_lib.ema_update(state.ema_params, params, ema_decay))
+    return new, metrics
+
+  step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+  writer = create_writer(os.path.join(workdir, "tensorboard"))
+  if start == 0:
+    writer.write_hparams({k: str(v) for k, v in _flat_config(config).items()})
+  log_every, ckpt_every = max(int(tcfg.log_every), 1), max(int(tcfg.checkpoint_every), 1)
+  progress = Progress("train", total, start=start)
+  pending: list[tuple[int, Any]] = []
+  last_saved = start if start > 0 else None
+
+  def check_pending() -> dict[str, float]:
+    """Host-syncs the metrics since the last check; stops on a NaN/Inf loss."""
+    host = [(s, jax.device_get(m)) for s, m in pending]
+    pending.clear()
+    for s, m in host:
+      if not _finite(m["loss"]):
+        where = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
+                 if last_saved is not None else "no checkpoint was written before it")
+        raise SynthMedError(f"loss became {float(np.asarray(m['loss']))} at step {s}; training stopped "
+                            f"and {where}. Lower train.optimizer.lr, set train.optimizer.grad_clip, "
+                            "or check the data for NaNs.")
+    if not host:
+      return {}
+    return {k: float(np.mean([np.asarray(m[k]) for _, m in host])) for k in host[0][1]}
+
+  batches = stream.iterate(start)
+  try:
+    for step in range(start, total):
+      batch = sharding.to_global(next(batches), mesh)
+      state, metrics = step_fn(state, batch)
+      pending.append((step + 1, metrics))
+      done = step + 1
+      if done % log_every == 0 or done == total:
+        means = check_pending()
+        means["steps_per_s"] = progress.rate if progress.rate > 0 else 0.0
+        writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
+        progress.update(done, extra=f"loss {means['loss']:.4f}")
+      if done % ckpt_every == 0 or done == total:
+        check_pending()
+        ckpt.save(done, state)
+        last_saved = done
+      for hook in hooks:
+        hook(done, state)
+    ckpt.wait()
+  finally:
+    writer.flush()
+    ckpt.close()
+  return LoopResult(state=state, mesh=mesh, start_step=start)
+
+
+def _flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
