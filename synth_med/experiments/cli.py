@@ -25,12 +25,26 @@ def _keys(config: Any, prefix: str = "") -> list[str]:
   return out
 
 
+def load_config_file(spec: str) -> Any:
+  """Loads 'path.py[:arg]' by calling the file's get_config(arg)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_synth_med_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def _unknown_key_message(argv: Sequence[str], config_flag: Any) -> str | None:
   """Finds the first --config.x override that is not a key and explains it."""
-  try:
-    config = config_flag.value
-  except Exception:  # noqa: BLE001
-    config = None
+  del config_flag
+  config = None
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      try:
+        config = load_config_file(arg[len("--config="):])
+      except Exception as e:  # noqa: BLE001 - reported as such
+        return f"cannot load {arg}: {e}"
   for arg in argv[1:]:
     if not arg.startswith("--config."):
       continue
