@@ -16,7 +16,7 @@ def get_config(arg=None):
   config.data.ood_size = 1000
   # CPU scale: R26 layout (2,2,2,2) at a quarter of BiT's width.
   config.model = common.model_config(depth=50, width=0.25, block_units=(2, 2, 2, 2))
-  config.train = common.train_config(steps=1500, batch_size=64, optimizer="momentum", lr=0.03,
+  config.train = common.train_config(steps=1000, batch_size=64, optimizer="momentum", lr=0.03,
                                      schedule="cosine", weight_decay=1e-4, warmup_steps=100)
   config.train.eval_every = 500
   config.train.checkpoint_every = 250
