@@ -89,3 +89,29 @@ def blur(images: np.ndarray, sigma: float) -> np.ndarray:
   if sigma <= 0:
     return images
   return ndimage.gaussian_filter(images, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=2.5)
+
+
+def soft_step(z: np.ndarray) -> np.ndarray:
+  """A cheap logistic-like edge: smoothstep of clip(0.5 + z / 4), slope 1/4 at 0 like sigmoid(z)."""
+  t = np.clip(0.5 + 0.25 * z, 0.0, 1.0).astype(np.float32, copy=False)
+  return t * t * (3.0 - 2.0 * t)
+
+
+class NoiseBank:
+  """A fixed bank of per-pixel Gaussian noise images, one drawn per example by its id hash.
+
+  Sensor noise does not need a fresh field per example; picking one of `size`
+  pre-drawn fields (with a random flip) keeps examples deterministic and costs a copy.
+  """
+
+  def __init__(self, seed: int, image_size: int, channels: int, size: int = 128):
+    rng = np.random.default_rng([seed, image_size, channels, 77])
+    self.fields = rng.standard_normal((size, image_size, image_size, channels)).astype(np.float32)
+
+  def draw(self, seed: int, stream: int, ids: np.ndarray) -> np.ndarray:
+    u = uniform(seed, stream, ids, 2)
+    idx = np.minimum((u[:, 0] * len(self.fields)).astype(np.int64), len(self.fields) - 1)
+    out = self.fields[idx]
+    flip = u[:, 1] < 0.5
+    out[flip] = out[flip, :, ::-1]
+    return out

@@ -90,6 +90,12 @@ class World(abc.ABC):
   def uniform(self, stream: int, ids: np.ndarray, n: int = 1) -> np.ndarray:
     return rf.uniform(self.seed, stream, ids, n)
 
+  def noise_bank(self, channels: int) -> rf.NoiseBank:
+    """Per-pixel sensor noise fields for this world (built once)."""
+    if getattr(self, "_noise_bank", None) is None:
+      self._noise_bank = rf.NoiseBank(self.seed, self.image_size, channels)
+    return self._noise_bank
+
   def grid(self) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates in [-1, 1], each float32[1, H, W]."""
     n = self.image_size
@@ -133,8 +139,7 @@ class World(abc.ABC):
       if cap.gamma != 1.0:
         x = x ** np.float32(cap.gamma)
       if cap.noise > 0:
-        n = rf.smooth_noise(self.seed, 901, ids[sel], self.image_size, max(self.image_size // 2, 2), c)
-        x = x + cap.noise * n
+        x = x + cap.noise * self.noise_bank(c).draw(self.seed, 901, ids[sel])
       out[sel] = x
     return out
 

@@ -266,15 +266,16 @@ class SkinWorld(World):
     img = bg * (1.0 - m) + lesion_img * m
 
     # Hair strokes (males): three thin dark lines.
-    h = self.uniform(_S_HAIR, ids, 6)
-    hair = np.zeros((b, n, n), np.float32)
-    for j in range(3):
-      phi = col(np.pi * h[:, j])
-      dist = np.abs(x * np.cos(phi) + y * np.sin(phi) - col(1.2 * h[:, 3 + j] - 0.6))
-      hair = np.maximum(hair, _sigmoid((0.025 - dist) / 0.01))
-    img = img * (1.0 - 0.55 * (hair * col(sex))[..., None])
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
+    males = np.nonzero(sex > 0)[0]
+    if len(males):
+      h = self.uniform(_S_HAIR, ids[males], 6)
+      hair = np.zeros((len(males), n, n), np.float32)
+      for j in range(3):
+        phi = col(np.pi * h[:, j])
+        dist = np.abs(x * np.cos(phi) + y * np.sin(phi) - col(1.2 * h[:, 3 + j] - 0.6))
+        hair = np.maximum(hair, _sigmoid((0.025 - dist) / 0.01))
+      img[males] *= 1.0 - 0.55 * hair[..., None]
+    return img
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-  return 0.5 * (1.0 + np.tanh(0.5 * z)).astype(np.float32)
+_sigmoid = rf.soft_step
