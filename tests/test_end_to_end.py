@@ -18,6 +18,7 @@ def test_main_smoke_run_writes_everything(name, tmp_path):
   assert "train:" in r.stdout and "wrote" in r.stdout
   m = json.loads((workdir / "metrics.json").read_text())
   assert (workdir / "DONE").exists() and (workdir / "config.json").exists()
+  assert (workdir / "train_examples.png").stat().st_size > 100
   assert os.listdir(workdir / "checkpoints")
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
   splits = m["splits"]

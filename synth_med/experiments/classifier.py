@@ -18,6 +18,7 @@ from synth_med.data.augment import make_augment
 from synth_med.data.pipeline import TrainStream, WorldSource, materialise
 from synth_med.data.worlds import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
+from synth_med.evaluation.image_grid import make_grid, save_png
 from synth_med.experiments import artifacts
 from synth_med.models import bit_resnet
 from synth_med.objectives.classification import ClassifierTask, probabilities
@@ -83,6 +84,9 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
     return materialise(src, f"{name} split") if config.data.cache else src
 
   eval_writer = create_writer(os.path.join(workdir, "tensorboard", "eval"), console=False)
+  grid = make_grid(source.fetch(np.arange(min(64, len(source))))["image"])
+  eval_writer.write_images(0, {"train_examples": grid})
+  save_png(os.path.join(workdir, "train_examples.png"), grid)
   val_eval = ClassificationEvaluator("val", eval_source("val"), spec, config.eval, eval_bs, fairness=False)
   every = int(config.train.eval_every)
 

@@ -60,12 +60,33 @@ def _unknown_key_message(argv: Sequence[str], config_flag: Any) -> str | None:
         break
     if not ok:
       parent = key.rsplit(".", 1)[0] if "." in key else ""
-      valid = [k for k in _keys(config) if k.rsplit(".", 1)[0] == parent or (not parent and "." not in k)]
+      valid = [k for k in _keys(config)
+               if k != parent and (k.rsplit(".", 1)[0] == parent or (not parent and "." not in k))]
       close = difflib.get_close_matches(key, _keys(config), n=3)
       hint = f" Did you mean {', '.join(close)}?" if close else ""
       return (f"unknown config key --config.{key}.{hint} Valid keys"
               f"{' under ' + parent if parent else ''}: {', '.join(sorted(valid))}")
   return None
+
+
+def _wrong_type_message(argv: Sequence[str], text: str) -> str:
+  """Adds the key's expected type and current value to absl's parse error."""
+  config = None
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      try:
+        config = load_config_file(arg[len("--config="):])
+      except Exception:  # noqa: BLE001
+        return text
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and arg.split("=", 1)[0] in text and config is not None:
+      key = arg[len("--config."):].split("=", 1)[0]
+      node = config
+      for part in key.split("."):
+        node = node[part]
+      return (f"{text} -- wrong type for --config.{key}: expected {type(node).__name__} "
+              f"(default {node!r})")
+  return text
 
 
 def parse_flags(argv: Sequence[str], config_flag: Any) -> list[str]:
@@ -74,9 +95,9 @@ def parse_flags(argv: Sequence[str], config_flag: Any) -> list[str]:
     return flags.FLAGS(list(argv))
   except Exception as e:  # noqa: BLE001 - absl raises several types here
     msg = _unknown_key_message(argv, config_flag) if not isinstance(e, flags.IllegalFlagValueError) else None
-    text = str(e).strip().strip("'\"").replace("\\n", " ")
-    if isinstance(e, flags.IllegalFlagValueError) and "invalid literal" in text:
-      text += " (wrong type for this config key: give a value of the key's type)"
+    text = str(e).strip().replace("\\n", " ")
+    if isinstance(e, flags.IllegalFlagValueError):
+      text = _wrong_type_message(argv, text)
     sys.stderr.write(f"synth_med: bad command line: {msg or text}\n")
     sys.exit(2)
 
