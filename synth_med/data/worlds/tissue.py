@@ -24,7 +24,7 @@ _STAIN_H = {"h0": (0.65, 0.70, 0.29), "h1": (0.50, 0.80, 0.25), "h2": (0.75, 0.6
             "h3": (0.45, 0.85, 0.40), "h4": (0.80, 0.55, 0.20)}
 _STAIN_E = {"h0": (0.07, 0.99, 0.11), "h1": (0.10, 0.90, 0.25), "h2": (0.05, 0.85, 0.05),
             "h3": (0.20, 0.95, 0.10), "h4": (0.02, 0.80, 0.30)}
-_STRENGTH = {"h0": 1.0, "h1": 0.8, "h2": 1.3, "h3": 1.25, "h4": 0.75}
+_STRENGTH = {"h0": 1.0, "h1": 0.7, "h2": 1.35, "h3": 1.35, "h4": 0.7}
 _CAPTURES = {
     "h0": Capture(noise=0.01), "h1": Capture(blur=0.6, noise=0.02, brightness=0.03),
     "h2": Capture(blur=1.0, noise=0.015, contrast=0.9), "h3": Capture(blur=0.5, noise=0.02, gamma=1.15),
@@ -60,10 +60,10 @@ class TissueWorld(World):
     cell = 4
     g = n // cell
     u = self.uniform(_S_NUC, ids, 4 * g * g).reshape(b, 4, g, g)
-    density = np.where(tumour, 0.75, 0.3)[:, None, None]
+    density = np.where(tumour, 0.6, 0.4)[:, None, None]
     present = u[:, 0] < density
     # Tumour nuclei are large and irregular; normal nuclei small and uniform.
-    size = np.where(tumour[:, None, None], 0.7 + 0.6 * u[:, 1], 0.35 + 0.1 * u[:, 1])
+    size = np.where(tumour[:, None, None], 0.5 + 0.6 * u[:, 1], 0.3 + 0.35 * u[:, 1])
     small = np.zeros((b, n, n), np.float32)
     large = np.zeros((b, n, n), np.float32)
     jy = (u[:, 2] * cell).astype(int)
