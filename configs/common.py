@@ -46,7 +46,9 @@ def data_config(world: str, image_size: int) -> ConfigDict:
           "setting": "more",  # none | less | more | most (002 Table A2)
           "cap": -1,  # >= 0 overrides the setting with an absolute cap
       },
-      "domain_prevalence": ConfigDict({}),
+      # Per-domain label prevalence; () keeps the world's default. E.g.
+      # --config.data.domain_prevalence.ood1='(0.5, 0.5)' for a 2-class skin world.
+      "domain_prevalence": {d: () for d in id_domains + ood_domains},
       "augment": "standard",  # none | standard (002 App. E.1, per modality)
   })
 

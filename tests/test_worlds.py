@@ -191,3 +191,18 @@ def test_bad_world_settings(tiny_world_config):
   c.world = "retina"
   with pytest.raises(SynthMedError, match="choose one of"):
     make_world(c)
+
+
+def test_domain_prevalence_override(tiny_world_config):
+  c = tiny_world_config("tissue")
+  c.test_size = 400
+  c.domain_prevalence.h0 = (0.9,)
+  w = make_world(c)
+  assert w.metadata(w.split("id").ids)["label"][:, 0][unpack_ids(w.split("id").ids)[0] == 0].mean() > 0.8
+  c.domain_prevalence.h0 = (0.5, 0.5)
+  with pytest.raises(SynthMedError, match="domain_prevalence.h0 must be 1"):
+    make_world(c)
+  c = tiny_world_config("chest")
+  c.domain_prevalence.ood1 = (0.0, 0.0, 0.9, 0.0, 0.0)
+  meta = make_world(c).metadata(make_world(c).split("ood1").ids)
+  assert meta["present"][:, 2].mean() > 0.5 and meta["present"][:, 0].sum() == 0

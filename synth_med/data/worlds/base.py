@@ -79,6 +79,27 @@ class World(abc.ABC):
     """float32[B, H, W, C] in [0, 1] before capture effects."""
 
   # --- shared -----------------------------------------------------------------
+  def prevalence(self, defaults: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
+    """Per-domain label prevalence: the world's defaults, overridden by `data.domain_prevalence`.
+
+    An override is a tuple for one domain with the same length as the default
+    (`what` says what the numbers are); an empty tuple keeps the default.
+    """
+    out = {d: np.asarray(v, np.float64) for d, v in defaults.items()}
+    overrides = self.config.get("domain_prevalence", None) or {}
+    for dom, values in dict(overrides).items():
+      if values is None or len(tuple(values)) == 0:
+        continue
+      if dom not in out:
+        raise SynthMedError(f"data.domain_prevalence.{dom}: {dom!r} is not a domain of the "
+                            f"{self.spec.name} world; choose from {list(out)}.")
+      v = np.asarray(tuple(values), np.float64)
+      if v.shape != out[dom].shape or (v < 0).any() or v.sum() <= 0:
+        raise SynthMedError(f"data.domain_prevalence.{dom} must be {out[dom].size} non-negative numbers "
+                            f"({what}); got {tuple(values)}.")
+      out[dom] = v
+    return out
+
   @property
   def id_domains(self) -> tuple[str, ...]:
     return tuple(self.config.id_domains)

@@ -65,6 +65,7 @@ class ChestWorld(World):
         attributes=(AttributeSpec("sex", ("female", "male")),
                     AttributeSpec("age_bucket", AGE_BUCKET_NAMES)),
         domains=("id", "ood1"), channels=1)
+    self._prevalence = self.prevalence(_PREVALENCE, "probability of each of the 5 findings at age 54")
 
   def metadata(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     domain, stream, _ = unpack_ids(ids)
@@ -81,7 +82,7 @@ class ChestWorld(World):
       sel = domain == d
       sex[sel] = (u[sel, 0] < _P_MALE[dname]).astype(np.int32)
       # Older patients have more cardiomegaly, effusion and edema.
-      p = np.asarray(_PREVALENCE[dname])[None, :] * (0.5 + (age[sel, None] - 18) / 72.0)
+      p = self._prevalence[dname][None, :] * (0.5 + (age[sel, None] - 18) / 72.0)
       present[sel] = uf[sel] < p
       raw[sel] = present[sel].astype(np.int32)
       if dname == "id":  # CheXpert-like reports carry uncertainty

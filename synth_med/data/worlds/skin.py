@@ -139,15 +139,8 @@ class SkinWorld(World):
     for n in ("Basal Cell Carcinoma", "SCC/SCCIS", "Actinic Keratosis"):
       if n in names:
         ood1[names.index(n)] *= 8.0
-    out = {"id": base, "ood1": ood1, "ood2": base * np.linspace(1.2, 0.8, k)}
-    overrides = dict(self.config.get("domain_prevalence", {}) or {})
-    for dom, weights in overrides.items():
-      w = np.asarray(weights, np.float64)
-      if dom not in out or w.shape != (k,) or (w < 0).any() or w.sum() <= 0:
-        raise SynthMedError(f"data.domain_prevalence[{dom!r}] must be {k} non-negative weights for a "
-                            f"domain in {list(out)}; got {list(w)}.")
-      out[dom] = w
-    return out
+    defaults = {"id": base, "ood1": ood1, "ood2": base * np.linspace(1.2, 0.8, k)}
+    return self.prevalence(defaults, f"relative weights of the {k} conditions")
 
   def metadata(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     domain, stream, _ = unpack_ids(ids)

@@ -44,11 +44,13 @@ class TissueWorld(World):
     self.spec = DatasetSpec(
         name="tissue", class_names=("tumour",), label_kind="binary",
         attributes=(AttributeSpec("hospital", ID_HOSPITALS),), domains=HOSPITALS, channels=3)
+    self._prevalence = self.prevalence({h: (p,) for h, p in _P_TUMOUR.items()},
+                                       "the probability of a tumour patch")
 
   def metadata(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     domain, _, _ = unpack_ids(ids)
     u = self.uniform(_S_LABEL, ids, 1)[:, 0]
-    p = np.array([_P_TUMOUR[h] for h in HOSPITALS])[domain]
+    p = np.array([self._prevalence[h][0] for h in HOSPITALS])[domain]
     tumour = (u < p).astype(np.float32)
     hosp = np.array([ID_HOSPITALS.index(h) if h in ID_HOSPITALS else UNKNOWN for h in HOSPITALS])
     return {"label": tumour[:, None], "label_mask": np.ones((len(ids), 1), np.float32),
