@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+
+# One persistent XLA compilation cache for the whole test session (also inherited by the
+# launch/main.py subprocesses): the smoke runs compile the same programs many times.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="synth_med_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 import jax.numpy as jnp

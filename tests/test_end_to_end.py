@@ -70,3 +70,41 @@ def test_skew_hurts_the_under_represented_hospitals(tmp_path):
     acc[setting] = {h: groups[h]["accuracy"]["value"] for h in groups}
   minority = lambda s: np.mean([acc[s]["h3"], acc[s]["h4"]])  # noqa: E731
   assert minority("most") < minority("none") - 0.04, acc
+
+
+class _Killed(Exception):
+  pass
+
+
+def _final_params(workdir, step):
+  import jax
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+  return [np.asarray(x) for x in jax.tree.leaves(restored)]
+
+
+def test_killed_classifier_stage_resumes_to_the_same_result(tmp_path, monkeypatch):
+  """The real classifier stage (grain pipeline, augmentation, BiT) killed mid-run and restarted."""
+  import synth_med.experiments.classifier as clf
+  c = load_config("derm_classifier", "smoke")
+  with c.unlocked():
+    c.train.steps, c.train.checkpoint_every = 8, 4
+    c.eval.bootstrap = 0
+  full = run_classifier(c, str(tmp_path / "full"))
+  real_train = clf.train
+
+  def killed_train(task, config, stream, workdir, hooks=(), mesh=None):
+    def kill(step, state):
+      if step == 6:
+        raise _Killed()
+    return real_train(task, config, stream, workdir, hooks=list(hooks) + [kill], mesh=mesh)
+
+  monkeypatch.setattr(clf, "train", killed_train)
+  with pytest.raises(_Killed):
+    run_classifier(c, str(tmp_path / "killed"))
+  assert not (tmp_path / "killed" / "DONE").exists()
+  monkeypatch.setattr(clf, "train", real_train)
+  resumed = run_classifier(c, str(tmp_path / "killed"))
+  for a, b in zip(_final_params(str(tmp_path / "full"), 8), _final_params(str(tmp_path / "killed"), 8)):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["splits"]["id"]["overall"] == full["splits"]["id"]["overall"]
