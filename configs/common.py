@@ -113,7 +113,8 @@ def smoke(config: ConfigDict) -> None:
   config.data.test_size = 128
   config.data.ood_size = 128
   config.data.unlabelled_size = 64
-  config.data.skew.setting = "less"
+  if config.data.skew.setting != "none":
+    config.data.skew.setting = "less"  # keeps a few minority examples in 256
   config.model.depth = 50
   config.model.width = 0.125
   config.model.block_units = (1, 1, 1, 1)
@@ -125,6 +126,15 @@ def smoke(config: ConfigDict) -> None:
   config.eval.bootstrap = 10
   config.eval.beta_samples = 1000
   config.eval.min_group_size = 5
+
+
+def finalize(config: ConfigDict, words: set[str]) -> ConfigDict:
+  """Applies the shared arguments (smoke, skew) and locks the config."""
+  if "smoke" in words:
+    smoke(config)
+  apply_skew_arg(config, words)
+  config.lock()
+  return config
 
 
 def classifier_base(world: str, image_size: int) -> ConfigDict:

@@ -19,9 +19,4 @@ def get_config(arg=None):
     config.train = common.train_config(steps=50_000, batch_size=64, optimizer="adam", lr=1e-5,
                                        schedule="cosine", weight_decay=1e-5)
     config.train.checkpoint_every = 2000
-  if "smoke" in words:
-    common.smoke(config)
-    config.data.skew.setting = "none"
-  common.apply_skew_arg(config, words)
-  config.lock()
-  return config
+  return common.finalize(config, words)

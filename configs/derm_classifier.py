@@ -29,8 +29,4 @@ def get_config(arg=None):
     config.train.eval_every = 1000
     config.train.checkpoint_every = 1000
     config.eval.bootstrap = 1000
-  if "smoke" in words:
-    common.smoke(config)
-  common.apply_skew_arg(config, words)
-  config.lock()
-  return config
+  return common.finalize(config, words)

@@ -21,8 +21,4 @@ def get_config(arg=None):
     config.train = common.train_config(steps=200_000, batch_size=32, optimizer="adam", lr=1e-4,
                                        schedule="constant")
     config.train.checkpoint_every = 5000
-  if "smoke" in words:
-    common.smoke(config)
-  common.apply_skew_arg(config, words)
-  config.lock()
-  return config
+  return common.finalize(config, words)
