@@ -7,7 +7,6 @@ any single example can be regenerated alone.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -84,17 +83,59 @@ def interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
   return _INTERP_CACHE[key]
 
 
+_BLUR_CACHE: dict[tuple[int, float], np.ndarray] = {}
+
+
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+  """float32[n, n] Gaussian blur along one axis, edges renormalised (rows sum to 1)."""
+  key = (n, round(float(sigma), 4))
+  if key not in _BLUR_CACHE:
+    t = np.arange(n, dtype=np.float64)
+    m = np.exp(-0.5 * ((t[:, None] - t[None, :]) / max(sigma, 1e-6)) ** 2)
+    m[np.abs(t[:, None] - t[None, :]) > 2.5 * sigma + 0.5] = 0.0
+    _BLUR_CACHE[key] = (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
+  return _BLUR_CACHE[key]
+
+
 def blur(images: np.ndarray, sigma: float) -> np.ndarray:
-  """Gaussian blur over the two spatial axes of float[B, H, W, C]."""
+  """Gaussian blur over the spatial axes of float[B, H, W] or float[B, H, W, C] (two matmuls)."""
   if sigma <= 0:
     return images
-  return ndimage.gaussian_filter(images, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=2.5)
+  mh, mw = blur_matrix(images.shape[1], sigma), blur_matrix(images.shape[2], sigma)
+  if images.ndim == 3:
+    return np.matmul(np.matmul(mh, images), mw.T)
+  x = np.moveaxis(images, -1, 1)  # [B, C, H, W]
+  x = np.matmul(np.matmul(mh, x), mw.T)
+  return np.ascontiguousarray(np.moveaxis(x, 1, -1))
 
 
 def soft_step(z: np.ndarray) -> np.ndarray:
   """A cheap logistic-like edge: smoothstep of clip(0.5 + z / 4), slope 1/4 at 0 like sigmoid(z)."""
   t = np.clip(0.5 + 0.25 * z, 0.0, 1.0).astype(np.float32, copy=False)
   return t * t * (3.0 - 2.0 * t)
+
+
+class AngleTable:
+  """atan2 of pixel offsets, precomputed once on a 2n x 2n grid.
+
+  The angle of pixel (y, x) around a centre at pixel (cy, cx) is a window of
+  the table; a rotation by theta only subtracts theta. This replaces
+  np.arctan2 over [B, H, W], the slowest step of rendering.
+  """
+
+  def __init__(self, n: int):
+    t = np.arange(-n, n, dtype=np.float32) + 0.5
+    self.n = n
+    self.table = np.arctan2(t[:, None], t[None, :]).astype(np.float32)
+
+  def angles(self, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """float32[B, n, n]: angle of each pixel around centres given in pixels (rounded)."""
+    n = self.n
+    oy = np.clip(np.rint(n - 0.5 - np.asarray(cy)).astype(int), 0, n)
+    ox = np.clip(np.rint(n - 0.5 - np.asarray(cx)).astype(int), 0, n)
+    rows = oy[:, None] + np.arange(n)[None, :]
+    cols = ox[:, None] + np.arange(n)[None, :]
+    return self.table[rows[:, :, None], cols[:, None, :]]
 
 
 class NoiseBank:

@@ -227,7 +227,10 @@ class SkinWorld(World):
     xr, yr = dx * np.cos(th) + dy * np.sin(th), -dx * np.sin(th) + dy * np.cos(th)
     a = col(np.sqrt(t["aspect"][c]))
     d = np.sqrt((xr / a) ** 2 + (yr * a) ** 2)
-    ang = np.arctan2(yr, xr)
+    # Angle around the centre (table lookup; see rf.AngleTable), in the rotated frame.
+    if getattr(self, "_angles", None) is None:
+      self._angles = rf.AngleTable(n)
+    ang = self._angles.angles((cy[:, 0, 0] + 1.0) * n / 2.0 - 0.5, (cx[:, 0, 0] + 1.0) * n / 2.0 - 0.5) - th
     r = col(t["radius"][c] * (0.85 + 0.3 * g[:, 3]))
     rb = r * (1.0 + col(t["amp"][c]) * np.sin(col(t["freq"][c]) * ang + col(6.3 * g[:, 4])))
     soft = col(t["soft"][c])

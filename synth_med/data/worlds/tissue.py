@@ -78,9 +78,7 @@ class TissueWorld(World):
     large[bb[present & is_large], rows[present & is_large], cols[present & is_large]] = (
         14.0 * size[present & is_large])
     scale = n / 64.0
-    from scipy import ndimage
-    h_map = (ndimage.gaussian_filter(small, (0, 0.8 * scale, 0.8 * scale), truncate=2.5)
-             + ndimage.gaussian_filter(large, (0, 1.5 * scale, 1.5 * scale), truncate=2.5))
+    h_map = rf.blur(small, 0.8 * scale) + rf.blur(large, 1.5 * scale)
     stroma = 0.35 + 0.15 * rf.smooth_noise(self.seed, _S_STROMA, ids, n, max(n // 8, 2), 1)[..., 0]
     h_map = np.minimum(h_map, 1.6)
     out = np.empty((b, n, n, 3), np.float32)
