@@ -108,3 +108,31 @@ def test_killed_classifier_stage_resumes_to_the_same_result(tmp_path, monkeypatc
   for a, b in zip(_final_params(str(tmp_path / "full"), 8), _final_params(str(tmp_path / "killed"), 8)):
     np.testing.assert_array_equal(a, b)
   assert resumed["splits"]["id"]["overall"] == full["splits"]["id"]["overall"]
+
+
+def test_classifier_starts_from_a_local_bit_checkpoint(tmp_path):
+  """model.pretrained_npz: backbone weights come from the file, the head is new."""
+  import jax
+  import jax.numpy as jnp
+
+  from synth_med.data.worlds import make_world
+  from synth_med.experiments.classifier import build_model
+  from synth_med.models import bit_resnet
+  from tests.test_bit_resnet import _write_bit_npz
+  c = load_config("derm_classifier", "smoke")
+  spec = make_world(c.data).spec
+  model = build_model(c, spec)
+  params = model.init(jax.random.key(5), jnp.zeros((1, 16, 16, 3)))["params"]
+  npz = str(tmp_path / "BiT-smoke.npz")
+  written = _write_bit_npz(npz, params)
+  with c.unlocked():
+    c.model.pretrained_npz = npz
+    c.train.steps, c.train.checkpoint_every = 1, 1
+    c.train.optimizer.lr, c.train.optimizer.warmup_steps = 1e-12, 0
+    c.eval.bootstrap = 0
+  run_classifier(c, str(tmp_path / "run"))
+  import orbax.checkpoint as ocp
+  state = ocp.StandardCheckpointer().restore(str(tmp_path / "run" / "checkpoints" / "1" / "default"))
+  got = np.asarray(state["params"]["block1"]["unit01"]["b"]["standardized_conv2d"]["kernel"])
+  np.testing.assert_allclose(got, written["resnet/block1/unit01/b/standardized_conv2d/kernel"], atol=1e-6)
+  assert np.abs(np.asarray(state["params"]["head"]["kernel"])).max() < 1e-6  # zero-initialised head
