@@ -44,14 +44,16 @@ def test_main_smoke_run_writes_everything(name, tmp_path):
 def test_trained_tissue_classifier_beats_chance(tmp_path):
   c = load_config("histo_classifier", "smoke")
   with c.unlocked():
-    c.train.steps = 60
+    c.train.steps = 200
     c.train.batch_size = 32
     c.train.optimizer.lr = 3e-3
     c.data.skew.setting = "none"
-    c.train.checkpoint_every = 60
+    c.train.checkpoint_every = 200
+    c.data.train_size = 1000
     c.eval.bootstrap = 0
   m = run_classifier(c, str(tmp_path))
-  assert m["splits"]["id"]["overall"]["accuracy"] > 0.75  # chance is ~0.5
+  assert m["splits"]["id"]["overall"]["accuracy"] > 0.72  # chance is ~0.5
+  assert m["splits"]["id"]["overall"]["auc"] > 0.8
 
 
 def test_skew_hurts_the_under_represented_hospitals(tmp_path):

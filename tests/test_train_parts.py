@@ -45,10 +45,15 @@ def test_writer_is_a_clu_writer_and_writes_event_files(tmp_path):
   w = create_writer(str(tmp_path))
   assert isinstance(w, interface.MetricWriter)
   w.write_scalars(1, {"id/top3/sex=male": 0.5})
-  w.write_images(1, {"grid": np.zeros((8, 8, 3), np.uint8)})
+  w.write_images(1, {"grid": np.zeros((8, 8, 3), np.uint8), "batch": np.zeros((4, 8, 8, 1), np.uint8)})
+  w.write_texts(1, {"note": "hello"})
+  w.write_histograms(1, {"w": np.arange(10.0)})
+  w.write_hparams({"lr": 0.1})
   w.flush()
   files = glob.glob(str(tmp_path / "events.out.tfevents.*"))
-  assert files and open(files[0], "rb").read().count(b"id/top3/sex_male") >= 1
+  data = open(files[0], "rb").read()
+  for name in (b"id/top3/sex_male", b"grid", b"batch", b"note", b"hparams"):
+    assert data.count(name) >= 1, name
   assert tag("id/top3/age_bucket=(65,75]") == "id/top3/age_bucket_65_75_"
   assert isinstance(TensorBoardXWriter(str(tmp_path / "x")), interface.MetricWriter)
 

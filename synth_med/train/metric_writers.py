@@ -44,27 +44,43 @@ def tag(name: str) -> str:
 
 
 class TensorBoardXWriter(interface.MetricWriter):
-  """A clu MetricWriter writing TensorBoard event files with tensorboardX."""
+  """A clu MetricWriter writing TensorBoard event files with tensorboardX's protos.
+
+  Events are appended synchronously (tensorboardX's own SummaryWriter queues
+  them on a thread whose `flush` does not drain the queue), so `flush()` really
+  puts everything written so far on disk.
+  """
 
   def __init__(self, logdir: str):
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self._writer = SummaryWriter(logdir=logdir)
+    import os  # pylint: disable=import-outside-toplevel
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=import-outside-toplevel
+    os.makedirs(logdir, exist_ok=True)
+    self._events = EventsWriter(os.path.join(logdir, "events"))
+
+  def _write(self, step: int, summary_proto) -> None:
+    import time  # pylint: disable=import-outside-toplevel
+    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    self._events.write_event(event_pb2.Event(summary=summary_proto, wall_time=time.time(), step=int(step)))
 
   def write_summaries(self, step: int, values: Mapping[str, Any],
                       metadata: Optional[Mapping[str, Any]] = None):
-    for k, v in values.items():
-      self._writer.add_scalar(tag(k), float(np.asarray(v)), step)
+    self.write_scalars(step, values)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
     for k, v in scalars.items():
-      self._writer.add_scalar(tag(k), float(np.asarray(v)), step)
+      self._write(step, summary.scalar(tag(k), float(np.asarray(v))))
 
   def write_images(self, step: int, images: Mapping[str, Any]):
+    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
+    from synth_med.evaluation.image_grid import make_grid  # pylint: disable=import-outside-toplevel
     for k, v in images.items():
       arr = np.asarray(v)
-      if arr.ndim == 3:
-        arr = arr[None]
-      self._writer.add_images(tag(k), arr, step, dataformats="NHWC")
+      if arr.ndim == 4:
+        arr = make_grid(arr)
+      if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+      self._write(step, summary.image(tag(k), arr, dataformats="HWC"))
 
   def write_videos(self, step: int, videos: Mapping[str, Any]):
     del step, videos  # not used by synth_med
@@ -73,23 +89,26 @@ class TensorBoardXWriter(interface.MetricWriter):
     del step, audios, sample_rate
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
+    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
     for k, v in texts.items():
-      self._writer.add_text(tag(k), v, step)
+      self._write(step, summary.text(tag(k), v))
 
   def write_histograms(self, step: int, arrays: Mapping[str, Any],
                        num_buckets: Optional[Mapping[str, int]] = None):
+    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
     for k, v in arrays.items():
-      self._writer.add_histogram(tag(k), np.asarray(v), step)
+      bins = int((num_buckets or {}).get(k, 30))
+      self._write(step, summary.histogram(tag(k), np.asarray(v, np.float64), bins=bins))
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     text = "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items()))
-    self._writer.add_text("hparams", text, 0)
+    self.write_texts(0, {"hparams": text})
 
   def flush(self):
-    self._writer.flush()
+    self._events.flush()
 
   def close(self):
-    self._writer.close()
+    self._events.close()
 
 
 def create_writer(logdir: str, console: bool = True) -> interface.MetricWriter:
