@@ -138,18 +138,29 @@ class AngleTable:
     return self.table[rows[:, :, None], cols[:, None, :]]
 
 
-class NoiseBank:
-  """A fixed bank of per-pixel Gaussian noise images, one drawn per example by its id hash.
+class FieldBank:
+  """A fixed bank of random fields; each example draws one, flipped or not, by its id hash.
 
-  Sensor noise does not need a fresh field per example; picking one of `size`
-  pre-drawn fields (with a random flip) keeps examples deterministic and costs a copy.
+  Sensor noise and textures do not need a fresh field per example: picking one
+  of `count` pre-drawn fields keeps examples deterministic and costs a copy
+  instead of hashing and interpolating a new field.
   """
 
-  def __init__(self, seed: int, image_size: int, channels: int, size: int = 128):
-    rng = np.random.default_rng([seed, image_size, channels, 77])
-    self.fields = rng.standard_normal((size, image_size, image_size, channels)).astype(np.float32)
+  def __init__(self, fields: np.ndarray):
+    self.fields = np.ascontiguousarray(fields, np.float32)
+
+  @classmethod
+  def gaussian(cls, seed: int, size: int, channels: int, count: int = 128) -> "FieldBank":
+    rng = np.random.default_rng([seed, size, channels, 77])
+    return cls(rng.standard_normal((count, size, size, channels)))
+
+  @classmethod
+  def smooth(cls, seed: int, stream: int, size: int, cells: int, channels: int,
+             count: int = 128) -> "FieldBank":
+    return cls(smooth_noise(seed, stream, np.arange(count), size, cells, channels))
 
   def draw(self, seed: int, stream: int, ids: np.ndarray) -> np.ndarray:
+    """float32[B, H, W, C]: one field per id (a pure function of seed, stream and id)."""
     u = uniform(seed, stream, ids, 2)
     idx = np.minimum((u[:, 0] * len(self.fields)).astype(np.int64), len(self.fields) - 1)
     out = self.fields[idx]

@@ -7,6 +7,7 @@ test and unlabelled draws of the same domain never share an example.
 from __future__ import annotations
 
 import abc
+import zlib
 import dataclasses
 from typing import Any, Mapping
 
@@ -111,11 +112,15 @@ class World(abc.ABC):
   def uniform(self, stream: int, ids: np.ndarray, n: int = 1) -> np.ndarray:
     return rf.uniform(self.seed, stream, ids, n)
 
-  def noise_bank(self, channels: int) -> rf.NoiseBank:
-    """Per-pixel sensor noise fields for this world (built once)."""
-    if getattr(self, "_noise_bank", None) is None:
-      self._noise_bank = rf.NoiseBank(self.seed, self.image_size, channels)
-    return self._noise_bank
+  def bank(self, name: str, channels: int, cells: int = 0) -> rf.FieldBank:
+    """A named bank of random fields for this world, built once: per-pixel Gaussian
+    noise (cells=0) or smooth noise with `cells` control points per side."""
+    banks = self.__dict__.setdefault("_banks", {})
+    if name not in banks:
+      n = self.image_size
+      banks[name] = (rf.FieldBank.gaussian(self.seed, n, channels) if cells <= 0 else
+                     rf.FieldBank.smooth(self.seed, zlib.crc32(name.encode()), n, min(cells, n), channels))
+    return banks[name]
 
   def grid(self) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates in [-1, 1], each float32[1, H, W]."""
@@ -160,7 +165,7 @@ class World(abc.ABC):
       if cap.gamma != 1.0:
         x = x ** np.float32(cap.gamma)
       if cap.noise > 0:
-        x = x + cap.noise * self.noise_bank(c).draw(self.seed, 901, ids[sel])
+        x = x + cap.noise * self.bank(f"sensor{c}", c).draw(self.seed, 901, ids[sel])
       out[sel] = x
     return out
 

@@ -216,7 +216,7 @@ class SkinWorld(World):
     col = lambda v: v[:, None, None]  # noqa: E731  [B] -> [B, 1, 1]
 
     # Skin background: tone, mottling, wrinkles with age, hair strokes for males.
-    bg = TONE_RGB[tone][:, None, None, :] * (1.0 + 0.05 * rf.smooth_noise(self.seed, _S_BG, ids, n, 6, 1))
+    bg = TONE_RGB[tone][:, None, None, :] * (1.0 + 0.05 * self.bank("mottle", 1, 6).draw(self.seed, _S_BG, ids))
     wrinkle = np.sin(18.0 * (y + 0.08 * np.sin(3.0 * x + col(g[:, 10]) * 6.0)) + col(g[:, 11]) * 6.0)
     bg = bg * (1.0 - col(0.012 * age)[..., None] * (wrinkle[..., None] > 0.6))
 
@@ -256,7 +256,7 @@ class SkinWorld(World):
               + t["shift_tone"][c] * (tone >= 3)[:, None])
     bg_mean = TONE_RGB[tone]
     lesion = bg_mean + (lesion - bg_mean) * TONE_CONTRAST[tone][:, None]
-    tex = rf.smooth_noise(self.seed, _S_TEX, ids, n, max(n // 4, 2), 3)
+    tex = self.bank("texture", 3, max(n // 4, 2)).draw(self.seed, _S_TEX, ids)
     lesion_img = lesion[:, None, None, :] * (1.0 + t["tex"][c][:, None, None, None] * tex)
     m = m[..., None]
     img = bg * (1.0 - m) + lesion_img * m

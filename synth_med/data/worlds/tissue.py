@@ -79,7 +79,7 @@ class TissueWorld(World):
         14.0 * size[present & is_large])
     scale = n / 64.0
     h_map = rf.blur(small, 0.8 * scale) + rf.blur(large, 1.5 * scale)
-    stroma = 0.35 + 0.15 * rf.smooth_noise(self.seed, _S_STROMA, ids, n, max(n // 8, 2), 1)[..., 0]
+    stroma = 0.35 + 0.15 * self.bank("stroma", 1, max(n // 8, 2)).draw(self.seed, _S_STROMA, ids)[..., 0]
     h_map = np.minimum(h_map, 1.6)
     out = np.empty((b, n, n, 3), np.float32)
     domain = meta["domain"]
