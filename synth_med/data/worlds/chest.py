@@ -21,6 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
+from synth_med.data import random_fields as rf
 from synth_med.data.schema import AGE_BUCKET_NAMES, AttributeSpec, DatasetSpec, age_to_bucket
 from synth_med.data.worlds.base import UNLABELLED, Capture, World, unpack_ids
 from synth_med.errors import SynthMedError
@@ -154,5 +155,4 @@ class ChestWorld(World):
     return np.clip(img, 0.0, 1.0)[..., None].astype(np.float32)
 
 
-def _sig(z: np.ndarray) -> np.ndarray:
-  return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
+_sig = rf.soft_step
