@@ -217,14 +217,21 @@ def test_domain_prevalence_override(tiny_world_config):
   assert meta["present"][:, 2].mean() > 0.5 and meta["present"][:, 0].sum() == 0
 
 
-def test_angle_table_and_matrix_blur_match_numpy_scipy():
+def test_matrix_blur_matches_scipy():
   from scipy import ndimage
 
   from synth_med.data import random_fields as rf
-  a = rf.AngleTable(8).angles(np.array([3.5]), np.array([2.5]))[0]
-  yy, xx = np.mgrid[0:8, 0:8]
-  np.testing.assert_allclose(a, np.arctan2(yy - 3.5, xx - 2.5), atol=1e-6)
   x = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
   ref = ndimage.gaussian_filter(x, (0, 1, 1, 0), mode="nearest", truncate=2.5)
   np.testing.assert_allclose(rf.blur(x, 1.0)[:, 3:-3, 3:-3], ref[:, 3:-3, 3:-3], atol=1e-5)
   np.testing.assert_allclose(rf.blur(x[..., 0], 1.0), rf.blur(x, 1.0)[..., 0], atol=1e-6)
+
+
+def test_field_bank_draw_matches_the_jitted_take():
+  from synth_med.data import random_fields as rf
+  bank = rf.FieldBank.smooth(0, 5, 8, 4, 3, count=16)
+  ids = np.arange(20)
+  idx, flip = bank.choice(0, 7, ids)
+  assert flip.any() and not flip.all()
+  np.testing.assert_allclose(np.asarray(rf.take_fields(bank.device_fields(), idx, flip)),
+                             bank.draw(0, 7, ids), atol=1e-6)

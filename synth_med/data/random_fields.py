@@ -115,27 +115,34 @@ def soft_step(z: np.ndarray) -> np.ndarray:
   return t * t * (3.0 - 2.0 * t)
 
 
-class AngleTable:
-  """atan2 of pixel offsets, precomputed once on a 2n x 2n grid.
+def jsoft_step(z):
+  """`soft_step` for jitted (jax.numpy) renderers."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  t = jnp.clip(0.5 + 0.25 * z, 0.0, 1.0)
+  return t * t * (3.0 - 2.0 * t)
 
-  The angle of pixel (y, x) around a centre at pixel (cy, cx) is a window of
-  the table; a rotation by theta only subtracts theta. This replaces
-  np.arctan2 over [B, H, W], the slowest step of rendering.
-  """
 
-  def __init__(self, n: int):
-    t = np.arange(-n, n, dtype=np.float32) + 0.5
-    self.n = n
-    self.table = np.arctan2(t[:, None], t[None, :]).astype(np.float32)
+def jfast_atan2(y, x):
+  """atan2 to ~1e-5 rad with a minimax polynomial; fuses in XLA, unlike the libm call."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  ax, ay = jnp.abs(x), jnp.abs(y)
+  a = jnp.minimum(ax, ay) / (jnp.maximum(ax, ay) + 1e-12)
+  s = a * a
+  r = (((-0.0464964749 * s + 0.15931422) * s - 0.327622764) * s) * a + a
+  r = jnp.where(ay > ax, jnp.pi / 2 - r, r)
+  r = jnp.where(x < 0, jnp.pi - r, r)
+  return jnp.where(y < 0, -r, r)
 
-  def angles(self, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
-    """float32[B, n, n]: angle of each pixel around centres given in pixels (rounded)."""
-    n = self.n
-    oy = np.clip(np.rint(n - 0.5 - np.asarray(cy)).astype(int), 0, n)
-    ox = np.clip(np.rint(n - 0.5 - np.asarray(cx)).astype(int), 0, n)
-    rows = oy[:, None] + np.arange(n)[None, :]
-    cols = ox[:, None] + np.arange(n)[None, :]
-    return self.table[rows[:, :, None], cols[:, None, :]]
+
+def jfast_sin(z):
+  """sin to ~1e-3 with range reduction and a short polynomial (for procedural shapes)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  t = z * (1.0 / (2.0 * jnp.pi))
+  t = t - jnp.floor(t + 0.5)  # [-0.5, 0.5) turns
+  u = 2.0 * jnp.pi * t  # [-pi, pi)
+  # Bhaskara-style parabola with a correction term.
+  p = (4.0 / jnp.pi) * u - (4.0 / (jnp.pi * jnp.pi)) * u * jnp.abs(u)
+  return 0.225 * (p * jnp.abs(p) - p) + p
 
 
 class FieldBank:
@@ -159,11 +166,29 @@ class FieldBank:
              count: int = 128) -> "FieldBank":
     return cls(smooth_noise(seed, stream, np.arange(count), size, cells, channels))
 
+  def choice(self, seed: int, stream: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(field index int32[B], horizontal flip bool[B]) per id."""
+    u = uniform(seed, stream, ids, 2)
+    idx = np.minimum((u[:, 0] * len(self.fields)).astype(np.int32), len(self.fields) - 1)
+    return idx, u[:, 1] < 0.5
+
   def draw(self, seed: int, stream: int, ids: np.ndarray) -> np.ndarray:
     """float32[B, H, W, C]: one field per id (a pure function of seed, stream and id)."""
-    u = uniform(seed, stream, ids, 2)
-    idx = np.minimum((u[:, 0] * len(self.fields)).astype(np.int64), len(self.fields) - 1)
+    idx, flip = self.choice(seed, stream, ids)
     out = self.fields[idx]
-    flip = u[:, 1] < 0.5
     out[flip] = out[flip, :, ::-1]
     return out
+
+  def device_fields(self):
+    """The bank as a jax array (uploaded once), for jitted renderers."""
+    if getattr(self, "_device", None) is None:
+      import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+      self._device = jnp.asarray(self.fields)
+    return self._device
+
+
+def take_fields(fields, idx, flip):
+  """jnp: fields[idx] with a horizontal flip where `flip` (inside jit)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  out = jnp.take(fields, idx, axis=0)
+  return jnp.where(flip[:, None, None, None], out[:, :, ::-1], out)

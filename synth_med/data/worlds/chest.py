@@ -17,8 +17,11 @@ Label policies for uncertain findings (shared with the real loaders):
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from synth_med.data import random_fields as rf
@@ -113,46 +116,51 @@ class ChestWorld(World):
       out.append(ids[~self.usable_for_labelled_training(meta)])
     return np.concatenate(out)[:n]
 
-  def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]) -> np.ndarray:
-    b, n = len(ids), self.image_size
-    x, y = self.grid()
-    g = self.uniform(_S_GEOM, ids, 12)
-    col = lambda v: v[:, None, None]  # noqa: E731
-    sex = col(meta["attrs/sex"].astype(np.float32))
-    age = col(meta["age"])
-    f = meta["present"].astype(np.float32)
-
-    width = 0.72 + 0.1 * sex + 0.04 * col(g[:, 0])
-    thorax = _sig((1.0 - np.sqrt((x / width) ** 2 + ((y - 0.05) / 0.9) ** 2)) / 0.05)
-    lung_l = _sig((1.0 - np.sqrt(((x + 0.33 * width) / (0.28 * width)) ** 2 + ((y + 0.05) / 0.62) ** 2)) / 0.06)
-    lung_r = _sig((1.0 - np.sqrt(((x - 0.33 * width) / (0.28 * width)) ** 2 + ((y + 0.05) / 0.62) ** 2)) / 0.06)
-    lungs = np.maximum(lung_l, lung_r)
-    img = 0.08 + 0.45 * thorax - 0.3 * lungs
-    density = 1.2 - (age - 18.0) / 90.0  # bone density falls with age
-    ribs = 0.5 + 0.5 * np.sin(22.0 * (y + 0.12 * x * x) + col(6.0 * g[:, 1]))
-    img = img + 0.07 * density * thorax * (ribs > 0.75)
-    # Heart: wider with cardiomegaly.
-    hw = (0.22 + 0.12 * col(f[:, 2])) * (1.0 + 0.05 * col(g[:, 2]))
-    heart = _sig((1.0 - np.sqrt(((x + 0.06) / hw) ** 2 + ((y - 0.28) / 0.26) ** 2)) / 0.08)
-    img = img + 0.35 * heart
-    # Breast shadows over the lung bases (females): they hide basal findings.
-    breast = _sig((1.0 - np.sqrt(((np.abs(x) - 0.42 * width) / 0.3) ** 2 + ((y - 0.55) / 0.22) ** 2)) / 0.1)
-    img = img + 0.14 * (1.0 - sex) * breast
-    side = np.where(col(g[:, 3]) < 0.5, -1.0, 1.0)
-    lung_side = np.where(side < 0, lung_l, lung_r)
-    # Findings, a little fainter in females (obscured by soft tissue).
-    vis = 1.0 - 0.3 * (1.0 - sex)
-    atel = np.exp(-((y - 0.38 - 0.1 * col(g[:, 4])) / 0.035) ** 2) * lung_side
-    img = img + 0.3 * vis * col(f[:, 0]) * atel
-    cxo, cyo = side * 0.33 * width, col(-0.2 + 0.5 * g[:, 5])
-    cons = np.exp(-(((x - cxo) ** 2 + (y - cyo) ** 2) / 0.03)) * lung_side
-    img = img + 0.38 * vis * col(f[:, 1]) * cons
-    level = 0.35 + 0.15 * col(g[:, 6])
-    eff = _sig((y - level + 0.6 * (x - side * 0.33 * width) ** 2) / 0.03) * lung_side
-    img = img + 0.4 * vis * col(f[:, 3]) * eff
-    edema = (np.exp(-((np.abs(x) - 0.22) ** 2 + (y - 0.0) ** 2) / 0.08)) * lungs
-    img = img + 0.22 * vis * col(f[:, 4]) * edema
-    return np.clip(img, 0.0, 1.0)[..., None].astype(np.float32)
+  def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]):
+    """Per-example parameters in numpy, pixels in one jitted XLA kernel (`_chest_pixels`)."""
+    return _chest_pixels(self.image_size, self.uniform(_S_GEOM, ids, 12),
+                         meta["attrs/sex"].astype(np.float32), meta["age"].astype(np.float32),
+                         meta["present"].astype(np.float32))
 
 
-_sig = rf.soft_step
+@functools.partial(jax.jit, static_argnums=(0,))
+def _chest_pixels(n, g, sex, age, f):
+  """float32[B, n, n, 1] radiographs in [0, 1] (before capture effects)."""
+  t = ((jnp.arange(n, dtype=jnp.float32) + 0.5) / n) * 2.0 - 1.0
+  x, y = t[None, None, :], t[None, :, None]
+  col = lambda v: v[:, None, None]  # noqa: E731
+  sex, age = col(sex), col(age)
+  width = 0.72 + 0.1 * sex + 0.04 * col(g[:, 0])
+  thorax = _sig((1.0 - jnp.sqrt((x / width) ** 2 + ((y - 0.05) / 0.9) ** 2)) / 0.05)
+  lung_l = _sig((1.0 - jnp.sqrt(((x + 0.33 * width) / (0.28 * width)) ** 2 + ((y + 0.05) / 0.62) ** 2)) / 0.06)
+  lung_r = _sig((1.0 - jnp.sqrt(((x - 0.33 * width) / (0.28 * width)) ** 2 + ((y + 0.05) / 0.62) ** 2)) / 0.06)
+  lungs = jnp.maximum(lung_l, lung_r)
+  img = 0.08 + 0.45 * thorax - 0.3 * lungs
+  density = 1.2 - (age - 18.0) / 90.0  # bone density falls with age
+  ribs = 0.5 + 0.5 * jnp.sin(22.0 * (y + 0.12 * x * x) + col(6.0 * g[:, 1]))
+  img = img + 0.07 * density * thorax * (ribs > 0.75)
+  # Heart: wider with cardiomegaly.
+  hw = (0.22 + 0.12 * col(f[:, 2])) * (1.0 + 0.05 * col(g[:, 2]))
+  heart = _sig((1.0 - jnp.sqrt(((x + 0.06) / hw) ** 2 + ((y - 0.28) / 0.26) ** 2)) / 0.08)
+  img = img + 0.35 * heart
+  # Breast shadows over the lung bases (females): they hide basal findings.
+  breast = _sig((1.0 - jnp.sqrt(((jnp.abs(x) - 0.42 * width) / 0.3) ** 2 + ((y - 0.55) / 0.22) ** 2)) / 0.1)
+  img = img + 0.14 * (1.0 - sex) * breast
+  side = jnp.where(col(g[:, 3]) < 0.5, -1.0, 1.0)
+  lung_side = jnp.where(side < 0, lung_l, lung_r)
+  # Findings, a little fainter in females (obscured by soft tissue).
+  vis = 1.0 - 0.3 * (1.0 - sex)
+  atel = jnp.exp(-((y - 0.38 - 0.1 * col(g[:, 4])) / 0.035) ** 2) * lung_side
+  img = img + 0.3 * vis * col(f[:, 0]) * atel
+  cxo, cyo = side * 0.33 * width, col(-0.2 + 0.5 * g[:, 5])
+  cons = jnp.exp(-(((x - cxo) ** 2 + (y - cyo) ** 2) / 0.03)) * lung_side
+  img = img + 0.38 * vis * col(f[:, 1]) * cons
+  level = 0.35 + 0.15 * col(g[:, 6])
+  eff = _sig((y - level + 0.6 * (x - side * 0.33 * width) ** 2) / 0.03) * lung_side
+  img = img + 0.4 * vis * col(f[:, 3]) * eff
+  edema = (jnp.exp(-((jnp.abs(x) - 0.22) ** 2 + (y - 0.0) ** 2) / 0.08)) * lungs
+  img = img + 0.22 * vis * col(f[:, 4]) * edema
+  return jnp.clip(img, 0.0, 1.0)[..., None]
+
+
+_sig = rf.jsoft_step

@@ -14,8 +14,11 @@ Soft labels come from 3 simulated raters giving top-3 lists (002 §3.3).
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from synth_med.data import random_fields as rf
@@ -205,73 +208,76 @@ class SkinWorld(World):
       choices[:, r, 2] = np.where(u[:, r, 1] < 0.4, -1, choices[:, r, 2])
     return aggregate_ranked(choices, k)
 
-  def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]) -> np.ndarray:
-    b, n, t = len(ids), self.image_size, self.table
+  def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]):
+    """Per-example parameters in numpy, pixels in one jitted XLA kernel (`_skin_pixels`)."""
+    n, t = self.image_size, self.table
     c = meta["true_class"]
     tone = meta["true_tone"]
     sex = meta["attrs/sex"].astype(np.float32)
     age = meta["attrs/age_bucket"].astype(np.float32)
-    x, y = self.grid()
-    g = self.uniform(_S_GEOM, ids, 16)
-    col = lambda v: v[:, None, None]  # noqa: E731  [B] -> [B, 1, 1]
-
-    # Skin background: tone, mottling, wrinkles with age, hair strokes for males.
-    bg = TONE_RGB[tone][:, None, None, :] * (1.0 + 0.05 * self.bank("mottle", 1, 6).draw(self.seed, _S_BG, ids))
-    wrinkle = np.sin(18.0 * (y + 0.08 * np.sin(3.0 * x + col(g[:, 10]) * 6.0)) + col(g[:, 11]) * 6.0)
-    bg = bg * (1.0 - col(0.012 * age)[..., None] * (wrinkle[..., None] > 0.6))
-
-    # Main lesion: rotated ellipse with an irregular border, optionally a ring.
-    cx, cy = col(0.5 * g[:, 0] - 0.25), col(0.5 * g[:, 1] - 0.25)
-    th = col(np.pi * g[:, 2])
-    dx, dy = x - cx, y - cy
-    xr, yr = dx * np.cos(th) + dy * np.sin(th), -dx * np.sin(th) + dy * np.cos(th)
-    a = col(np.sqrt(t["aspect"][c]))
-    d = np.sqrt((xr / a) ** 2 + (yr * a) ** 2)
-    # Angle around the centre (table lookup; see rf.AngleTable), in the rotated frame.
-    if getattr(self, "_angles", None) is None:
-      self._angles = rf.AngleTable(n)
-    ang = self._angles.angles((cy[:, 0, 0] + 1.0) * n / 2.0 - 0.5, (cx[:, 0, 0] + 1.0) * n / 2.0 - 0.5) - th
-    r = col(t["radius"][c] * (0.85 + 0.3 * g[:, 3]))
-    rb = r * (1.0 + col(t["amp"][c]) * np.sin(col(t["freq"][c]) * ang + col(6.3 * g[:, 4])))
-    soft = col(t["soft"][c])
-    m = _sigmoid((rb - d) / soft)
-    ring = col(t["ring"][c])
-    m = m * (1.0 - ring * _sigmoid((0.55 * rb - d) / soft))
-
-    # Papules: several small round lesions for conditions with count > 1.
-    many = np.nonzero(t["count"][c] > 1)[0]
-    if len(many):
-      cnt = t["count"][c[many]]
-      pm = np.zeros((len(many), n, n), np.float32)
-      rp = col(0.35 * t["radius"][c[many]] + 0.05)
-      for j in range(5):
-        px, py = col(1.2 * g[many, 5 + j % 5] - 0.6), col(1.2 * g[many, (7 + 3 * j) % 16] - 0.6)
-        blob = _sigmoid((rp - np.sqrt((x - px) ** 2 + (y - py) ** 2)) / col(t["soft"][c[many]]))
-        pm = np.maximum(pm, blob * col((j < cnt).astype(np.float32)))
-      m[many] = pm
-
     # Lesion colour: the condition, how the group presents it, and tone contrast.
     lesion = (t["rgb"][c] + t["shift_sex"][c] * sex[:, None]
               + t["shift_age"][c] * np.maximum(age - 3.0, 0.0)[:, None] / 3.0
               + t["shift_tone"][c] * (tone >= 3)[:, None])
     bg_mean = TONE_RGB[tone]
     lesion = bg_mean + (lesion - bg_mean) * TONE_CONTRAST[tone][:, None]
-    tex = self.bank("texture", 3, max(n // 4, 2)).draw(self.seed, _S_TEX, ids)
-    lesion_img = lesion[:, None, None, :] * (1.0 + t["tex"][c][:, None, None, None] * tex)
-    m = m[..., None]
-    img = bg * (1.0 - m) + lesion_img * m
-
-    # Hair strokes (males): three thin dark lines.
-    males = np.nonzero(sex > 0)[0]
-    if len(males):
-      h = self.uniform(_S_HAIR, ids[males], 6)
-      hair = np.zeros((len(males), n, n), np.float32)
-      for j in range(3):
-        phi = col(np.pi * h[:, j])
-        dist = np.abs(x * np.cos(phi) + y * np.sin(phi) - col(1.2 * h[:, 3 + j] - 0.6))
-        hair = np.maximum(hair, _sigmoid((0.025 - dist) / 0.01))
-      img[males] *= 1.0 - 0.55 * hair[..., None]
-    return img
+    mottle, texture = self.bank("mottle", 1, 6), self.bank("texture", 3, max(n // 4, 2))
+    m_idx, m_flip = mottle.choice(self.seed, _S_BG, ids)
+    t_idx, t_flip = texture.choice(self.seed, _S_TEX, ids)
+    shape = np.stack([np.sqrt(t["aspect"][c]), t["radius"][c], t["amp"][c], t["freq"][c], t["soft"][c],
+                      t["ring"][c], t["count"][c], t["tex"][c], sex, age], axis=1).astype(np.float32)
+    return _skin_pixels(n, self.uniform(_S_GEOM, ids, 16), self.uniform(_S_HAIR, ids, 6), shape,
+                        lesion.astype(np.float32), TONE_RGB[tone], mottle.device_fields(), m_idx, m_flip,
+                        texture.device_fields(), t_idx, t_flip)
 
 
-_sigmoid = rf.soft_step
+@functools.partial(jax.jit, static_argnums=(0,))
+def _skin_pixels(n, g, h, shape, lesion, tone_rgb, mottle_fields, m_idx, m_flip, tex_fields, t_idx, t_flip):
+  """float32[B, n, n, 3] skin images in [0, 1] (before capture effects)."""
+  soft_step = rf.jsoft_step
+  col = lambda v: v[:, None, None]  # noqa: E731  [B] -> [B, 1, 1]
+  t = ((jnp.arange(n, dtype=jnp.float32) + 0.5) / n) * 2.0 - 1.0
+  x, y = t[None, None, :], t[None, :, None]
+  aspect, radius, amp, freq, soft, ring, count, texamp, sex, age = (shape[:, k] for k in range(10))
+
+  # Skin background: tone, mottling, wrinkles with age.
+  bg = tone_rgb[:, None, None, :] * (1.0 + 0.05 * rf.take_fields(mottle_fields, m_idx, m_flip))
+  # Wrinkle lines where sin(phase) > 0.6, i.e. phase/2pi mod 1 in (0.1024, 0.3976).
+  phase = (18.0 * (y + 0.08 * jnp.sin(3.0 * x + col(g[:, 10]) * 6.0)) + col(g[:, 11]) * 6.0) / (2 * jnp.pi)
+  turn = phase - jnp.floor(phase)
+  wrinkle = (turn > 0.1024) & (turn < 0.3976)
+  bg = bg * (1.0 - (col(0.012 * age) * wrinkle)[..., None])
+
+  # Main lesion: rotated ellipse with an irregular border, optionally a ring.
+  cx, cy = col(0.5 * g[:, 0] - 0.25), col(0.5 * g[:, 1] - 0.25)
+  th = col(jnp.pi * g[:, 2])
+  dx, dy = x - cx, y - cy
+  xr, yr = dx * jnp.cos(th) + dy * jnp.sin(th), -dx * jnp.sin(th) + dy * jnp.cos(th)
+  a = col(aspect)
+  d = jnp.sqrt((xr / a) ** 2 + (yr * a) ** 2)
+  ang = rf.jfast_atan2(yr, xr)
+  r = col(radius * (0.85 + 0.3 * g[:, 3]))
+  rb = r * (1.0 + col(amp) * rf.jfast_sin(col(freq) * ang + col(6.3 * g[:, 4])))
+  m = soft_step((rb - d) / col(soft))
+  m = m * (1.0 - col(ring) * soft_step((0.55 * rb - d) / col(soft)))
+
+  # Papules: several small round lesions for conditions with count > 1.
+  rp = col(0.35 * radius + 0.05)
+  pm = jnp.zeros_like(m)
+  for j in range(5):
+    px, py = col(1.2 * g[:, 5 + j % 5] - 0.6), col(1.2 * g[:, (7 + 3 * j) % 16] - 0.6)
+    blob = soft_step((rp - jnp.sqrt((x - px) ** 2 + (y - py) ** 2)) / col(soft))
+    pm = jnp.maximum(pm, blob * col((j < count).astype(jnp.float32)))
+  m = jnp.where(col(count) > 1, pm, m)[..., None]
+
+  tex = rf.take_fields(tex_fields, t_idx, t_flip)
+  lesion_img = lesion[:, None, None, :] * (1.0 + texamp[:, None, None, None] * tex)
+  img = bg * (1.0 - m) + lesion_img * m
+
+  # Hair strokes (males): three thin dark lines.
+  hair = jnp.zeros_like(m[..., 0])
+  for j in range(3):
+    phi = col(jnp.pi * h[:, j])
+    dist = jnp.abs(x * jnp.cos(phi) + y * jnp.sin(phi) - col(1.2 * h[:, 3 + j] - 0.6))
+    hair = jnp.maximum(hair, soft_step((0.025 - dist) / 0.01))
+  return img * (1.0 - 0.55 * (hair * col(sex))[..., None])

@@ -9,8 +9,11 @@ The attribute `hospital` is the index into the ID hospitals (h0, h3, h4).
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from synth_med.data import random_fields as rf
@@ -56,38 +59,40 @@ class TissueWorld(World):
     return {"label": tumour[:, None], "label_mask": np.ones((len(ids), 1), np.float32),
             "domain": domain, "attrs/hospital": hosp[domain].astype(np.int32)}
 
-  def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]) -> np.ndarray:
-    b, n = len(ids), self.image_size
-    tumour = meta["label"][:, 0] > 0.5
-    cell = 4
+  def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]):
+    """Per-example parameters in numpy, pixels in one jitted XLA kernel (`_tissue_pixels`)."""
+    n, cell = self.image_size, 4
     g = n // cell
-    u = self.uniform(_S_NUC, ids, 4 * g * g).reshape(b, 4, g, g)
-    density = np.where(tumour, 0.6, 0.4)[:, None, None]
-    present = u[:, 0] < density
-    # Tumour nuclei are large and irregular; normal nuclei small and uniform.
-    size = np.where(tumour[:, None, None], 0.5 + 0.6 * u[:, 1], 0.3 + 0.35 * u[:, 1])
-    small = np.zeros((b, n, n), np.float32)
-    large = np.zeros((b, n, n), np.float32)
-    jy = (u[:, 2] * cell).astype(int)
-    jx = (u[:, 3] * cell).astype(int)
-    rows = np.arange(g)[None, :, None] * cell + jy
-    cols = np.arange(g)[None, None, :] * cell + jx
-    bb = np.broadcast_to(np.arange(b)[:, None, None], present.shape)
-    is_large = size > 0.6
-    small[bb[present & ~is_large], rows[present & ~is_large], cols[present & ~is_large]] = 6.0
-    large[bb[present & is_large], rows[present & is_large], cols[present & is_large]] = (
-        14.0 * size[present & is_large])
+    u = self.uniform(_S_NUC, ids, 4 * g * g).reshape(len(ids), 4, g, g)
+    stroma = self.bank("stroma", 1, max(n // 8, 2))
+    s_idx, s_flip = stroma.choice(self.seed, _S_STROMA, ids)
+    names = [HOSPITALS[d] for d in meta["domain"]]
+    stain_h = np.asarray([np.asarray(_STAIN_H[h]) * _STRENGTH[h] for h in names], np.float32)
+    stain_e = np.asarray([_STAIN_E[h] for h in names], np.float32)
     scale = n / 64.0
-    h_map = rf.blur(small, 0.8 * scale) + rf.blur(large, 1.5 * scale)
-    stroma = 0.35 + 0.15 * self.bank("stroma", 1, max(n // 8, 2)).draw(self.seed, _S_STROMA, ids)[..., 0]
-    h_map = np.minimum(h_map, 1.6)
-    out = np.empty((b, n, n, 3), np.float32)
-    domain = meta["domain"]
-    for d in np.unique(domain):
-      sel = domain == d
-      hname = HOSPITALS[d]
-      sh = np.asarray(_STAIN_H[hname], np.float32) * _STRENGTH[hname]
-      se = np.asarray(_STAIN_E[hname], np.float32)
-      od = h_map[sel, :, :, None] * sh + stroma[sel, :, :, None] * se
-      out[sel] = np.exp(-od)
-    return out
+    return _tissue_pixels(n, cell, u, (meta["label"][:, 0] > 0.5), rf.blur_matrix(n, 0.8 * scale),
+                          rf.blur_matrix(n, 1.5 * scale), stroma.device_fields(), s_idx, s_flip,
+                          stain_h, stain_e)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tissue_pixels(n, cell, u, tumour, blur_small, blur_large, stroma_fields, s_idx, s_flip, stain_h, stain_e):
+  """float32[B, n, n, 3] H&E-like patches in [0, 1] (before capture effects)."""
+  b, g = u.shape[0], n // cell
+  density = jnp.where(tumour, 0.6, 0.4)[:, None, None]
+  present = u[:, 0] < density
+  # Tumour nuclei are large and irregular; normal nuclei small and uniform.
+  size = jnp.where(tumour[:, None, None], 0.5 + 0.6 * u[:, 1], 0.3 + 0.35 * u[:, 1])
+  is_large = size > 0.6
+  rows = jnp.broadcast_to(jnp.arange(g)[None, :, None] * cell + (u[:, 2] * cell).astype(jnp.int32), u[:, 0].shape)
+  cols = jnp.broadcast_to(jnp.arange(g)[None, None, :] * cell + (u[:, 3] * cell).astype(jnp.int32), u[:, 0].shape)
+  bb = jnp.broadcast_to(jnp.arange(b)[:, None, None], u[:, 0].shape)
+  zeros = jnp.zeros((b, n, n), jnp.float32)
+  small = zeros.at[bb, rows, cols].set(jnp.where(present & ~is_large, 6.0, 0.0))
+  large = zeros.at[bb, rows, cols].set(jnp.where(present & is_large, 14.0 * size, 0.0))
+  h_map = (jnp.matmul(jnp.matmul(blur_small, small), blur_small.T)
+           + jnp.matmul(jnp.matmul(blur_large, large), blur_large.T))
+  h_map = jnp.minimum(h_map, 1.6)
+  stroma = 0.35 + 0.15 * rf.take_fields(stroma_fields, s_idx, s_flip)[..., 0]
+  od = h_map[..., None] * stain_h[:, None, None, :] + stroma[..., None] * stain_e[:, None, None, :]
+  return jnp.exp(-od)
