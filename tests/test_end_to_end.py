@@ -57,21 +57,24 @@ def test_trained_tissue_classifier_beats_chance(tmp_path):
 
 
 def test_skew_hurts_the_under_represented_hospitals(tmp_path):
-  """The tissue world is built so that capping hospitals 3 and 4 costs accuracy on them."""
+  """The tissue world is built so that capping hospitals 3 and 4 costs accuracy on them
+  (their stains differ from hospital 0's), more than it costs on hospital 0."""
   acc = {}
   for setting in ("none", "most"):
     c = load_config("histo_classifier", "smoke")
     with c.unlocked():
-      c.data.train_size, c.data.test_size = 1500, 600
-      c.train.steps, c.train.batch_size, c.train.optimizer.lr = 250, 32, 3e-3
-      c.train.checkpoint_every = 250
+      c.data.image_size, c.data.train_size, c.data.test_size = 32, 1500, 600
+      c.train.steps, c.train.batch_size, c.train.optimizer.lr = 300, 32, 3e-3
+      c.train.checkpoint_every = 300
       c.data.skew.setting = setting
       c.eval.bootstrap = 0
     m = run_classifier(c, str(tmp_path / setting))
     groups = m["splits"]["id"]["groups"]["hospital"]
     acc[setting] = {h: groups[h]["accuracy"]["value"] for h in groups}
-  minority = lambda s: np.mean([acc[s]["h3"], acc[s]["h4"]])  # noqa: E731
-  assert minority("most") < minority("none") - 0.04, acc
+  minority = {s: np.mean([acc[s]["h3"], acc[s]["h4"]]) for s in acc}
+  minority_drop = minority["none"] - minority["most"]
+  majority_drop = acc["none"]["h0"] - acc["most"]["h0"]
+  assert minority_drop > 0.02 and minority_drop > majority_drop, acc
 
 
 class _Killed(Exception):

@@ -24,10 +24,10 @@ HOSPITALS = ("h0", "h1", "h2", "h3", "h4")
 ID_HOSPITALS = ("h0", "h3", "h4")
 # Optical density of haematoxylin and eosin per hospital (R, G, B).
 _STAIN_H = {"h0": (0.65, 0.70, 0.29), "h1": (0.50, 0.80, 0.25), "h2": (0.75, 0.62, 0.40),
-            "h3": (0.45, 0.85, 0.40), "h4": (0.80, 0.55, 0.20)}
+            "h3": (0.20, 0.75, 0.75), "h4": (0.85, 0.25, 0.55)}
 _STAIN_E = {"h0": (0.07, 0.99, 0.11), "h1": (0.10, 0.90, 0.25), "h2": (0.05, 0.85, 0.05),
             "h3": (0.20, 0.95, 0.10), "h4": (0.02, 0.80, 0.30)}
-_STRENGTH = {"h0": 1.0, "h1": 0.7, "h2": 1.35, "h3": 1.35, "h4": 0.7}
+_STRENGTH = {"h0": 1.0, "h1": 0.8, "h2": 1.3, "h3": 1.2, "h4": 0.8}
 _CAPTURES = {
     "h0": Capture(noise=0.01), "h1": Capture(blur=0.6, noise=0.02, brightness=0.03),
     "h2": Capture(blur=1.0, noise=0.015, contrast=0.9), "h3": Capture(blur=0.5, noise=0.02, gamma=1.15),
