@@ -1,5 +1,4 @@
 """launch/main.py: config arguments, overrides, and clear errors for bad input."""
-import json
 import os
 import subprocess
 import sys

@@ -122,7 +122,6 @@ def test_classifier_starts_from_a_local_bit_checkpoint(tmp_path):
 
   from synth_med.data.worlds import make_world
   from synth_med.experiments.classifier import build_model
-  from synth_med.models import bit_resnet
   from tests.test_bit_resnet import _write_bit_npz
   c = load_config("derm_classifier", "smoke")
   spec = make_world(c.data).spec

@@ -35,17 +35,6 @@ def uniform(seed: int, stream: int, index: np.ndarray, n: int = 1) -> np.ndarray
   return ((_mix(ctr) >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24)))
 
 
-def normal(seed: int, stream: int, index: np.ndarray, n: int = 1) -> np.ndarray:
-  """float32[len(index), n] standard normal (Box-Muller on `uniform`)."""
-  m = (n + 1) // 2
-  u = uniform(seed, stream, index, 2 * m)
-  u1 = np.maximum(u[:, :m], 1e-7)
-  r = np.sqrt(-2.0 * np.log(u1))
-  th = 2.0 * np.pi * u[:, m:]
-  z = np.concatenate([r * np.cos(th), r * np.sin(th)], axis=1)
-  return z[:, :n].astype(np.float32)
-
-
 def categorical(u: np.ndarray, probs: np.ndarray) -> np.ndarray:
   """Inverse-CDF draw: u float[B], probs float[B, K] or [K] -> int32[B]."""
   probs = np.broadcast_to(np.asarray(probs, np.float64), (len(u),) + np.shape(probs)[-1:])
@@ -97,26 +86,9 @@ def blur_matrix(n: int, sigma: float) -> np.ndarray:
   return _BLUR_CACHE[key]
 
 
-def blur(images: np.ndarray, sigma: float) -> np.ndarray:
-  """Gaussian blur over the spatial axes of float[B, H, W] or float[B, H, W, C] (two matmuls)."""
-  if sigma <= 0:
-    return images
-  mh, mw = blur_matrix(images.shape[1], sigma), blur_matrix(images.shape[2], sigma)
-  if images.ndim == 3:
-    return np.matmul(np.matmul(mh, images), mw.T)
-  x = np.moveaxis(images, -1, 1)  # [B, C, H, W]
-  x = np.matmul(np.matmul(mh, x), mw.T)
-  return np.ascontiguousarray(np.moveaxis(x, 1, -1))
-
-
-def soft_step(z: np.ndarray) -> np.ndarray:
-  """A cheap logistic-like edge: smoothstep of clip(0.5 + z / 4), slope 1/4 at 0 like sigmoid(z)."""
-  t = np.clip(0.5 + 0.25 * z, 0.0, 1.0).astype(np.float32, copy=False)
-  return t * t * (3.0 - 2.0 * t)
-
-
 def jsoft_step(z):
-  """`soft_step` for jitted (jax.numpy) renderers."""
+  """A cheap logistic-like edge for the jitted renderers: smoothstep of clip(0.5 + z / 4),
+  slope 1/4 at 0 like sigmoid(z)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   t = jnp.clip(0.5 + 0.25 * z, 0.0, 1.0)
   return t * t * (3.0 - 2.0 * t)

@@ -8,7 +8,6 @@ progress with ETA, periodic hooks (evaluation) and the NaN guard.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable, Mapping, Protocol, Sequence
 

@@ -7,16 +7,14 @@ test and unlabelled draws of the same domain never share an example.
 from __future__ import annotations
 
 import abc
-import zlib
 import dataclasses
-from typing import Any, Mapping
-
-import numpy as np
-
 import functools
+import zlib
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from synth_med.data import random_fields as rf
 from synth_med.data.schema import UNKNOWN, DatasetSpec
@@ -126,12 +124,6 @@ class World(abc.ABC):
       banks[name] = (rf.FieldBank.gaussian(self.seed, n, channels) if cells <= 0 else
                      rf.FieldBank.smooth(self.seed, zlib.crc32(name.encode()), n, min(cells, n), channels))
     return banks[name]
-
-  def grid(self) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in [-1, 1], each float32[1, H, W]."""
-    n = self.image_size
-    t = ((np.arange(n, dtype=np.float32) + 0.5) / n) * 2.0 - 1.0
-    return t[None, None, :].repeat(n, 1), t[None, :, None].repeat(n, 2)
 
   def examples(self, ids: np.ndarray, labelled: bool = True) -> dict[str, np.ndarray]:
     """The schema dict (see `schema.py`) for a batch of example ids."""
