@@ -20,4 +20,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG))
+  app.run(main, flags_parser=cli.parse_flags)

@@ -6,6 +6,7 @@ any single example can be regenerated alone.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -89,14 +90,12 @@ def blur_matrix(n: int, sigma: float) -> np.ndarray:
 def jsoft_step(z):
   """A cheap logistic-like edge for the jitted renderers: smoothstep of clip(0.5 + z / 4),
   slope 1/4 at 0 like sigmoid(z)."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   t = jnp.clip(0.5 + 0.25 * z, 0.0, 1.0)
   return t * t * (3.0 - 2.0 * t)
 
 
 def jfast_atan2(y, x):
   """atan2 to ~1e-5 rad with a minimax polynomial; fuses in XLA, unlike the libm call."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   ax, ay = jnp.abs(x), jnp.abs(y)
   a = jnp.minimum(ax, ay) / (jnp.maximum(ax, ay) + 1e-12)
   s = a * a
@@ -108,7 +107,6 @@ def jfast_atan2(y, x):
 
 def jfast_sin(z):
   """sin to ~1e-3 with range reduction and a short polynomial (for procedural shapes)."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   t = z * (1.0 / (2.0 * jnp.pi))
   t = t - jnp.floor(t + 0.5)  # [-0.5, 0.5) turns
   u = 2.0 * jnp.pi * t  # [-pi, pi)
@@ -154,13 +152,11 @@ class FieldBank:
   def device_fields(self):
     """The bank as a jax array (uploaded once), for jitted renderers."""
     if getattr(self, "_device", None) is None:
-      import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-      self._device = jnp.asarray(self.fields)
+          self._device = jnp.asarray(self.fields)
     return self._device
 
 
 def take_fields(fields, idx, flip):
   """jnp: fields[idx] with a horizontal flip where `flip` (inside jit)."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   out = jnp.take(fields, idx, axis=0)
   return jnp.where(flip[:, None, None, None], out[:, :, ::-1], out)

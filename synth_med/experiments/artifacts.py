@@ -21,6 +21,19 @@ def _default(o: Any):
   raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def ensure_writable_dir(path: str, what: str = "--workdir") -> str:
+  """Creates `path` if needed and proves it writable; SynthMedError names the fix otherwise."""
+  from synth_med.errors import SynthMedError  # pylint: disable=import-outside-toplevel
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_test-", dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise SynthMedError(f"{path!r} is not writable ({e.strerror}); pass a writable {what}.") from e
+  return path
+
+
 def write_json(path: str, obj: Any) -> None:
   """Writes JSON to a temporary file in the same folder, then renames it into place."""
   folder = os.path.dirname(os.path.abspath(path))

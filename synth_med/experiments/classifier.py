@@ -19,6 +19,7 @@ from synth_med.data.pipeline import TrainStream, WorldSource, materialise
 from synth_med.data.worlds import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
 from synth_med.evaluation.image_grid import make_grid, save_png
+from synth_med.errors import SynthMedError
 from synth_med.experiments import artifacts
 from synth_med.models import bit_resnet
 from synth_med.objectives.classification import ClassifierTask, probabilities
@@ -47,6 +48,11 @@ def make_predict(task: ClassifierTask, mesh: jax.sharding.Mesh, label_kind: str)
   return bind
 
 
+def eval_params(state, config: Any) -> Any:
+  """The parameters evaluation uses: EMA if `eval.use_ema`, else the raw params."""
+  return state.ema_params if config.eval.use_ema else state.params
+
+
 def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   """Trains and evaluates one classifier; returns the metrics dict (also in metrics.json)."""
   metrics_path = os.path.join(workdir, "metrics.json")
@@ -62,7 +68,6 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   train_split = world.split("train")
   if len(train_split) == 0:
-    from synth_med.errors import SynthMedError
     raise SynthMedError("the training split is empty after skew and label-policy filtering; raise "
                         "data.train_size or relax data.skew.")
   source = WorldSource(world, train_split)
@@ -92,15 +97,14 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
 
   def val_hook(step: int, state) -> None:
     if every > 0 and step % every == 0 and step < int(config.train.steps):
-      res = val_eval.run(bind(state.ema_params if config.eval.use_ema else state.params))
+      res = val_eval.run(bind(eval_params(state, config)))
       eval_writer.write_scalars(step, flatten_for_writer("val", res))
       summary = ", ".join(f"{k}={v:.3f}" for k, v in res["overall"].items() if v is not None and "/" not in k)
       print(f"val @ step {step}: {summary}", flush=True)
 
   result = train(task, config, stream, workdir, hooks=[val_hook], mesh=mesh)
   t_train = time.time() - t0
-  params = result.state.ema_params if config.eval.use_ema else result.state.params
-  predict = bind(params)
+  predict = bind(eval_params(result.state, config))
   metrics: dict[str, Any] = {"world": spec.name, "classes": list(spec.class_names),
                              "high_risk": list(spec.high_risk), "train_examples": len(train_split),
                              "steps": int(config.train.steps), "splits": {}}

@@ -35,16 +35,19 @@ def load_config_file(spec: str) -> Any:
   return module.get_config(arg or None)
 
 
-def _unknown_key_message(argv: Sequence[str], config_flag: Any) -> str | None:
-  """Finds the first --config.x override that is not a key and explains it."""
-  del config_flag
-  config = None
+def _config_from_argv(argv: Sequence[str]) -> tuple[Any, str | None]:
+  """(the config named by --config=..., or None; an error text if it cannot be loaded)."""
   for arg in argv[1:]:
     if arg.startswith("--config="):
       try:
-        config = load_config_file(arg[len("--config="):])
+        return load_config_file(arg[len("--config="):]), None
       except Exception as e:  # noqa: BLE001 - reported as such
-        return f"cannot load {arg}: {e}"
+        return None, f"cannot load {arg}: {e}"
+  return None, None
+
+
+def _unknown_key_message(argv: Sequence[str], config: Any) -> str | None:
+  """Finds the first --config.x override that is not a key and explains it."""
   for arg in argv[1:]:
     if not arg.startswith("--config."):
       continue
@@ -69,15 +72,8 @@ def _unknown_key_message(argv: Sequence[str], config_flag: Any) -> str | None:
   return None
 
 
-def _wrong_type_message(argv: Sequence[str], text: str) -> str:
+def _wrong_type_message(argv: Sequence[str], config: Any, text: str) -> str:
   """Adds the key's expected type and current value to absl's parse error."""
-  config = None
-  for arg in argv[1:]:
-    if arg.startswith("--config="):
-      try:
-        config = load_config_file(arg[len("--config="):])
-      except Exception:  # noqa: BLE001
-        return text
   for arg in argv[1:]:
     if arg.startswith("--config.") and arg.split("=", 1)[0] in text and config is not None:
       key = arg[len("--config."):].split("=", 1)[0]
@@ -89,16 +85,18 @@ def _wrong_type_message(argv: Sequence[str], text: str) -> str:
   return text
 
 
-def parse_flags(argv: Sequence[str], config_flag: Any) -> list[str]:
+def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl flags parser with readable errors for config mistakes."""
   try:
     return flags.FLAGS(list(argv))
   except Exception as e:  # noqa: BLE001 - absl raises several types here
-    msg = _unknown_key_message(argv, config_flag) if not isinstance(e, flags.IllegalFlagValueError) else None
+    config, load_error = _config_from_argv(argv)
     text = str(e).strip().replace("\\n", " ")
     if isinstance(e, flags.IllegalFlagValueError):
-      text = _wrong_type_message(argv, text)
-    sys.stderr.write(f"synth_med: bad command line: {msg or text}\n")
+      msg = _wrong_type_message(argv, config, text) if config is not None else text
+    else:
+      msg = load_error or _unknown_key_message(argv, config) or text
+    sys.stderr.write(f"synth_med: bad command line: {msg}\n")
     sys.exit(2)
 
 

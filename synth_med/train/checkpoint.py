@@ -8,6 +8,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from synth_med.errors import SynthMedError
+from synth_med.experiments.artifacts import ensure_writable_dir
 
 
 class Checkpointer:
@@ -18,13 +19,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, keep: int = 2):
-    directory = os.path.abspath(directory)
-    try:
-      os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-      raise SynthMedError(f"cannot create checkpoint folder {directory!r}: {e.strerror}; choose a "
-                          "writable --workdir.") from e
-    self.directory = directory
+    self.directory = ensure_writable_dir(os.path.abspath(directory))
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 

@@ -18,6 +18,7 @@ import optax
 
 from synth_med.data.pipeline import TrainStream
 from synth_med.errors import SynthMedError
+from synth_med.experiments.artifacts import ensure_writable_dir
 from synth_med.train import checkpoint as ckpt_lib
 from synth_med.train import sharding, state as state_lib
 from synth_med.train.metric_writers import create_writer
@@ -63,15 +64,7 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
   total = int(tcfg.steps)
   mesh = mesh or sharding.make_mesh(config.mesh)
   sharding.check_batch_size(int(tcfg.batch_size), mesh)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise SynthMedError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a writable "
-                        "--workdir.") from e
+  ensure_writable_dir(workdir)
 
   tx, schedule = make_optimizer(tcfg.optimizer, total)
   ema_decay = float(tcfg.ema_decay)

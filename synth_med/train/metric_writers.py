@@ -10,12 +10,20 @@ event files with tensorboardX through `TensorBoardXWriter` (a clu
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
+import time
 import types
 from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
+from tensorboardX import summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
+
+from synth_med.evaluation.image_grid import make_grid
 
 
 def _import_clu_writers():
@@ -52,14 +60,10 @@ class TensorBoardXWriter(interface.MetricWriter):
   """
 
   def __init__(self, logdir: str):
-    import os  # pylint: disable=import-outside-toplevel
-    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=import-outside-toplevel
     os.makedirs(logdir, exist_ok=True)
     self._events = EventsWriter(os.path.join(logdir, "events"))
 
   def _write(self, step: int, summary_proto) -> None:
-    import time  # pylint: disable=import-outside-toplevel
-    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
     self._events.write_event(event_pb2.Event(summary=summary_proto, wall_time=time.time(), step=int(step)))
 
   def write_summaries(self, step: int, values: Mapping[str, Any],
@@ -67,13 +71,10 @@ class TensorBoardXWriter(interface.MetricWriter):
     self.write_scalars(step, values)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
     for k, v in scalars.items():
       self._write(step, summary.scalar(tag(k), float(np.asarray(v))))
 
   def write_images(self, step: int, images: Mapping[str, Any]):
-    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
-    from synth_med.evaluation.image_grid import make_grid  # pylint: disable=import-outside-toplevel
     for k, v in images.items():
       arr = np.asarray(v)
       if arr.ndim == 4:
@@ -89,13 +90,11 @@ class TensorBoardXWriter(interface.MetricWriter):
     del step, audios, sample_rate
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
-    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
     for k, v in texts.items():
       self._write(step, summary.text(tag(k), v))
 
   def write_histograms(self, step: int, arrays: Mapping[str, Any],
                        num_buckets: Optional[Mapping[str, int]] = None):
-    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
     for k, v in arrays.items():
       bins = int((num_buckets or {}).get(k, 30))
       self._write(step, summary.histogram(tag(k), np.asarray(v, np.float64), bins=bins))
@@ -113,7 +112,6 @@ class TensorBoardXWriter(interface.MetricWriter):
 
 def create_writer(logdir: str, console: bool = True) -> interface.MetricWriter:
   """TensorBoard (+ console logging) writer for one process; others write nothing."""
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   writers = [TensorBoardXWriter(logdir)]

@@ -72,6 +72,7 @@ class World(abc.ABC):
     self.config = data_config
     self.seed = int(data_config.seed)
     self.image_size = int(data_config.image_size)
+    self._banks: dict[str, rf.FieldBank] = {}
 
   # --- to implement -----------------------------------------------------------
   @abc.abstractmethod
@@ -118,12 +119,12 @@ class World(abc.ABC):
   def bank(self, name: str, channels: int, cells: int = 0) -> rf.FieldBank:
     """A named bank of random fields for this world, built once: per-pixel Gaussian
     noise (cells=0) or smooth noise with `cells` control points per side."""
-    banks = self.__dict__.setdefault("_banks", {})
-    if name not in banks:
+    if name not in self._banks:
       n = self.image_size
-      banks[name] = (rf.FieldBank.gaussian(self.seed, n, channels) if cells <= 0 else
-                     rf.FieldBank.smooth(self.seed, zlib.crc32(name.encode()), n, min(cells, n), channels))
-    return banks[name]
+      self._banks[name] = (
+          rf.FieldBank.gaussian(self.seed, n, channels) if cells <= 0 else
+          rf.FieldBank.smooth(self.seed, zlib.crc32(name.encode()), n, min(cells, n), channels))
+    return self._banks[name]
 
   def examples(self, ids: np.ndarray, labelled: bool = True) -> dict[str, np.ndarray]:
     """The schema dict (see `schema.py`) for a batch of example ids."""
@@ -153,16 +154,17 @@ class World(abc.ABC):
     """
     b, n, c = len(ids), self.image_size, int(np.shape(img)[-1])
     caps = [self.captures[d] for d in self.spec.domains]
-    scale = n / 64.0
-    eye = np.eye(n, dtype=np.float32)
-    mats = np.stack([rf.blur_matrix(n, cap.blur * scale) if cap.blur > 0 else eye for cap in caps])
     use_blur = any(caps[d].blur > 0 for d in np.unique(domain))
+    mats = np.zeros((b, 1, 1), np.float32)  # unused when no domain in the batch blurs
+    if use_blur:
+      eye = np.eye(n, dtype=np.float32)
+      mats = np.stack([rf.blur_matrix(n, cap.blur * n / 64.0) if cap.blur > 0 else eye for cap in caps])[domain]
     per = lambda f: np.asarray([f(caps[d]) for d in domain], np.float32)  # noqa: E731
     bank = self.bank(f"sensor{c}", c)
     idx, flip = bank.choice(self.seed, 901, ids)
     out = _capture_kernel(img, per(lambda k: k.gain[:c]).reshape(b, c), per(lambda k: k.contrast),
                           per(lambda k: k.brightness), per(lambda k: k.gamma), per(lambda k: k.noise),
-                          mats[domain] if use_blur else np.zeros((b, 1, 1), np.float32),
+                          mats,
                           bank.device_fields(), idx, flip, use_blur=use_blur)
     return np.asarray(out)
 

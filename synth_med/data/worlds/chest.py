@@ -26,7 +26,7 @@ import numpy as np
 
 from synth_med.data import random_fields as rf
 from synth_med.data.schema import AGE_BUCKET_NAMES, AttributeSpec, DatasetSpec, age_to_bucket
-from synth_med.data.worlds.base import UNLABELLED, Capture, World, unpack_ids
+from synth_med.data.worlds.base import UNLABELLED, Capture, World, make_ids, unpack_ids
 from synth_med.errors import SynthMedError
 
 FINDINGS = ("Atelectasis", "Consolidation", "Cardiomegaly", "Effusion", "Edema")
@@ -109,7 +109,6 @@ class ChestWorld(World):
     n, out, start = int(self.config.unlabelled_size), [], 0
     doms = [self.spec.domain_id(d) for d in domains]
     while sum(len(o) for o in out) < n:
-      from synth_med.data.worlds.base import make_ids
       ids = np.concatenate([make_ids(d, UNLABELLED, np.arange(start, start + 4 * n + 64)) for d in doms])
       start += 4 * n + 64
       meta = self.metadata(ids)
