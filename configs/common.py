@@ -153,3 +153,142 @@ def classifier_base(world: str, image_size: int) -> ConfigDict:
   # classifier head over the 'model' axis.
   config.sharding_rules = ()
   return config
+
+
+# --- diffusion (002 §3.1 step 1, App. E, Table E1) ---------------------------
+
+def unet_config(model_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+                attention_resolutions: tuple[int, ...] = (2, 4, 8), num_head_channels: int = 64,
+                name: str = "unet") -> ConfigDict:
+  """guided-diffusion hyper-parameter names; attention_resolutions are downsample factors."""
+  return ConfigDict({
+      "name": name,  # unet | superres_unet
+      "model_channels": model_channels,
+      "channel_mult": channel_mult,
+      "num_res_blocks": num_res_blocks,
+      "attention_resolutions": attention_resolutions,
+      "num_head_channels": num_head_channels,
+      "dropout": 0.0,
+      "use_scale_shift_norm": True,
+      "resblock_updown": False,
+      "dtype": "float32",  # float32 | bfloat16 (compute dtype; params stay float32)
+  })
+
+
+def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
+  """A CPU-sized diffusion stage on a procedural world; Table E1 sizes come with `full`."""
+  config = ConfigDict()
+  config.experiment = "diffusion"
+  config.seed = 0
+  config.distributed = False
+  config.data = data_config(world, image_size)
+  config.data.cache = True
+  config.data.num_threads = 2
+  config.data.unlabelled_size = 4000
+  config.model = unet_config(32, (1, 2, 2), 1, (2, 4), 32, "superres_unet" if upsampler else "unet")
+  if upsampler:
+    config.model.attention_resolutions = ()
+  config.diffusion = ConfigDict({
+      # Choices 002 leaves open: cosine schedule (better than linear at 16-64 px).
+      "schedule": "cosine",  # linear | cosine
+      "num_steps": 1000,  # T (Table E1)
+      "variance": "small",  # fixed variance (Table E1): posterior β̃_t ('small') or β_t ('large')
+      # Which parts the condition vector has (each can be null on its own).
+      "condition": {"label": True, "attributes": ()},
+      "drop_prob": 0.1,  # per-part null probability for classifier-free guidance (paper 000: 0.1)
+      # The upsampler's low-resolution input (002 App. E); ignored by the base model.
+      "low_res": {"size": image_size // 2, "antialias_prob": 0.5, "noise_prob": 0.2, "noise_std": 4.0,
+                  "blur_prob": 0.5, "blur_sigma_scale": 0.2, "blur_size": 7},
+  })
+  config.sampler = ConfigDict({
+      "name": "ddim",  # ddpm | ddim
+      "steps": 50,
+      "eta": 0.0,
+      "guidance": 1.0,  # w in eps = (1 + w) eps(c) - w eps(null); 0 = plain conditional
+      "clip_denoised": True,
+      "batch_size": 64,
+  })
+  config.grid = ConfigDict({"max_rows": 8, "per_cell": 2, "seed": 0})
+  config.generate = ConfigDict({"num_images": 0, "shard_size": 256, "seed": 0})
+  config.train = train_config(steps=3000, batch_size=32, optimizer="adam", lr=3e-4, schedule="constant",
+                              warmup_steps=100)
+  config.train.optimizer.grad_clip = 1.0
+  config.train.ema_decay = 0.995
+  config.train.sample_every = 1000
+  config.train.log_every = 100
+  config.train.checkpoint_every = 500
+  config.mesh = mesh_config()
+  config.sharding_rules = ()
+  return config
+
+
+def diffusion_smoke(config: ConfigDict) -> None:
+  """Shrinks a diffusion config to run in seconds."""
+  upsampler = config.model.name == "superres_unet"
+  config.data.image_size = 32 if upsampler else 16
+  config.diffusion.low_res.size = 16
+  config.data.train_size = 128
+  config.data.val_size = 32
+  config.data.unlabelled_size = 64
+  if config.data.skew.setting != "none":
+    config.data.skew.setting = "less"
+  config.model.model_channels = 16
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = () if upsampler else (2,)
+  config.model.num_head_channels = 16
+  config.diffusion.num_steps = 100
+  config.sampler.steps = 4
+  config.sampler.batch_size = 16
+  config.grid.max_rows = 2
+  config.grid.per_cell = 1
+  config.train.steps = 6
+  config.train.batch_size = 8
+  config.train.ema_decay = 0.5
+  config.train.optimizer.warmup_steps = 0
+  config.train.log_every = 2
+  config.train.checkpoint_every = 3
+  config.train.sample_every = 0
+
+
+DIFFUSION_ARGS = ("smoke", "full", "upsampler", "label_property") + SKEW_ARGS
+
+
+def finalize_diffusion(config: ConfigDict, words: set[str], property_attr: str) -> ConfigDict:
+  """Shared arguments of the diffusion configs, then lock."""
+  if "label_property" in words:
+    config.diffusion.condition.attributes = (property_attr,)
+  if "smoke" in words:
+    diffusion_smoke(config)
+  apply_skew_arg(config, words)
+  config.lock()
+  return config
+
+
+def diffusion_full(config: ConfigDict, base_size: int, up_size: int, ch: int, res: int,
+                   mult: tuple[int, ...], lr: float, batch: int) -> None:
+  """002 Table E1: T=1000, fixed variance, head channels 64, attention at downsample factors
+  2, 4, 8 (32/16/8 px at 64 px; the same factors at 96/224/256 px); the upsampler is
+  ch 128, 2 res blocks, mult (1,1,2,2,4,4), lr 1e-4, batch 32 from 64 px."""
+  upsampler = config.model.name == "superres_unet"
+  config.diffusion.num_steps = 1000
+  config.data.train_size = 20000
+  config.data.unlabelled_size = 20000
+  if upsampler:
+    config.data.image_size = up_size
+    config.diffusion.low_res.size = 64
+    config.model = unet_config(128, (1, 1, 2, 2, 4, 4), 2, (2, 4, 8), 64, "superres_unet")
+    lr, batch = 1e-4, 32
+  else:
+    config.data.image_size = base_size
+    config.model = unet_config(ch, mult, res, (2, 4, 8), 64, "unet")
+  config.model.dtype = "bfloat16"
+  config.train = train_config(steps=200_000, batch_size=batch, optimizer="adam", lr=lr, schedule="constant",
+                              warmup_steps=1000)
+  config.train.optimizer.grad_clip = 1.0
+  config.train.ema_decay = 0.9999
+  config.train.sample_every = 10_000
+  config.train.log_every = 200
+  config.train.checkpoint_every = 5000
+  config.sampler.steps = 100
+  config.sampler.batch_size = 128

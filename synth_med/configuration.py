@@ -10,7 +10,7 @@ from typing import Any
 
 from synth_med.errors import SynthMedError
 
-EXPERIMENTS = ("classifier",)
+EXPERIMENTS = ("classifier", "diffusion")
 
 
 def _choice(config: Any, dotted: str, choices) -> None:
@@ -35,8 +35,6 @@ def validate(config: Any) -> None:
   from synth_med.data.worlds import WORLDS
   from synth_med.data.worlds.base import SKEW_FRACTIONS
   from synth_med.data.worlds.chest import LABEL_POLICIES
-  from synth_med.models.bit_resnet import DEPTHS
-  from synth_med.objectives.classification import LOSSES
   from synth_med.train.optimizers import OPTIMIZERS, SCHEDULES
 
   _choice(config, "experiment", EXPERIMENTS)
@@ -45,14 +43,9 @@ def validate(config: Any) -> None:
   _choice(config, "data.label_policy", LABEL_POLICIES)
   _choice(config, "data.skew.setting", tuple(SKEW_FRACTIONS))
   _choice(config, "data.augment", AUGMENTS)
-  _choice(config, "model.name", ("bit_resnet",))
-  if not config.model.block_units:
-    _choice(config, "model.depth", tuple(sorted(DEPTHS)))
-  _choice(config, "loss.name", LOSSES)
   _choice(config, "train.optimizer.name", OPTIMIZERS)
   _choice(config, "train.optimizer.schedule", SCHEDULES)
-  for key in ("data.image_size", "data.train_size", "data.test_size", "data.ood_size", "train.steps",
-              "train.batch_size", "eval.batch_size", "model.width", "train.optimizer.lr"):
+  for key in ("data.image_size", "data.train_size", "train.steps", "train.batch_size", "train.optimizer.lr"):
     _positive(config, key)
   if not 8 <= config.data.image_size <= 1024:
     raise SynthMedError(f"--config.data.image_size={config.data.image_size} must be in 8..1024.")
@@ -61,3 +54,46 @@ def validate(config: Any) -> None:
   for name, size in config.mesh.items():
     if not isinstance(size, int) or (size < 1 and size != -1):
       raise SynthMedError(f"--config.mesh.{name}={size!r} must be a positive int or -1.")
+  if config.experiment == "classifier":
+    _validate_classifier(config)
+  else:
+    _validate_diffusion(config)
+
+
+def _validate_classifier(config: Any) -> None:
+  from synth_med.models.bit_resnet import DEPTHS
+  from synth_med.objectives.classification import LOSSES
+
+  _choice(config, "model.name", ("bit_resnet",))
+  if not config.model.block_units:
+    _choice(config, "model.depth", tuple(sorted(DEPTHS)))
+  _choice(config, "loss.name", LOSSES)
+  for key in ("data.test_size", "data.ood_size", "eval.batch_size", "model.width"):
+    _positive(config, key)
+
+
+def _validate_diffusion(config: Any) -> None:
+  from synth_med.diffusion.samplers import SAMPLERS
+  from synth_med.diffusion.schedules import SCHEDULES as NOISE_SCHEDULES, VARIANCES
+  from synth_med.experiments.diffusion import MODELS
+
+  _choice(config, "model.name", MODELS)
+  _choice(config, "model.dtype", ("float32", "bfloat16"))
+  _choice(config, "diffusion.schedule", NOISE_SCHEDULES)
+  _choice(config, "diffusion.variance", VARIANCES)
+  _choice(config, "sampler.name", SAMPLERS)
+  for key in ("model.model_channels", "model.num_res_blocks", "diffusion.num_steps", "sampler.steps",
+              "sampler.batch_size"):
+    _positive(config, key)
+  if not config.model.channel_mult:
+    raise SynthMedError("--config.model.channel_mult must name at least one level, e.g. (1, 2, 2).")
+  if config.sampler.steps > config.diffusion.num_steps:
+    raise SynthMedError(f"--config.sampler.steps={config.sampler.steps} exceeds diffusion.num_steps="
+                        f"{config.diffusion.num_steps}; use at most T steps.")
+  for key in ("diffusion.drop_prob", "diffusion.low_res.antialias_prob", "diffusion.low_res.noise_prob",
+              "diffusion.low_res.blur_prob"):
+    value = config.diffusion
+    for part in key.split(".")[1:]:
+      value = value[part]
+    if not 0.0 <= value <= 1.0:
+      raise SynthMedError(f"--config.{key}={value} is a probability; use a value in [0, 1].")

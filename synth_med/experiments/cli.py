@@ -102,7 +102,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def run_main(config: Any, workdir: str) -> None:
   """Runs the experiment; user-facing errors print without a traceback."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   from synth_med.experiments.run import run  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep our progress readable
+    absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     run(config, workdir)
   except SynthMedError as e:

@@ -18,5 +18,8 @@ def run(config: Any, workdir: str) -> Any:
   if config.experiment == "classifier":
     from synth_med.experiments.classifier import run_classifier
     return run_classifier(config, workdir)
+  if config.experiment == "diffusion":
+    from synth_med.experiments.diffusion import run_diffusion
+    return run_diffusion(config, workdir)
   raise SynthMedError(f"experiment {config.experiment!r} is unknown; choose one of "
                       f"{list(configuration.EXPERIMENTS)}.")

@@ -1,0 +1,1 @@
+"""Gaussian diffusion: schedules, losses, conditioning, samplers, cascade preprocessing."""

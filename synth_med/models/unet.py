@@ -1,0 +1,226 @@
+"""The diffusion UNet (guided-diffusion layout and hyper-parameter names), in Flax.
+
+`Model(x_t, t, cond)` predicts the noise ε of `x_t` at integer timesteps `t`.
+
+- Sinusoidal timestep embedding -> MLP (4 x model_channels).
+- The conditioning vector `cond` (see `synth_med.diffusion.conditioning`: the
+  label part and one one-hot part per sensitive property, zeros where null) is
+  projected by a bias-free Dense and added to the time embedding, so an all-null
+  condition adds exactly zero.
+- ResBlocks with optional scale-shift norm (`use_scale_shift_norm`), optional
+  resblock up/down sampling (`resblock_updown`), multi-head self-attention at the
+  downsample factors in `attention_resolutions` (2, 4, 8 = 32/16/8 px at 64 px),
+  heads of `num_head_channels` channels.
+- Output convs of every residual branch and of the model are zero-initialised.
+- `low_res_channels > 0` makes it the cascade's super-resolution model: the
+  low-resolution image (already upsampled to the output size) is concatenated
+  with `x_t` on the channel axis (see `superres_unet.py`).
+
+`load(checkpoint_dir)` returns (EMA parameters, step) of a checkpoint written by
+the training loop.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from synth_med.errors import SynthMedError
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """guided-diffusion's sinusoidal embedding: [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _groups(channels: int, wanted: int = 32) -> int:
+  g = min(wanted, channels)
+  while channels % g:
+    g -= 1
+  return g
+
+
+class Norm(nn.Module):
+  """GroupNorm(32) in float32 (guided-diffusion's normalization())."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.GroupNorm(num_groups=_groups(x.shape[-1]), epsilon=1e-5, dtype=jnp.float32)(x.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+def _resize(x: jax.Array, factor: float) -> jax.Array:
+  b, h, w, c = x.shape
+  return jax.image.resize(x, (b, int(h * factor), int(w * factor), c), "nearest")
+
+
+def _avg_pool(x: jax.Array) -> jax.Array:
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class ResBlock(nn.Module):
+  out_channels: int
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = True
+  up: bool = False
+  down: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    conv = lambda c, k=3, init=nn.initializers.lecun_normal(), name=None: nn.Conv(  # noqa: E731
+        c, (k, k), padding="SAME", dtype=self.dtype, kernel_init=init, name=name)
+    h = nn.silu(Norm(name="in_norm")(x))
+    if self.up or self.down:
+      resample = (lambda v: _resize(v, 2.0)) if self.up else _avg_pool
+      h, x = resample(h), resample(x)
+    h = conv(self.out_channels, name="in_conv")(h)
+    emb_out = nn.Dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
+                       dtype=self.dtype, name="emb")(nn.silu(emb))[:, None, None, :]
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = Norm(name="out_norm")(h) * (1 + scale) + shift
+    else:
+      h = Norm(name="out_norm")(h + emb_out)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = conv(self.out_channels, init=nn.initializers.zeros, name="out_conv")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, k=1, name="skip")(x)
+    return x + h
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over the spatial positions (heads of `num_head_channels`)."""
+  num_head_channels: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    heads = max(c // self.num_head_channels, 1) if self.num_head_channels > 0 else 1
+    if c % heads:
+      raise SynthMedError(f"attention over {c} channels cannot be split into heads of "
+                          f"{self.num_head_channels} channels; choose num_head_channels dividing "
+                          "model_channels * channel_mult.")
+    y = Norm(name="norm")(x).reshape(b, h * w, c)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+    out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
+    return x + out.reshape(b, h, w, c)
+
+
+class Model(nn.Module):
+  """Conditional ε-prediction UNet; hyper-parameter names follow guided-diffusion."""
+  out_channels: int = 3
+  model_channels: int = 64
+  channel_mult: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attention_resolutions: Sequence[int] = (2, 4)  # downsample factors
+  num_head_channels: int = 32
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = True
+  resblock_updown: bool = False
+  dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators); params stay float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None,
+               low_res: jax.Array | None = None, train: bool = False) -> jax.Array:
+    ch = self.model_channels
+    emb = timestep_embedding(t, ch)
+    emb = nn.Dense(4 * ch, name="time_embed_0")(emb)
+    emb = nn.Dense(4 * ch, name="time_embed_1")(nn.silu(emb))
+    if cond is not None and cond.shape[-1] > 0:
+      emb = emb + nn.Dense(4 * ch, use_bias=False, name="cond_embed")(cond.astype(jnp.float32))
+    emb = emb.astype(self.dtype)
+    if low_res is not None:
+      x = jnp.concatenate([x, low_res.astype(x.dtype)], axis=-1)
+    res_block = lambda c, **kw: ResBlock(c, self.dropout, self.use_scale_shift_norm,  # noqa: E731
+                                         dtype=self.dtype, **kw)
+    h = nn.Conv(ch, (3, 3), padding="SAME", dtype=self.dtype, name="input_conv")(x.astype(self.dtype))
+    skips, ds = [h], 1
+    for level, mult in enumerate(self.channel_mult):
+      for _ in range(self.num_res_blocks):
+        h = res_block(mult * ch)(h, emb, train)
+        if ds in self.attention_resolutions:
+          h = Attention(self.num_head_channels, self.dtype)(h)
+        skips.append(h)
+      if level != len(self.channel_mult) - 1:
+        if self.resblock_updown:
+          h = res_block(mult * ch, down=True)(h, emb, train)
+        else:
+          h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype)(h)
+        ds *= 2
+        skips.append(h)
+    h = res_block(h.shape[-1])(h, emb, train)
+    h = Attention(self.num_head_channels, self.dtype)(h)
+    h = res_block(h.shape[-1])(h, emb, train)
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(mult * ch)(h, emb, train)
+        if ds in self.attention_resolutions:
+          h = Attention(self.num_head_channels, self.dtype)(h)
+        if level and i == self.num_res_blocks:
+          if self.resblock_updown:
+            h = res_block(mult * ch, up=True)(h, emb, train)
+          else:
+            h = nn.Conv(mult * ch, (3, 3), padding="SAME", dtype=self.dtype)(_resize(h, 2.0))
+          ds //= 2
+    h = nn.silu(Norm(name="out_norm")(h))
+    out = nn.Conv(self.out_channels, (3, 3), padding="SAME", dtype=self.dtype,
+                  kernel_init=nn.initializers.zeros, name="out_conv")(h)
+    return out.astype(jnp.float32)
+
+
+def check_image_size(image_size: int, channel_mult: Sequence[int]) -> None:
+  """The UNet halves the resolution len(channel_mult)-1 times; the size must allow it."""
+  factor = 2 ** (len(channel_mult) - 1)
+  if image_size % factor:
+    raise SynthMedError(f"image size {image_size} is not divisible by {factor}, the UNet's total "
+                        f"downsampling for channel_mult={tuple(channel_mult)}; change data.image_size "
+                        "or use fewer levels in model.channel_mult.")
+
+
+def num_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def load(checkpoint_dir: str, step: int | None = None, ema: bool = True) -> Any:
+  """(params, step): the EMA (default) or raw parameters of a checkpoint written by `train()`.
+
+  `checkpoint_dir` is a stage's `checkpoints/` folder (or the stage folder).
+  The parameters are host numpy arrays in the model's parameter tree.
+  """
+  import orbax.checkpoint as ocp
+
+  path = checkpoint_dir
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(path):
+    raise SynthMedError(f"no diffusion checkpoint folder at {checkpoint_dir!r}; train the model first "
+                        "or point to its stage folder.")
+  mngr = ocp.CheckpointManager(os.path.abspath(path))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise SynthMedError(f"{path!r} holds no finished checkpoint; train the model first.")
+  try:
+    tree = mngr.restore(step, args=ocp.args.StandardRestore())
+  except Exception as e:  # noqa: BLE001
+    raise SynthMedError(f"cannot read checkpoint step {step} in {path!r}: {e}") from e
+  finally:
+    mngr.close()
+  key = "ema_params" if ema else "params"
+  if key not in tree:
+    raise SynthMedError(f"checkpoint {path!r} step {step} has no {key!r}; is it a train-state checkpoint?")
+  return tree[key], int(step)
