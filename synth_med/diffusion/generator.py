@@ -8,7 +8,6 @@ super-resolution upsampler (002 App. E).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -50,6 +49,7 @@ class Generator:
                mesh: jax.sharding.Mesh, batch_size: int = 64, low_res: bool = False,
                name: str = "sampling"):
     sharding.check_batch_size(batch_size, mesh, "sampler.batch_size")
+    self.model, self.schedule = model, schedule
     self.cond_spec, self.sampler, self.image_shape = cond_spec, sampler, tuple(image_shape)
     self.mesh, self.batch_size, self.low_res, self.name = mesh, batch_size, low_res, name
     self.params = jax.device_put(params, sharding.replicated(mesh))

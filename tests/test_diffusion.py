@@ -1,0 +1,328 @@
+"""Diffusion: schedule maths, conditioning, UNet, samplers, CFG, seeding, cascade, preprocessing,
+checkpoint load, loss going down and the resumable generation job."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from synth_med.data.schema import AttributeSpec, DatasetSpec
+from synth_med.diffusion import gaussian, samplers, superres_preprocess
+from synth_med.diffusion.conditioning import ConditioningSpec, condition_table, make_spec
+from synth_med.diffusion.generator import CascadeGenerator, Generator
+from synth_med.diffusion.schedules import from_betas, make_schedule, respaced_timesteps
+from synth_med.errors import SynthMedError
+from synth_med.models import superres_unet, unet
+from synth_med.train import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- schedules and the closed-form maths -------------------------------------------------------
+
+def test_posterior_constants_match_hand_computed_values():
+  s = from_betas(np.array([0.1, 0.2, 0.3]))
+  np.testing.assert_allclose(s.alphas_cumprod, [0.9, 0.72, 0.504], rtol=1e-6)
+  np.testing.assert_allclose(s.alphas_cumprod_prev, [1.0, 0.9, 0.72], rtol=1e-6)
+  # t=1: β̃ = β(1-ᾱ_prev)/(1-ᾱ) = 0.2*0.1/0.28; coef1 = β sqrt(ᾱ_prev)/(1-ᾱ); coef2 = (1-ᾱ_prev) sqrt(α)/(1-ᾱ)
+  np.testing.assert_allclose(s.posterior_variance[1], 0.2 * 0.1 / 0.28, rtol=1e-6)
+  np.testing.assert_allclose(s.posterior_mean_coef1[1], 0.2 * np.sqrt(0.9) / 0.28, rtol=1e-6)
+  np.testing.assert_allclose(s.posterior_mean_coef2[1], 0.1 * np.sqrt(0.8) / 0.28, rtol=1e-6)
+  assert s.posterior_variance[0] == 0.0
+  np.testing.assert_allclose(s.posterior_log_variance_clipped[0], np.log(0.2 * 0.1 / 0.28), rtol=1e-6)
+
+
+def test_q_posterior_is_the_product_of_the_two_gaussians():
+  s = make_schedule("linear", 50)
+  x0, xt = jnp.asarray([[0.3, -0.7]]), jnp.asarray([[1.1, 0.2]])
+  for t in (1, 10, 49):
+    mean, var, _ = gaussian.q_posterior(s, x0, xt, jnp.asarray([t]))
+    ac_prev, beta = float(s.alphas_cumprod_prev[t]), float(s.betas[t])
+    # q(x_{t-1}|x_0) = N(sqrt(ᾱ_{t-1}) x0, 1-ᾱ_{t-1}); q(x_t|x_{t-1}) = N(sqrt(1-β) x_{t-1}, β)
+    prec = 1 / (1 - ac_prev) + (1 - beta) / beta
+    want_mean = (np.sqrt(ac_prev) * x0 / (1 - ac_prev) + np.sqrt(1 - beta) * xt / beta) / prec
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-4)
+    np.testing.assert_allclose(var[0, 0], 1 / prec, rtol=1e-4)
+  # q_sample and predict_x0 invert each other.
+  t = jnp.asarray([7])
+  noise = jnp.asarray([[0.5, -1.5]])
+  np.testing.assert_allclose(gaussian.predict_x0(s, gaussian.q_sample(s, x0, t, noise), t, noise), x0, atol=1e-5)
+
+
+def test_linear_and_cosine_schedules():
+  lin = make_schedule("linear", 1000)
+  np.testing.assert_allclose([lin.betas[0], lin.betas[-1]], [1e-4, 0.02], rtol=1e-5)
+  cos = make_schedule("cosine", 1000)
+  f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+  for t in (0, 250, 500, 900):
+    np.testing.assert_allclose(cos.alphas_cumprod[t], f(t + 1) / f(0), rtol=1e-4)
+  ts = respaced_timesteps(1000, 50)
+  assert len(ts) == 50 and ts[0] == 0 and ts[-1] == 999 and np.all(np.diff(ts) > 0)
+  with pytest.raises(SynthMedError, match="schedule"):
+    make_schedule("quadratic")
+
+
+# --- conditioning ------------------------------------------------------------------------------
+
+SKIN = DatasetSpec("skin", ("a", "b", "c"), "softmax", (AttributeSpec("sex", ("f", "m")),
+                                                     AttributeSpec("age_bucket", tuple("0123456"))),
+                   ("id",), 3)
+CHEST = DatasetSpec("chest", ("x", "y"), "multilabel", (AttributeSpec("sex", ("f", "m")),), ("id",), 1)
+TISSUE = DatasetSpec("tissue", ("tumour",), "binary", (AttributeSpec("hospital", ("h0", "h3", "h4")),),
+                     ("h0",), 3)
+
+
+def test_condition_parts_can_be_null_on_their_own():
+  cs = make_spec(SKIN, True, ("sex", "age_bucket"))
+  assert cs.part_widths == (3, 2, 7) and cs.dim == 12
+  batch = {"label": np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]), "labelled": np.array([True, False]),
+           "attrs/sex": np.array([1, -1]), "attrs/age_bucket": np.array([-1, 6])}
+  v = np.asarray(cs.encode(batch))
+  np.testing.assert_allclose(v[0], [0.5, 0.5, 0, 0, 1] + [0] * 7)
+  np.testing.assert_allclose(v[1], [0, 0, 0, 0, 0] + [0] * 6 + [1])  # unlabelled: label part null
+
+  chest = make_spec(CHEST, True, ())
+  b = {"label": np.array([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]), "labelled": np.array([True, True, False]),
+       "label_mask": np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])}
+  v = np.asarray(chest.encode(b))
+  np.testing.assert_allclose(v, [[1, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])  # uncertain finding -> zeros;
+  # "no finding" differs from "no label"
+
+  tissue = make_spec(TISSUE, True, ("hospital",))
+  v = np.asarray(tissue.encode({"label": np.array([[1.0], [0.0]]), "labelled": np.array([True, False]),
+                                "attrs/hospital": np.array([0, 2])}))
+  np.testing.assert_allclose(v, [[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]])  # unlabelled patch keeps its hospital
+  with pytest.raises(SynthMedError, match="skin_tone"):
+    make_spec(CHEST, True, ("skin_tone",))
+
+
+def test_condition_dropout_nulls_each_part_with_its_probability():
+  cs = make_spec(SKIN, True, ("sex",))
+  n = 20000
+  batch = {"label": np.tile([[1.0, 0, 0]], (n, 1)), "labelled": np.ones(n, bool),
+           "attrs/sex": np.zeros(n, np.int32)}
+  v = np.asarray(cs.encode(batch, jax.random.key(0), 0.1))
+  label_null, sex_null = v[:, :3].sum(1) == 0, v[:, 3:].sum(1) == 0
+  se = np.sqrt(0.1 * 0.9 / n)
+  assert abs(label_null.mean() - 0.1) < 4 * se and abs(sex_null.mean() - 0.1) < 4 * se
+  assert abs((label_null & sex_null).mean() - 0.01) < 0.004  # independent parts
+  np.testing.assert_array_equal(np.asarray(cs.encode(batch))[:, :3].sum(1), 1.0)  # no rng: no dropout
+
+
+# --- the UNet ----------------------------------------------------------------------------------
+
+def tiny_unet(**kw):
+  args = dict(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+              attention_resolutions=(2,), num_head_channels=8)
+  args.update(kw)
+  return unet.Model(**args)
+
+
+def perturbed_params(model, x, cond, low=None, scale=0.05):
+  """Init params plus noise, so that zero-initialised layers no longer hide the rest."""
+  p = model.init(jax.random.key(0), x, jnp.zeros((x.shape[0],), jnp.int32), cond, low)["params"]
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+def test_unet_zero_init_output_and_conditioning_path():
+  m = tiny_unet()
+  x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+  t = jnp.array([3, 700])
+  cond = jnp.asarray([[1.0, 0, 0], [0, 0, 1.0]])
+  p = m.init(jax.random.key(0), x, t, cond)["params"]
+  assert float(jnp.max(jnp.abs(m.apply({"params": p}, x, t, cond)))) == 0.0  # zero-initialised output
+  p = perturbed_params(m, x, cond)
+  out = lambda c: m.apply({"params": p}, x, t, c)  # noqa: E731
+  assert float(jnp.max(jnp.abs(out(cond) - out(cond[::-1])))) > 1e-4  # the condition changes ε
+  # The all-null condition adds exactly nothing (bias-free projection).
+  no_cond = m.apply({"params": {k: v for k, v in p.items() if k != "cond_embed"}}, x, t, None)
+  np.testing.assert_allclose(out(jnp.zeros_like(cond)), no_cond, atol=1e-6)
+  with pytest.raises(SynthMedError, match="not divisible"):
+    unet.check_image_size(20, (1, 2, 2, 2))
+
+
+def test_superres_unet_upsamples_a_smaller_low_res_input():
+  m = superres_unet.Model(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1)
+  x = jnp.zeros((2, 32, 32, 3))
+  t = jnp.zeros((2,), jnp.int32)
+  low = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  p = perturbed_params(m, x, jnp.zeros((2, 0)), low)
+  a = m.apply({"params": p}, x, t, None, low)
+  b = m.apply({"params": p}, x, t, None, superres_unet.upsample_bilinear(low, (32, 32)))
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  assert float(jnp.max(jnp.abs(a - m.apply({"params": p}, x, t, None, -low)))) > 1e-4
+  with pytest.raises(SynthMedError, match="low-resolution"):
+    m.apply({"params": p}, x, t, None, None)
+
+
+def test_conv3x3_gradient_matches_xla_convolution():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 5))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 5, 4))
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
+  for a, b in zip(jax.grad(loss(unet.conv3x3), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+# --- samplers ----------------------------------------------------------------------------------
+
+MU = jnp.asarray([-0.5, 0.0, 0.3, 0.8]).reshape(1, 2, 2, 1)
+SD = 0.2
+
+
+def gaussian_eps(schedule):
+  """The exact ε-predictor for data x_0 ~ N(MU, SD²) per pixel."""
+  ac = jnp.asarray(schedule.alphas_cumprod)
+
+  def apply(params, x, t, cond, low):
+    a = ac[t][:, None, None, None]
+    return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * SD ** 2 + 1 - a)
+  return apply
+
+
+def run_sampler(schedule, cfg, n=4000):
+  keys = samplers.image_keys(0, jnp.arange(n))
+  fn = jax.jit(lambda k: samplers.sample_loop(gaussian_eps(schedule), schedule, cfg, None, k,
+                                              jnp.zeros((n, 0)), None, None, (2, 2, 1)))
+  return np.asarray(fn(keys)).reshape(n, -1)
+
+
+def test_ddim_full_steps_eta1_matches_ddpm_statistics():
+  s = make_schedule("cosine", 200)
+  ddpm = run_sampler(s, samplers.SamplerConfig("ddpm", 200, clip_denoised=False))
+  ddim = run_sampler(s, samplers.SamplerConfig("ddim", 200, eta=1.0, clip_denoised=False))
+  np.testing.assert_allclose(ddim.mean(0), ddpm.mean(0), atol=0.01)
+  np.testing.assert_allclose(ddim.std(0), ddpm.std(0), rtol=0.03)
+  # Both sample the data distribution N(MU, SD²).
+  np.testing.assert_allclose(ddpm.mean(0), np.asarray(MU).ravel(), atol=0.02)
+  np.testing.assert_allclose(ddpm.std(0), SD, rtol=0.1)
+  # DDIM respaced to 25 deterministic steps keeps the means.
+  fast = run_sampler(s, samplers.SamplerConfig("ddim", 25, eta=0.0, clip_denoised=False))
+  np.testing.assert_allclose(fast.mean(0), np.asarray(MU).ravel(), atol=0.02)
+
+
+def tiny_generator(batch_size=4, guidance=0.0, mesh=None, name="ddim", steps=3, low_res=False, size=16):
+  spec = ConditioningSpec("softmax", 3, (("sex", 2),))
+  model = (superres_unet.Model(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1)
+           if low_res else tiny_unet())
+  x = jnp.zeros((1, size, size, 3))
+  params = perturbed_params(model, x, jnp.zeros((1, spec.dim)),
+                            jnp.zeros((1, size, size, 3)) if low_res else None, scale=0.1)
+  mesh = mesh or sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  return Generator(model, params, make_schedule("linear", 50), spec,
+                   samplers.SamplerConfig(name, steps, 0.0, guidance), (size, size, 3), mesh, batch_size,
+                   low_res=low_res)
+
+
+def conds(n=6):
+  spec = ConditioningSpec("softmax", 3, (("sex", 2),))
+  return condition_table(spec, n, np.eye(3, dtype=np.float32)[np.arange(n) % 3], {"sex": np.arange(n) % 2})
+
+
+def test_cfg_w0_equals_plain_conditional_sampling():
+  from synth_med.diffusion.generator import model_apply
+  g = tiny_generator(guidance=0.0)
+  c = conds(4)
+  with_w0 = g.generate(c, seed=3)  # two passes (conditional and null), combined with w = 0
+  keys = samplers.image_keys(jnp.int32(3), jnp.arange(4, dtype=jnp.int32))
+  plain = jax.jit(lambda p, k, cond: samplers.sample_loop(  # one conditional pass, no guidance
+      model_apply(g.model), g.schedule, g.sampler, p, k, cond, None, None, g.image_shape))(
+          g.params, keys, g.cond_spec.encode(c))
+  np.testing.assert_array_equal(with_w0, np.asarray(samplers.to_uint8(plain)))
+  guided = g.generate(c, seed=3, guidance=3.0)
+  assert np.abs(guided.astype(int) - with_w0.astype(int)).mean() > 1.0
+
+
+def test_image_k_depends_only_on_seed_and_k():
+  c = conds(6)
+  full = tiny_generator(batch_size=4).generate(c, seed=7)
+  again = tiny_generator(batch_size=8).generate(c, seed=7)
+  np.testing.assert_array_equal(full, again)
+  part = tiny_generator(batch_size=4).generate({k: v[2:5] for k, v in c.items()}, seed=7, start_index=2)
+  np.testing.assert_array_equal(part, full[2:5])
+  other = tiny_generator(batch_size=4).generate(c, seed=8)
+  assert np.abs(other.astype(int) - full.astype(int)).mean() > 1.0
+  ddpm = tiny_generator(name="ddpm", steps=50).generate(c, seed=7)
+  assert ddpm.shape == full.shape and ddpm.dtype == np.uint8
+
+
+def test_cascade_base_then_upsampler():
+  base = tiny_generator(size=16)
+  up = tiny_generator(size=32, low_res=True)
+  cascade = CascadeGenerator(base, up)
+  c = conds(4)
+  imgs = cascade.generate(c, seed=1)
+  assert imgs.shape == (4, 32, 32, 3) and imgs.dtype == np.uint8
+  np.testing.assert_array_equal(imgs, cascade.generate(c, seed=1))
+  low = base.generate(c, seed=1)
+  # The upsampler follows its low-resolution input.
+  flipped = up.generate(c, seed=1 + 1_000_003, low_res=255 - low)
+  assert np.abs(flipped.astype(int) - imgs.astype(int)).mean() > 1.0
+  with pytest.raises(SynthMedError, match="super-resolution"):
+    CascadeGenerator(base, base)
+  with pytest.raises(SynthMedError, match="low_res"):
+    up.generate(c)
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np, sys
+    sys.path.insert(0, %r)
+    from tests.test_diffusion import tiny_generator, conds
+    from synth_med.train import sharding
+    assert len(jax.devices()) == 8
+    c = conds(12)
+    one = tiny_generator(batch_size=8, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1])).generate(c, seed=5)
+    eight = tiny_generator(batch_size=8, mesh=sharding.make_mesh({"data": -1})).generate(c, seed=5)
+    diff = np.abs(one.astype(int) - eight.astype(int))
+    print("max", diff.max(), "frac", (diff > 0).mean())
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+""")
+
+
+def test_8_device_mesh_sampling_equals_1_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", MESH_SCRIPT % ROOT], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+# --- upsampler preprocessing -------------------------------------------------------------------
+
+def test_low_res_preprocessing_probabilities_and_values():
+  n = 4000
+  rng = np.random.default_rng(0)
+  imgs = jnp.asarray(rng.integers(0, 256, (n, 8, 8, 1)), jnp.uint8)
+  aug = superres_preprocess.LowResAugment(low_size=4)
+  out, flags = jax.jit(lambda x, k: superres_preprocess.training_low_res(x, k, aug))(imgs, jax.random.key(0))
+  out = np.asarray(out)
+  for name, p in (("antialias", 0.5), ("noise", 0.2), ("blur", 0.5)):
+    freq = float(np.mean(flags[name]))
+    assert abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n), (name, freq)
+  sig = np.asarray(flags["blur_sigma"])
+  assert abs(sig.mean() - 0.2 * np.sqrt(2 / np.pi)) < 0.01  # E|N(0, 0.2)|
+  levels = (out + 1) * 127.5
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)  # quantised to 256 levels
+  assert out.min() >= -1 and out.max() <= 1
+  # Noise of σ=4 (0-255 scale): compare noisy, unblurred examples with the same path without noise.
+  clean_aug = superres_preprocess.LowResAugment(low_size=4, noise_prob=0.0)
+  clean, cflags = superres_preprocess.training_low_res(imgs, jax.random.key(0), clean_aug)
+  sel = np.asarray(flags["noise"]) & ~np.asarray(flags["blur"]) & ~np.asarray(cflags["blur"])
+  sel &= np.asarray(flags["antialias"]) == np.asarray(cflags["antialias"])
+  resid = ((out - np.asarray(clean)) * 127.5)[sel]
+  inner = np.abs(resid) < 100  # ignore clipping at 0/255
+  assert 3.6 < resid[inner].std() < 4.5
+
+
+def test_sampling_low_res_is_bilinear_and_quantised():
+  low = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)), jnp.uint8)
+  up = np.asarray(superres_preprocess.sampling_low_res(low, (8, 8)))
+  assert up.shape == (2, 8, 8, 3)
+  levels = (up + 1) * 127.5
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
