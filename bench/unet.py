@@ -107,7 +107,7 @@ def bench_diffusers(size: str, batch: int, res: int, repeats: int) -> dict[str, 
   up = tuple("AttnUpBlock2D" if ds in attn else "UpBlock2D" for ds in reversed(levels))
   model = UNet2DModel(sample_size=res, in_channels=3, out_channels=3, layers_per_block=nrb,
                       block_out_channels=tuple(ch * m for m in mult), down_block_types=down,
-                      up_block_types=up, attention_head_dim=head, norm_num_groups=32,
+                      up_block_types=up, attention_head_dim=head, norm_num_groups=max(1, min(32, ch // 4)),
                       resnet_time_scale_shift="scale_shift", add_attention=True)
   n_params = sum(p.numel() for p in model.parameters())
   opt = torch.optim.Adam(model.parameters(), lr=1e-4)

@@ -116,7 +116,7 @@ def test_condition_dropout_nulls_each_part_with_its_probability():
 # --- the UNet ----------------------------------------------------------------------------------
 
 def tiny_unet(**kw):
-  args = dict(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+  args = dict(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
               attention_resolutions=(2,), num_head_channels=8)
   args.update(kw)
   return unet.Model(**args)
@@ -132,7 +132,7 @@ def perturbed_params(model, x, cond, low=None, scale=0.05):
 
 def test_unet_zero_init_output_and_conditioning_path():
   m = tiny_unet()
-  x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
   t = jnp.array([3, 700])
   cond = jnp.asarray([[1.0, 0, 0], [0, 0, 1.0]])
   p = m.init(jax.random.key(0), x, t, cond)["params"]
@@ -148,13 +148,13 @@ def test_unet_zero_init_output_and_conditioning_path():
 
 
 def test_superres_unet_upsamples_a_smaller_low_res_input():
-  m = superres_unet.Model(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1)
-  x = jnp.zeros((2, 32, 32, 3))
+  m = superres_unet.Model(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1)
+  x = jnp.zeros((2, 16, 16, 3))
   t = jnp.zeros((2,), jnp.int32)
-  low = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  low = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1, maxval=1)
   p = perturbed_params(m, x, jnp.zeros((2, 0)), low)
   a = m.apply({"params": p}, x, t, None, low)
-  b = m.apply({"params": p}, x, t, None, superres_unet.upsample_bilinear(low, (32, 32)))
+  b = m.apply({"params": p}, x, t, None, superres_unet.upsample_bilinear(low, (16, 16)))
   np.testing.assert_allclose(a, b, atol=1e-5)
   assert float(jnp.max(jnp.abs(a - m.apply({"params": p}, x, t, None, -low)))) > 1e-4
   with pytest.raises(SynthMedError, match="low-resolution"):
@@ -208,9 +208,9 @@ def test_ddim_full_steps_eta1_matches_ddpm_statistics():
   np.testing.assert_allclose(fast.mean(0), np.asarray(MU).ravel(), atol=0.02)
 
 
-def tiny_generator(batch_size=4, guidance=0.0, mesh=None, name="ddim", steps=3, low_res=False, size=16):
+def tiny_generator(batch_size=4, guidance=0.0, mesh=None, name="ddim", steps=3, low_res=False, size=8):
   spec = ConditioningSpec("softmax", 3, (("sex", 2),))
-  model = (superres_unet.Model(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1)
+  model = (superres_unet.Model(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1)
            if low_res else tiny_unet())
   x = jnp.zeros((1, size, size, 3))
   params = perturbed_params(model, x, jnp.zeros((1, spec.dim)),
@@ -249,17 +249,17 @@ def test_image_k_depends_only_on_seed_and_k():
   np.testing.assert_array_equal(part, full[2:5])
   other = tiny_generator(batch_size=4).generate(c, seed=8)
   assert np.abs(other.astype(int) - full.astype(int)).mean() > 1.0
-  ddpm = tiny_generator(name="ddpm", steps=50).generate(c, seed=7)
+  ddpm = tiny_generator(name="ddpm", steps=20).generate(c, seed=7)
   assert ddpm.shape == full.shape and ddpm.dtype == np.uint8
 
 
 def test_cascade_base_then_upsampler():
-  base = tiny_generator(size=16)
-  up = tiny_generator(size=32, low_res=True)
+  base = tiny_generator(size=8)
+  up = tiny_generator(size=16, low_res=True)
   cascade = CascadeGenerator(base, up)
   c = conds(4)
   imgs = cascade.generate(c, seed=1)
-  assert imgs.shape == (4, 32, 32, 3) and imgs.dtype == np.uint8
+  assert imgs.shape == (4, 16, 16, 3) and imgs.dtype == np.uint8
   np.testing.assert_array_equal(imgs, cascade.generate(c, seed=1))
   low = base.generate(c, seed=1)
   # The upsampler follows its low-resolution input.
@@ -326,3 +326,88 @@ def test_sampling_low_res_is_bilinear_and_quantised():
   assert up.shape == (2, 8, 8, 3)
   levels = (up + 1) * 127.5
   np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+
+
+# --- training, checkpoints and the generation job ---------------------------------------------
+
+def tiny_diffusion_config(steps=40, lr=2e-3):
+  from tests.conftest import load_config
+  c = load_config("derm_diffusion", "smoke")
+  with c.unlocked():
+    c.train.steps = steps
+    c.train.optimizer.lr = lr
+    c.train.batch_size = 16
+    c.train.checkpoint_every = steps
+    c.train.log_every = steps
+    c.model.model_channels = 16
+  return c
+
+
+def test_loss_decreases_and_checkpoint_round_trips_through_load(tmp_path):
+  from synth_med.data.worlds import make_world
+  from synth_med.experiments import diffusion as stage
+  from synth_med.data.pipeline import TrainStream
+  from synth_med.diffusion.training import DiffusionTask
+  from synth_med.train.loop import train
+
+  c = tiny_diffusion_config()
+  world = make_world(c.data)
+  source, counts = stage.training_source(world, c)
+  assert counts["labelled"] > 0 and counts["unlabelled"] == c.data.unlabelled_size
+  model = stage.build_model(c.model, world.spec.channels)
+  task = DiffusionTask(model, stage.build_schedule(c), stage.build_cond_spec(c, world.spec), 0.1)
+  stream = TrainStream(source, 16, seed=0, num_threads=0)
+  batch = jax.tree.map(jnp.asarray, stream.batch(0))
+  loss_fn = jax.jit(lambda p, k: task.loss(p, batch, k)[0])
+
+  def mean_loss(params):  # same batch, same 16 (t, noise) draws
+    return float(np.mean([loss_fn(params, jax.random.key(i)) for i in range(16)]))
+
+  init = task.init(jax.random.key(0), batch)
+  result = train(task, c, stream, str(tmp_path))
+  before, after = mean_loss(init), mean_loss(result.state.params)
+  assert after < 0.6 * before, (before, after)
+
+  ema, step = unet.load(str(tmp_path))
+  assert step == c.train.steps
+  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(jax.device_get(result.state.ema_params))):
+    np.testing.assert_array_equal(a, b)
+  raw, _ = unet.load(str(tmp_path / "checkpoints"), ema=False)
+  assert mean_loss(raw) == pytest.approx(after, rel=1e-5)
+  with pytest.raises(SynthMedError, match="no diffusion checkpoint"):
+    unet.load(str(tmp_path / "missing"))
+
+
+def test_generation_job_resumes_without_rewriting_or_losing_shards(tmp_path):
+  from synth_med.data import shards
+  from synth_med.experiments.generation import run_generation
+
+  g = tiny_generator(batch_size=4)
+  c = conds(10)
+  whole = run_generation(g, c, str(tmp_path / "whole"), seed=2, shard_size=3, generator_step=7)
+
+  class Killed(Exception):
+    pass
+
+  def kill_after_second(i):
+    if i == 1:
+      raise Killed()
+
+  out = str(tmp_path / "killed")
+  with pytest.raises(Killed):
+    run_generation(g, c, out, seed=2, shard_size=3, generator_step=7, on_shard=kill_after_second)
+  done = shards.list_shards(out)
+  assert len(done) == 2 and not os.path.exists(os.path.join(out, "DONE"))
+  mtimes = {p: os.stat(p).st_mtime_ns for p in done}
+  written = []
+  run_generation(g, c, out, seed=2, shard_size=3, generator_step=7, on_shard=written.append)
+  assert written == [2, 3]  # only the missing shards
+  assert {p: os.stat(p).st_mtime_ns for p in done} == mtimes  # finished shards untouched
+  a, b = shards.read_shards(whole).arrays, shards.read_shards(out).arrays
+  np.testing.assert_array_equal(a["index"], np.arange(10))  # every image exactly once, in order
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert set(a) >= {"image", "label", "labelled", "attrs/sex", "seed", "generator_step", "index"}
+  assert a["generator_step"][0] == 7 and a["image"].shape == (10, 8, 8, 3)
+  with pytest.raises(SynthMedError, match="other settings"):
+    run_generation(g, c, out, seed=3, shard_size=3, generator_step=7)

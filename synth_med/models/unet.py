@@ -43,8 +43,15 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> 
   return emb
 
 
-def _groups(channels: int, wanted: int = 32) -> int:
-  g = min(wanted, channels)
+def _groups(channels: int, wanted: int = 32, min_group_channels: int = 4) -> int:
+  """guided-diffusion's 32 groups, but never fewer than 4 channels a group.
+
+  With 1 channel a group (32 groups over 32 channels) GroupNorm becomes an
+  instance norm that erases each channel's spatial mean, so the network cannot
+  see or predict the image's global colour and samples get random colour casts.
+  At Table E1 widths (>= 128 channels) this is exactly GroupNorm(32).
+  """
+  g = max(1, min(wanted, channels // min_group_channels))
   while channels % g:
     g -= 1
   return g
