@@ -411,3 +411,56 @@ def test_generation_job_resumes_without_rewriting_or_losing_shards(tmp_path):
   assert a["generator_step"][0] == 7 and a["image"].shape == (10, 8, 8, 3)
   with pytest.raises(SynthMedError, match="other settings"):
     run_generation(g, c, out, seed=3, shard_size=3, generator_step=7)
+
+
+def band_world(n, seed, k=3):
+  """8x8 grey images whose class is the position of a bright vertical band (plus pixel noise)."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, k, n)
+  img = 40 + rng.normal(0, 12, (n, 8, 8, 1))
+  for c in range(k):
+    img[y == c, :, 2 * c + 1:2 * c + 3] += 150
+  return {"image": np.clip(img, 0, 255).astype(np.uint8), "label": np.eye(k, dtype=np.float32)[y],
+          "label_mask": np.ones((n, k), np.float32), "labelled": np.ones(n, bool),
+          "index": np.arange(n)}, y
+
+
+def test_conditioning_works_samples_hit_the_requested_label(tmp_path):
+  """A tiny UNet trained 300 steps; its samples are classified by a classifier trained on real data.
+
+  Threshold: 0.8 accuracy of the requested label (chance 1/3). Measured: 1.00 (96 samples).
+  """
+  from sklearn.linear_model import LogisticRegression
+  from synth_med.data.pipeline import ArraySource, TrainStream
+  from synth_med.diffusion.training import DiffusionTask
+  from synth_med.train.loop import train
+  from tests.conftest import loop_config
+
+  data, y = band_world(1024, 0)
+  # 10 % of the training images are unlabelled (null label part), as in the method.
+  data["labelled"][::10] = False
+  data["label"][::10] = 0.0
+  c = loop_config(steps=300, batch=32, lr=2e-3)
+  with c.unlocked():
+    c.train.optimizer.name = "adam"
+    c.train.ema_decay = 0.95
+    c.train.log_every = 100
+    c.train.checkpoint_every = 300
+  model = unet.Model(out_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(), num_head_channels=16)
+  spec = ConditioningSpec("softmax", 3)
+  schedule = make_schedule("cosine", 1000)
+  res = train(DiffusionTask(model, schedule, spec, 0.1), c,
+              TrainStream(ArraySource(data), 32, seed=0, num_threads=0), str(tmp_path))
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  g = Generator(model, jax.device_get(res.state.ema_params), schedule, spec,
+                samplers.SamplerConfig("ddim", 25, 0.0, 1.0), (8, 8, 1), mesh, 96)
+  requested = np.arange(96) % 3
+  imgs = g.generate(condition_table(spec, 96, np.eye(3, dtype=np.float32)[requested]), seed=0)
+  flat = lambda a: a.reshape(len(a), -1) / 255.0  # noqa: E731
+  clf = LogisticRegression(max_iter=2000).fit(flat(data["image"]), y)
+  test, y_test = band_world(300, 1)
+  assert clf.score(flat(test["image"]), y_test) > 0.95  # the judge itself is reliable
+  acc = float(np.mean(clf.predict(flat(imgs)) == requested))
+  print(f"conditioning accuracy of samples: {acc:.3f} (chance 0.333)")
+  assert acc >= 0.8, acc
