@@ -188,10 +188,10 @@ class Attention(nn.Module):
                           "model_channels * channel_mult.")
     y = Norm(name="norm")(x).reshape(b, h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c // heads)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [b, heads, n, d]
+    logits = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / math.sqrt(c // heads)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, h * w, c)
+    out = jnp.matmul(weights, v).transpose(0, 2, 1, 3).reshape(b, h * w, c)
     out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
     return x + out.reshape(b, h, w, c)
 
