@@ -124,7 +124,8 @@ def tiny_unet(**kw):
 
 def perturbed_params(model, x, cond, low=None, scale=0.05):
   """Init params plus noise, so that zero-initialised layers no longer hide the rest."""
-  p = model.init(jax.random.key(0), x, jnp.zeros((x.shape[0],), jnp.int32), cond, low)["params"]
+  t = jnp.zeros((x.shape[0],), jnp.int32)
+  p = jax.jit(lambda: model.init(jax.random.key(0), x, t, cond, low)["params"])()
   leaves, tree = jax.tree.flatten(p)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
@@ -135,14 +136,15 @@ def test_unet_zero_init_output_and_conditioning_path():
   x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
   t = jnp.array([3, 700])
   cond = jnp.asarray([[1.0, 0, 0], [0, 0, 1.0]])
-  p = m.init(jax.random.key(0), x, t, cond)["params"]
-  assert float(jnp.max(jnp.abs(m.apply({"params": p}, x, t, cond)))) == 0.0  # zero-initialised output
+  apply = jax.jit(lambda p, c: m.apply({"params": p}, x, t, c))
+  p = jax.jit(lambda: m.init(jax.random.key(0), x, t, cond)["params"])()
+  assert float(jnp.max(jnp.abs(apply(p, cond)))) == 0.0  # zero-initialised output
   p = perturbed_params(m, x, cond)
-  out = lambda c: m.apply({"params": p}, x, t, c)  # noqa: E731
-  assert float(jnp.max(jnp.abs(out(cond) - out(cond[::-1])))) > 1e-4  # the condition changes ε
+  assert float(jnp.max(jnp.abs(apply(p, cond) - apply(p, cond[::-1])))) > 1e-4  # the condition changes ε
   # The all-null condition adds exactly nothing (bias-free projection).
-  no_cond = m.apply({"params": {k: v for k, v in p.items() if k != "cond_embed"}}, x, t, None)
-  np.testing.assert_allclose(out(jnp.zeros_like(cond)), no_cond, atol=1e-6)
+  no_cond = jax.jit(lambda p: m.apply({"params": p}, x, t, None))(
+      {k: v for k, v in p.items() if k != "cond_embed"})
+  np.testing.assert_allclose(apply(p, jnp.zeros_like(cond)), no_cond, atol=1e-6)
   with pytest.raises(SynthMedError, match="not divisible"):
     unet.check_image_size(20, (1, 2, 2, 2))
 
@@ -153,10 +155,10 @@ def test_superres_unet_upsamples_a_smaller_low_res_input():
   t = jnp.zeros((2,), jnp.int32)
   low = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1, maxval=1)
   p = perturbed_params(m, x, jnp.zeros((2, 0)), low)
-  a = m.apply({"params": p}, x, t, None, low)
-  b = m.apply({"params": p}, x, t, None, superres_unet.upsample_bilinear(low, (16, 16)))
-  np.testing.assert_allclose(a, b, atol=1e-5)
-  assert float(jnp.max(jnp.abs(a - m.apply({"params": p}, x, t, None, -low)))) > 1e-4
+  apply = jax.jit(lambda lo: m.apply({"params": p}, x, t, None, lo))
+  a = apply(low)
+  np.testing.assert_allclose(a, apply(superres_unet.upsample_bilinear(low, (16, 16))), atol=1e-5)
+  assert float(jnp.max(jnp.abs(a - apply(-low)))) > 1e-4
   with pytest.raises(SynthMedError, match="low-resolution"):
     m.apply({"params": p}, x, t, None, None)
 
@@ -363,7 +365,7 @@ def test_loss_decreases_and_checkpoint_round_trips_through_load(tmp_path):
   def mean_loss(params):  # same batch, same 16 (t, noise) draws
     return float(np.mean([loss_fn(params, jax.random.key(i)) for i in range(16)]))
 
-  init = task.init(jax.random.key(0), batch)
+  init = jax.jit(task.init)(jax.random.key(0), batch)
   result = train(task, c, stream, str(tmp_path))
   before, after = mean_loss(init), mean_loss(result.state.params)
   assert after < 0.6 * before, (before, after)
