@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from typing import Mapping
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from synth_med.data.pipeline import ArraySource
 from synth_med.data.schema import concat_batches
 from synth_med.errors import SynthMedError
+from synth_med.experiments import artifacts
 
 SHARD_PATTERN = "shard-{:05d}.npz"
 
@@ -27,19 +27,8 @@ def shard_path(folder: str, index: int) -> str:
 
 def write_shard(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   """Writes `arrays` atomically (temporary file in the same folder, then rename)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  artifacts.atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}),
+                         "wb", ".npz")
 
 
 def read_shard(path: str) -> dict[str, np.ndarray]:

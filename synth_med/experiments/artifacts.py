@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -34,14 +34,14 @@ def ensure_writable_dir(path: str, what: str = "--workdir") -> str:
   return path
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON to a temporary file in the same folder, then renames it into place."""
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w", suffix: str = "") -> None:
+  """Calls write(file) on a temporary file in the same folder, fsyncs, then renames it into place."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, default=_default, allow_nan=False)
+    with os.fdopen(fd, mode) as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -49,6 +49,23 @@ def write_json(path: str, obj: Any) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temporary file in the same folder, then rename)."""
+  atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=_default, allow_nan=False), "w", ".json")
+
+
+def begin_stage(workdir: str, config: Any, what: str) -> Any | None:
+  """A finished stage (DONE + metrics.json) returns its metrics; otherwise the folder is made,
+  config.json written, and None returned."""
+  metrics_path = os.path.join(workdir, "metrics.json")
+  if is_done(workdir) and os.path.exists(metrics_path):
+    print(f"{what} in {workdir} is done; skipping (delete DONE to rerun)", flush=True)
+    return read_json(metrics_path)
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, "config.json"), config_to_dict(config))
+  return None
 
 
 def read_json(path: str) -> Any:

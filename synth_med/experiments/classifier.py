@@ -56,12 +56,10 @@ def eval_params(state, config: Any) -> Any:
 def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   """Trains and evaluates one classifier; returns the metrics dict (also in metrics.json)."""
   metrics_path = os.path.join(workdir, "metrics.json")
-  if artifacts.is_done(workdir) and os.path.exists(metrics_path):
-    print(f"classifier in {workdir} is done; skipping (delete DONE to rerun)", flush=True)
-    return artifacts.read_json(metrics_path)
+  done = artifacts.begin_stage(workdir, config, "classifier")
+  if done is not None:
+    return done
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  artifacts.write_json(os.path.join(workdir, "config.json"), artifacts.config_to_dict(config))
 
   world = make_world(config.data)
   spec = world.spec

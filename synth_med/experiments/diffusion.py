@@ -152,12 +152,10 @@ def generation_conditions(labelled: Mapping[str, np.ndarray], cond_spec: Conditi
 def run_diffusion(config: Any, workdir: str) -> dict[str, Any]:
   """Trains one diffusion model (base or upsampler) in `workdir`; returns its metrics."""
   metrics_path = os.path.join(workdir, "metrics.json")
-  if artifacts.is_done(workdir) and os.path.exists(metrics_path):
-    print(f"diffusion stage in {workdir} is done; skipping (delete DONE to rerun)", flush=True)
-    return artifacts.read_json(metrics_path)
+  done = artifacts.begin_stage(workdir, config, "diffusion stage")
+  if done is not None:
+    return done
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  artifacts.write_json(os.path.join(workdir, "config.json"), artifacts.config_to_dict(config))
   world = make_world(config.data)
   spec = world.spec
   unet.check_image_size(int(config.data.image_size), tuple(config.model.channel_mult))
