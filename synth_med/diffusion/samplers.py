@@ -87,6 +87,7 @@ def sample_loop(apply: ApplyFn, schedule: Schedule, cfg: SamplerConfig, params: 
   f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
   c = dict(t=jnp.asarray(ts, jnp.int32), a=f32(ac), ap=f32(ac_prev), sd=f32(np.sqrt(var)),
            cx0=f32(coef_x0), cxt=f32(coef_xt), dir=f32(np.sqrt(np.maximum(1.0 - ac_prev - var, 0.0))))
+  deterministic = bool(np.all(var[1:] == 0))
   b = keys.shape[0]
   x = per_image_normal(keys, _INIT_NOISE, image_shape)
 
@@ -102,6 +103,8 @@ def sample_loop(apply: ApplyFn, schedule: Schedule, cfg: SamplerConfig, params: 
     else:
       eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
       mean = c["cx0"][i] * x0 + c["dir"][i] * eps
+    if deterministic:  # DDIM with eta = 0: no per-step noise to draw
+      return mean, None
     noise = per_image_normal(keys, i, image_shape)
     return mean + jnp.where(i > 0, c["sd"][i], 0.0) * noise, None
 
