@@ -213,16 +213,21 @@ def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
   })
   config.grid = ConfigDict({"max_rows": 8, "per_cell": 2, "seed": 0})
   config.generate = ConfigDict({"num_images": 0, "shard_size": 256, "seed": 0})
-  config.train = train_config(steps=2000, batch_size=32, optimizer="adam", lr=1e-3, schedule="constant",
-                              warmup_steps=100)
-  config.train.optimizer.grad_clip = 1.0
-  config.train.ema_decay = 0.995
-  config.train.sample_every = 1000
-  config.train.log_every = 100
-  config.train.checkpoint_every = 500
+  config.train = diffusion_train(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.995, every=(1000, 100, 500))
   config.mesh = mesh_config()
   config.sharding_rules = ()
   return config
+
+
+def diffusion_train(steps: int, batch: int, lr: float, warmup: int, ema: float,
+                    every: tuple[int, int, int]) -> ConfigDict:
+  """Adam at a constant lr with warm-up, grad clip 1, EMA; every = (sample, log, checkpoint) steps."""
+  train = train_config(steps=steps, batch_size=batch, optimizer="adam", lr=lr, schedule="constant",
+                       warmup_steps=warmup)
+  train.optimizer.grad_clip = 1.0
+  train.ema_decay = ema
+  train.sample_every, train.log_every, train.checkpoint_every = every
+  return train
 
 
 def diffusion_smoke(config: ConfigDict) -> None:
@@ -286,12 +291,7 @@ def diffusion_full(config: ConfigDict, base_size: int, up_size: int, ch: int, re
     config.data.image_size = base_size
     config.model = unet_config(ch, mult, res, (2, 4, 8), 64, "unet")
   config.model.dtype = "bfloat16"
-  config.train = train_config(steps=200_000, batch_size=batch, optimizer="adam", lr=lr, schedule="constant",
-                              warmup_steps=1000)
-  config.train.optimizer.grad_clip = 1.0
-  config.train.ema_decay = 0.9999
-  config.train.sample_every = 10_000
-  config.train.log_every = 200
-  config.train.checkpoint_every = 5000
+  config.train = diffusion_train(steps=200_000, batch=batch, lr=lr, warmup=1000, ema=0.9999,
+                                 every=(10_000, 200, 5000))
   config.sampler.steps = 250
   config.sampler.batch_size = 128
