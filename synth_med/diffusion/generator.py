@@ -52,7 +52,7 @@ class Generator:
     self.model, self.schedule = model, schedule
     self.cond_spec, self.sampler, self.image_shape = cond_spec, sampler, tuple(image_shape)
     self.mesh, self.batch_size, self.low_res, self.name = mesh, batch_size, low_res, name
-    self.params = jax.device_put(params, sharding.replicated(mesh))
+    self.set_params(params)
     data, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     apply = model_apply(model)
 
@@ -65,6 +65,10 @@ class Generator:
       return samplers.to_uint8(x)
 
     self._run = jax.jit(run, in_shardings=(rep, rep, data, data, data, rep), out_shardings=data)
+
+  def set_params(self, params: Any) -> None:
+    """New (e.g. newer EMA) parameters of the same shapes; the compiled sampler is reused."""
+    self.params = jax.device_put(params, sharding.replicated(self.mesh))
 
   def generate(self, conditions: Mapping[str, np.ndarray], n: int | None = None, seed: int = 0,
                start_index: int = 0, low_res: np.ndarray | None = None, guidance: float | None = None,

@@ -124,7 +124,7 @@ def grid_conditions(spec: DatasetSpec, cond_spec: ConditioningSpec, labels: np.n
 
 def write_sample_grid(generator: Generator, spec: DatasetSpec, labels: np.ndarray, workdir: str, step: int,
                       writer: Any, grid_cfg: Any, low_res: np.ndarray | None = None) -> np.ndarray:
-  """Samples the (label x property) grid, saves samples.png (and _step<k>) and logs it."""
+  """Samples the (label x property) grid, saves samples.png (the latest) and logs it at `step`."""
   cond, ncol, names = grid_conditions(spec, generator.cond_spec, labels, int(grid_cfg.max_rows),
                                       int(grid_cfg.per_cell))
   n = len(cond["label"])
@@ -183,21 +183,27 @@ def run_diffusion(config: Any, workdir: str) -> dict[str, Any]:
                              antialias=True)
     low_val = np.asarray(np.clip(np.round(small), 0, 255), np.uint8)
 
-  def make_generator(params):
-    return Generator(model, params, schedule, cond_spec, sampler_config(config), (size, size, spec.channels),
-                     mesh, int(config.sampler.batch_size), low_res=low_aug is not None)
+  generators: list[Generator] = []  # built once; the hook and the final grid swap in new params
+
+  def generator_for(params) -> Generator:
+    if not generators:
+      generators.append(Generator(model, params, schedule, cond_spec, sampler_config(config),
+                                  (size, size, spec.channels), mesh, int(config.sampler.batch_size),
+                                  low_res=low_aug is not None))
+    generators[0].set_params(params)
+    return generators[0]
 
   every = int(config.train.sample_every)
 
   def sample_hook(step: int, state) -> None:
     if every > 0 and step % every == 0 and step < int(config.train.steps):
-      write_sample_grid(make_generator(state.ema_params), spec, labelled["label"], workdir, step, writer,
+      write_sample_grid(generator_for(state.ema_params), spec, labelled["label"], workdir, step, writer,
                         config.grid, low_val)
 
   result = train(task, config, stream, workdir, hooks=[sample_hook], mesh=mesh)
   t_train = time.time() - t0
   params = jax.device_get(result.state.ema_params)
-  generator = make_generator(params)
+  generator = generator_for(params)
   steps = int(config.train.steps)
   t1 = time.time()
   write_sample_grid(generator, spec, labelled["label"], workdir, steps, writer, config.grid, low_val)
