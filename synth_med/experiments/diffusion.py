@@ -29,25 +29,11 @@ from synth_med.errors import SynthMedError
 from synth_med.evaluation.image_grid import make_grid, save_png
 from synth_med.experiments import artifacts
 from synth_med.experiments.generation import run_generation
-from synth_med.models import superres_unet, unet
+from synth_med.models import unet
+from synth_med.models.diffusion_unets import MODELS, build_model  # noqa: F401 - re-exported
 from synth_med.train import sharding
 from synth_med.train.loop import train
 from synth_med.train.metric_writers import create_writer
-
-MODELS = ("unet", "superres_unet")
-
-
-def build_model(model_cfg: Any, channels: int) -> Any:
-  """unet.Model or superres_unet.Model from `config.model` (guided-diffusion names)."""
-  cls = unet.Model if model_cfg.name == "unet" else superres_unet.Model
-  dtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[model_cfg.dtype]
-  return cls(out_channels=channels, model_channels=int(model_cfg.model_channels),
-             channel_mult=tuple(model_cfg.channel_mult), num_res_blocks=int(model_cfg.num_res_blocks),
-             attention_resolutions=tuple(model_cfg.attention_resolutions),
-             num_head_channels=int(model_cfg.num_head_channels), dropout=float(model_cfg.dropout),
-             use_scale_shift_norm=bool(model_cfg.use_scale_shift_norm),
-             resblock_updown=bool(model_cfg.resblock_updown), dtype=dtype)
-
 
 def build_schedule(config: Any) -> Schedule:
   d = config.diffusion

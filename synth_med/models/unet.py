@@ -120,6 +120,11 @@ def _conv3x3_bwd(res, g):
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
+def backend_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv3x3` on CPU; XLA's own convolution (cuDNN, with its kernel gradient) on accelerators."""
+  return conv3x3(x, kernel) if jax.default_backend() == "cpu" else _conv(x, kernel)
+
+
 class Conv3x3(nn.Module):
   """nn.Conv(features, (3, 3), padding='SAME') with the same parameters, on `conv3x3`."""
   features: int
@@ -130,7 +135,7 @@ class Conv3x3(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return backend_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 def _resize(x: jax.Array, factor: float) -> jax.Array:
@@ -173,6 +178,20 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v for [batch, tokens, heads, head_dim] inputs, softmax in float32.
+
+  On GPU in 16-bit this is cuDNN's fused (flash) attention; elsewhere two
+  heads-major matmuls, which XLA's CPU backend runs fastest (bench/README.md).
+  """
+  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [b, heads, n, d]
+  logits = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / math.sqrt(q.shape[-1])
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.matmul(weights, v).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention over the spatial positions (heads of `num_head_channels`)."""
   num_head_channels: int = 64
@@ -188,10 +207,7 @@ class Attention(nn.Module):
                           "model_channels * channel_mult.")
     y = Norm(name="norm")(x).reshape(b, h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [b, heads, n, d]
-    logits = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / math.sqrt(c // heads)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.matmul(weights, v).transpose(0, 2, 1, 3).reshape(b, h * w, c)
+    out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)
     out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
     return x + out.reshape(b, h, w, c)
 

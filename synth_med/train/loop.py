@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from synth_med.data.pipeline import TrainStream
 from synth_med.errors import SynthMedError
@@ -24,6 +23,7 @@ from synth_med.train import sharding, state as state_lib
 from synth_med.train.metric_writers import create_writer
 from synth_med.train.optimizers import make_optimizer
 from synth_med.train.progress import Progress
+from synth_med.train.step import make_train_step
 
 TrainState = state_lib.TrainState
 
@@ -96,17 +96,7 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
         state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                               opt_state=jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
 
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        ema_params=state_lib.ema_update(state.ema_params, params, ema_decay))
-    return new, metrics
-
+  train_step = make_train_step(task, tx, schedule, ema_decay)
   step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 

@@ -1,0 +1,183 @@
+"""MFU of the diffusion train step on an accelerator (the `:full` Table E1 base model, bf16).
+
+    python bench/unet_mfu.py                     # derm :full base model, batch 128
+    python bench/unet_mfu.py --config_arg=smoke --batch=8 --steps=3   # a quick CPU check
+
+It builds the model from `configs/derm_diffusion.py:<arg>`, runs the very train
+step the loop runs (`synth_med.train.step.make_train_step`: loss, grads, Adam,
+EMA) on a device-resident random batch, and reports
+
+    MFU = model FLOPs per step / (seconds per step * peak FLOP/s)
+
+- Model FLOPs come from XLA's cost analysis of the step lowered with the
+  reference ops (plain convolutions, attention as two matmuls), so every
+  variant is charged the same work.
+- Peak is the datasheet dense bf16 rate (989 TFLOP/s for H100/H200 SXM) and,
+  for reference, the rate of a large bf16 matmul measured in the same run.
+- Variants: `default` (what the model does on this backend), `xla_attention`
+  (attention as two matmuls instead of cuDNN's fused kernel) and
+  `matmul_conv_grad` (the CPU path's 3x3 kernel gradient as 9 matmuls).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import derm_diffusion  # noqa: E402
+from synth_med.diffusion.conditioning import ConditioningSpec  # noqa: E402
+from synth_med.diffusion.schedules import make_schedule  # noqa: E402
+from synth_med.diffusion.training import DiffusionTask  # noqa: E402
+from synth_med.models import unet  # noqa: E402
+from synth_med.models.diffusion_unets import build_model  # noqa: E402
+from synth_med.train import state as state_lib  # noqa: E402
+from synth_med.train.optimizers import make_optimizer  # noqa: E402
+from synth_med.train.step import make_train_step  # noqa: E402
+
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def _reference_attend(q, k, v):
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+  logits = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / np.sqrt(q.shape[-1])
+  w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.matmul(w, v).transpose(0, 2, 1, 3)
+
+
+ORIGINAL = {"attend": unet.attend, "backend_conv3x3": unet.backend_conv3x3}
+VARIANTS = {
+    "default": {},
+    "xla_attention": {"attend": _reference_attend},
+    "matmul_conv_grad": {"backend_conv3x3": unet.conv3x3},
+}
+REFERENCE_OPS = {"attend": _reference_attend, "backend_conv3x3": unet._conv}
+
+
+def _patch(ops: dict) -> None:
+  for name, fn in {**ORIGINAL, **ops}.items():
+    setattr(unet, name, fn)
+
+
+def random_batch(batch: int, size: int, num_classes: int, rng: np.random.Generator) -> dict:
+  label = rng.dirichlet(np.ones(num_classes), batch).astype(np.float32)
+  return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+          "label": label, "label_mask": np.ones_like(label),
+          "labelled": rng.random(batch) < 0.7, "attrs/sex": rng.integers(0, 2, batch).astype(np.int32)}
+
+
+def matmul_peak(n: int = 8192, reps: int = 10) -> float:
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+  b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.bfloat16))
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--config_arg", default="full")
+  ap.add_argument("--batch", type=int, default=0, help="0: the config's train.batch_size")
+  ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--flops_only", action="store_true", help="print the model FLOPs and stop")
+  args = ap.parse_args()
+
+  config = derm_diffusion.get_config(args.config_arg + ",label_property")
+  batch_size = args.batch or int(config.train.batch_size)
+  size = int(config.data.image_size)
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", str(dev))
+  print(f"device: {kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+  print(f"config: derm_diffusion:{args.config_arg}  {size} px  ch {config.model.model_channels} "
+        f"mult {tuple(config.model.channel_mult)} res {config.model.num_res_blocks} "
+        f"attn {tuple(config.model.attention_resolutions)} dtype {config.model.dtype}  batch {batch_size}",
+        flush=True)
+
+  model = build_model(config.model, 3)
+  d = config.diffusion
+  task = DiffusionTask(model, make_schedule(d.schedule, int(d.num_steps), d.variance),
+                       ConditioningSpec("softmax", 27, (("sex", 2),)), float(d.drop_prob))
+  tx, schedule = make_optimizer(config.train.optimizer, int(config.train.steps))
+  # A fresh step function per variant: jax.jit caches traces by function, and the
+  # patched ops are read when the step is traced.
+  new_step = lambda: make_train_step(task, tx, schedule, float(config.train.ema_decay))  # noqa: E731
+  batch = jax.device_put(random_batch(batch_size, size, 27, np.random.default_rng(0)))
+
+  def init(rng):
+    return state_lib.create(task.init(rng, batch), tx, jax.random.fold_in(rng, 1))
+
+  # Model FLOPs, from the step with the reference ops.
+  _patch(REFERENCE_OPS)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  cost = jax.jit(new_step()).lower(abstract, batch).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost["flops"])
+  n_params = unet.num_params(abstract.params)
+  print(f"params {n_params / 1e6:.1f}M  model FLOPs/step {flops / 1e12:.3f} TFLOP "
+        f"({flops / batch_size / 1e9:.1f} GFLOP/image)", flush=True)
+
+  if args.flops_only:
+    return
+  peak_data = next((v for k, v in DATASHEET_BF16.items() if k in kind), None)
+  peak_meas = matmul_peak() if jax.default_backend() == "gpu" else None
+  if peak_meas:
+    print(f"bf16 8192^3 matmul: {peak_meas / 1e12:.0f} TFLOP/s", flush=True)
+
+  rows = []
+  for name in args.variants.split(","):
+    try:
+      _patch(VARIANTS[name])
+      state = jax.jit(init)(jax.random.key(0))
+      fn = jax.jit(new_step(), donate_argnums=(0,))
+      t0 = time.perf_counter()
+      state, m = fn(state, batch)
+      jax.block_until_ready(m)
+      compile_s = time.perf_counter() - t0
+      for _ in range(2):
+        state, m = fn(state, batch)
+      jax.block_until_ready(m)
+      per_step = []
+      for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+          state, m = fn(state, batch)
+        jax.block_until_ready((state, m))
+        per_step.append((time.perf_counter() - t0) / args.steps)
+      s = statistics.median(per_step)
+      loss = float(m["loss"])
+      if not np.isfinite(loss):
+        raise SystemExit(f"variant {name}: loss is {loss}")
+      rows.append((name, s, compile_s, loss))
+      print(f"{name}: {s * 1e3:.1f} ms/step (spread {min(per_step) * 1e3:.1f}-{max(per_step) * 1e3:.1f}), "
+            f"{batch_size / s:.0f} img/s, {flops / s / 1e12:.0f} TFLOP/s, compile {compile_s:.0f} s, "
+            f"loss {loss:.4f}", flush=True)
+      del state
+    except Exception as e:  # noqa: BLE001 - report and go on to the next variant
+      print(f"{name}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+  _patch({})
+
+  print("\nvariant            ms/step   img/s  TFLOP/s  MFU(datasheet)  MFU(measured matmul)")
+  for name, s, _, _ in rows:
+    rate = flops / s
+    md = f"{rate / peak_data:.1%}" if peak_data else "n/a"
+    mm = f"{rate / peak_meas:.1%}" if peak_meas else "n/a"
+    print(f"{name:18s} {s * 1e3:8.1f} {batch_size / s:7.0f} {rate / 1e12:8.1f} {md:>15s} {mm:>21s}")
+
+
+if __name__ == "__main__":
+  main()
