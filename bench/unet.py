@@ -51,6 +51,7 @@ def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float
   from synth_med.diffusion.training import DiffusionTask
   from synth_med.models import unet
   from synth_med.train import state as state_lib
+  from synth_med.train.step import make_train_step
 
   ch, mult, nrb, attn, head = SIZES[size]
   model = unet.Model(out_channels=3, model_channels=ch, channel_mult=mult, num_res_blocks=nrb,
@@ -66,20 +67,14 @@ def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float
   tx = optax.adam(1e-4)
   state = state_lib.create(params, tx, jax.random.key(1))
 
-  @jax.jit
-  def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, _), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
-    updates, opt = tx.update(grads, state.opt_state, state.params)
-    p = optax.apply_updates(state.params, updates)
-    return state.replace(step=state.step + 1, params=p, opt_state=opt,
-                         ema_params=state_lib.ema_update(state.ema_params, p, 0.999)), loss
+  # The loop's own step (loss, grads, Adam, EMA).
+  train_step = jax.jit(make_train_step(task, tx, lambda _: 1e-4, 0.999))
 
   holder = [state]
 
   def run_train():
-    holder[0], loss = train_step(holder[0], b)
-    loss.block_until_ready()
+    holder[0], metrics = train_step(holder[0], b)
+    metrics["loss"].block_until_ready()
 
   apply = model_apply(model)
   x = jnp.asarray(np.random.RandomState(1).randn(batch, res, res, 3), jnp.float32)
