@@ -105,6 +105,18 @@ def eval_config() -> ConfigDict:
   })
 
 
+def mix_config(world: str) -> ConfigDict:
+  """Real + synthetic mixing and weighting (002 Eq. 3, 8, 9) and the oversampling baseline."""
+  return ConfigDict({
+      "synthetic_dir": "",  # a generation folder (shard-*.npz); needed when alpha < 1
+      "alpha": 1.0,  # probability that a training example is real (1 = real only, 0 = synthetic only)
+      "equality_level": 0.0,  # l of w1 = (p_f(a|y) / p_train(a|y))^l on real examples; 0 = off
+      "filter_dominant": 0,  # w2: drop synthetic examples of the k most frequent classes; 0 = off
+      "attribute": {"skin": "sex", "chest": "sex", "tissue": "hospital"}[world],  # for w1 and oversampling
+      "oversample": False,  # repeat rows so the attribute's values are equally frequent (E.2 baseline)
+  })
+
+
 def smoke(config: ConfigDict) -> None:
   """Shrinks any classifier config to run in well under a minute on a CPU."""
   config.data.image_size = 16
@@ -146,6 +158,7 @@ def classifier_base(world: str, image_size: int) -> ConfigDict:
   config.data.cache = True  # render the finite splits once into memory
   config.data.num_threads = 2
   config.loss = ConfigDict({"name": "ce", "focal_gamma": 2.0})
+  config.mix = mix_config(world)
   config.eval = eval_config()
   config.mesh = mesh_config()
   # (regex over the train-state path, partition spec): first match wins,

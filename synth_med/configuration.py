@@ -70,6 +70,10 @@ def _validate_classifier(config: Any) -> None:
   _choice(config, "loss.name", LOSSES)
   for key in ("data.test_size", "data.ood_size", "eval.batch_size", "model.width"):
     _positive(config, key)
+  from synth_med.data.mixing import check_alpha
+  check_alpha(config.mix.alpha)
+  _positive(config, "mix.equality_level", allow_zero=True)
+  _positive(config, "mix.filter_dominant", allow_zero=True)
 
 
 def _validate_diffusion(config: Any) -> None:

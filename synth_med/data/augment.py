@@ -120,8 +120,95 @@ def _tissue_one(img: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.clip(img, 0.0, 1.0)
 
 
+def _warp(img: jax.Array, mat: jax.Array, shift: jax.Array) -> jax.Array:
+  """Samples img [H, W, C] at mat @ (y, x) + shift about the centre (bilinear, edge-replicated)."""
+  h, w, c = img.shape
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  y, x = yy - cy, xx - cx
+  sy = mat[0, 0] * y + mat[0, 1] * x + cy + shift[0]
+  sx = mat[1, 0] * y + mat[1, 1] * x + cx + shift[1]
+  return jnp.stack([jax.scipy.ndimage.map_coordinates(img[..., k], [sy, sx], order=1, mode="nearest")
+                    for k in range(c)], axis=-1)
+
+
+def _imagenet_one(img: jax.Array, key: jax.Array) -> jax.Array:
+  """'ImageNet-style' augmentation: a random square crop of 35-100 % of the area, resized back
+  (bilinear), and a horizontal flip with p = 0.5 (our reading of 002 E.2; the paper gives no values)."""
+  ks = jax.random.split(key, 3)
+  size = img.shape[0]
+  side = jnp.sqrt(jax.random.uniform(ks[0], (), minval=0.35, maxval=1.0))
+  max_shift = (1.0 - side) * size / 2.0
+  shift = jax.random.uniform(ks[1], (2,), minval=-1.0, maxval=1.0) * max_shift
+  return jnp.clip(_affine(img, 0.0, side, jax.random.bernoulli(ks[2]), False, shift), 0.0, 1.0)
+
+
+def _sharpness(img: jax.Array, factor: jax.Array) -> jax.Array:
+  k = jnp.array([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+  pad = jnp.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  h, w, _ = img.shape
+  smooth = sum(k[i, j] * pad[i:i + h, j:j + w] for i in range(3) for j in range(3))
+  return smooth + (img - smooth) * factor
+
+
+def _equalize(img: jax.Array) -> jax.Array:
+  """Per-channel histogram equalisation: each value -> its rank among the channel's pixels."""
+  flat = img.reshape(-1, img.shape[-1])
+  srt = jnp.sort(flat, axis=0)
+  ranks = jax.vmap(lambda col, s: jnp.searchsorted(s, col, side="right"), in_axes=(1, 1), out_axes=1)(flat, srt)
+  return (ranks / flat.shape[0]).reshape(img.shape).astype(img.dtype)
+
+
+def _autocontrast(img: jax.Array) -> jax.Array:
+  lo = jnp.min(img, axis=(0, 1), keepdims=True)
+  hi = jnp.max(img, axis=(0, 1), keepdims=True)
+  return jnp.where(hi > lo, (img - lo) / jnp.maximum(hi - lo, 1e-6), img)
+
+
+def _randaugment_ops(size: int):
+  """RandAugment's 14 operations as fn(img, m, sign) with m in [0, 1] (magnitude / 10)."""
+  eye = jnp.eye(2)
+
+  def rot(img, m, s):
+    th = jnp.deg2rad(30.0 * m * s)
+    return _warp(img, jnp.array([[jnp.cos(th), -jnp.sin(th)], [jnp.sin(th), jnp.cos(th)]]), jnp.zeros(2))
+
+  return (
+      lambda img, m, s: img,  # identity
+      lambda img, m, s: _autocontrast(img),
+      lambda img, m, s: _equalize(img),
+      rot,
+      lambda img, m, s: jnp.floor(img * 255.0 / 2 ** jnp.round(4.0 * m)) * 2 ** jnp.round(4.0 * m) / 255.0,
+      lambda img, m, s: jnp.where(img >= 1.0 - m, 1.0 - img, img),  # solarize
+      lambda img, m, s: _saturation(img, 1.0 + 0.9 * m * s),  # colour
+      lambda img, m, s: _contrast(img, 1.0 + 0.9 * m * s),
+      lambda img, m, s: img * (1.0 + 0.9 * m * s),  # brightness
+      lambda img, m, s: _sharpness(img, 1.0 + 0.9 * m * s),
+      lambda img, m, s: _warp(img, eye.at[1, 0].set(0.3 * m * s), jnp.zeros(2)),  # shear x
+      lambda img, m, s: _warp(img, eye.at[0, 1].set(0.3 * m * s), jnp.zeros(2)),  # shear y
+      lambda img, m, s: _warp(img, eye, jnp.array([0.0, 0.3 * size * m * s])),  # translate x
+      lambda img, m, s: _warp(img, eye, jnp.array([0.3 * size * m * s, 0.0])),  # translate y
+  )
+
+
+def make_randaugment_one(num_ops: int = 2, magnitude: float = 9.0):
+  """RandAugment (Cubuk et al. 2020): `num_ops` ops drawn uniformly from 14, each at
+  `magnitude` on the 0-10 scale with a random sign (our defaults: N=2, M=9)."""
+  def one(img: jax.Array, key: jax.Array) -> jax.Array:
+    ops = _randaugment_ops(img.shape[0])
+    m = jnp.float32(magnitude / 10.0)
+    for k in jax.random.split(key, num_ops):
+      ka, kb = jax.random.split(k)
+      sign = jnp.where(jax.random.bernoulli(kb), 1.0, -1.0)
+      img = jnp.clip(jax.lax.switch(jax.random.randint(ka, (), 0, len(ops)), ops, img, m, sign), 0.0, 1.0)
+    return img
+  return one
+
+
 _PER_MODALITY = {"skin": _skin_one, "chest": _chest_one, "tissue": _tissue_one}
-AUGMENTS = ("none", "standard")
+# standard: 002 App. E.1 per modality (colour augmentation for tissue); the E.2 baselines add
+# RandAugment, ImageNet-style crops + flips, and both.
+AUGMENTS = ("none", "standard", "randaugment", "imagenet", "randaugment_imagenet")
 
 
 def make_augment(modality: str, kind: str) -> AugmentFn | None:
@@ -130,9 +217,21 @@ def make_augment(modality: str, kind: str) -> AugmentFn | None:
     raise SynthMedError(f"data.augment={kind!r}; choose one of {list(AUGMENTS)}.")
   if kind == "none":
     return None
-  if modality not in _PER_MODALITY:
-    raise SynthMedError(f"no augmentations for modality {modality!r}; choose from {list(_PER_MODALITY)}.")
-  one = _PER_MODALITY[modality]
+  if kind == "standard":
+    if modality not in _PER_MODALITY:
+      raise SynthMedError(f"no standard augmentations for modality {modality!r}; choose from "
+                          f"{list(_PER_MODALITY)} or data.augment='randaugment'/'imagenet'.")
+    one = _PER_MODALITY[modality]
+  elif kind == "randaugment":
+    one = make_randaugment_one()
+  elif kind == "imagenet":
+    one = _imagenet_one
+  else:
+    ra = make_randaugment_one()
+
+    def one(img, key):
+      k1, k2 = jax.random.split(key)
+      return ra(_imagenet_one(img, k1), k2)
 
   def augment(images: jax.Array, key: jax.Array) -> jax.Array:
     keys = jax.random.split(key, images.shape[0])

@@ -59,6 +59,19 @@ class ArraySource:
     return take(self.arrays, np.asarray(rows))
 
 
+class RowSubset:
+  """Rows of another source, in the given order (repeats allowed: oversampling)."""
+
+  def __init__(self, source: Source, rows: np.ndarray):
+    self.source, self.rows = source, np.asarray(rows)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def fetch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    return self.source.fetch(self.rows[np.asarray(rows)])
+
+
 def materialise(source: Source, name: str = "data", chunk: int = 512) -> ArraySource:
   """Renders/decodes a whole source once into memory, with progress."""
   n = len(source)

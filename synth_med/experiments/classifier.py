@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 from synth_med.data.augment import make_augment
-from synth_med.data.pipeline import TrainStream, WorldSource, materialise
+from synth_med.data.mixing import MixedStream, check_alpha, classifier_arrays
+from synth_med.data.pipeline import RowSubset, TrainStream, WorldSource, materialise
+from synth_med.data.shards import read_shards
 from synth_med.data.worlds import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
 from synth_med.evaluation.image_grid import make_grid, save_png
@@ -23,6 +25,8 @@ from synth_med.errors import SynthMedError
 from synth_med.experiments import artifacts
 from synth_med.models import bit_resnet
 from synth_med.objectives.classification import ClassifierTask, probabilities
+from synth_med.objectives.reweighting import (dominant_classes, equality_weights, filter_weights, label_keys,
+                                              oversample_rows)
 from synth_med.train import sharding
 from synth_med.train.loop import train
 from synth_med.train.metric_writers import create_writer
@@ -48,6 +52,47 @@ def make_predict(task: ClassifierTask, mesh: jax.sharding.Mesh, label_kind: str)
   return bind
 
 
+def training_stream(source: Any, spec: Any, config: Any) -> tuple[Any, dict[str, Any]]:
+  """The classifier's training stream: real data (optionally oversampled, w1-weighted), mixed with
+  synthetic shards (w2-weighted) when `mix.alpha < 1` (002 Eq. 3/8)."""
+  mix = config.mix
+  alpha = check_alpha(mix.alpha)
+  bs, seed, threads = int(config.train.batch_size), int(config.seed), int(config.data.num_threads)
+  level, k_dom = float(mix.equality_level), int(mix.filter_dominant)
+  plain = alpha == 1.0 and level == 0.0 and not mix.oversample
+  info: dict[str, Any] = {"alpha": alpha, "equality_level": level, "filter_dominant": k_dom,
+                          "oversample": bool(mix.oversample), "synthetic_dir": str(mix.synthetic_dir)}
+  if plain:
+    return TrainStream(source, bs, seed=seed, num_threads=threads), info
+  attr_names = tuple(a.name for a in spec.attributes)
+  if mix.attribute not in attr_names:
+    raise SynthMedError(f"mix.attribute={mix.attribute!r}; the {spec.name} data have {list(attr_names)}.")
+  arrays = source.arrays if hasattr(source, "arrays") else materialise(source, "train split").arrays
+  keys = label_keys(arrays["label"], spec.label_kind)
+  attrs = arrays[f"attrs/{mix.attribute}"]
+  w1 = equality_weights(keys, attrs, level)
+  real = classifier_arrays(arrays, w1, attr_names)
+  if mix.oversample:
+    real = RowSubset(real, oversample_rows(attrs, seed))
+  info["real_examples"] = len(real)
+  synthetic = None
+  if alpha < 1.0:
+    if not mix.synthetic_dir:
+      raise SynthMedError("mix.alpha < 1 needs synthetic data: set mix.synthetic_dir to a generation "
+                          "folder (shard-*.npz), or mix.alpha=1 for real data only.")
+    synth = read_shards(str(mix.synthetic_dir)).arrays
+    size = tuple(arrays["image"].shape[1:])
+    if tuple(synth["image"].shape[1:]) != size:
+      raise SynthMedError(f"synthetic images in {mix.synthetic_dir!r} are {tuple(synth['image'].shape[1:])} "
+                          f"but the classifier trains on {size}; generate at data.image_size.")
+    dominant = dominant_classes(arrays["label"], k_dom) if spec.label_kind == "softmax" else ()
+    w2 = filter_weights(label_keys(synth["label"], spec.label_kind), dominant)
+    synthetic = classifier_arrays(synth, w2, attr_names)
+    info.update(synthetic_examples=len(synthetic), dominant_classes=[spec.class_names[c] for c in dominant],
+                synthetic_kept=float(np.mean(w2)))
+  return MixedStream(real if alpha > 0 else None, synthetic, alpha, bs, seed, threads), info
+
+
 def eval_params(state, config: Any) -> Any:
   """The parameters evaluation uses: EMA if `eval.use_ema`, else the raw params."""
   return state.ema_params if config.eval.use_ema else state.params
@@ -71,8 +116,7 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   source = WorldSource(world, train_split)
   if config.data.cache:
     source = materialise(source, "train split")
-  stream = TrainStream(source, int(config.train.batch_size), seed=int(config.seed),
-                       num_threads=int(config.data.num_threads))
+  stream, mix_info = training_stream(source, spec, config)
   model = build_model(config, spec)
   task = ClassifierTask(model, spec.label_kind, loss=config.loss.name,
                         focal_gamma=float(config.loss.focal_gamma),
@@ -105,7 +149,7 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   predict = bind(eval_params(result.state, config))
   metrics: dict[str, Any] = {"world": spec.name, "classes": list(spec.class_names),
                              "high_risk": list(spec.high_risk), "train_examples": len(train_split),
-                             "steps": int(config.train.steps), "splits": {}}
+                             "steps": int(config.train.steps), "mix": mix_info, "splits": {}}
   for name in ("val",) + world.eval_split_names():
     ev = val_eval if name == "val" else ClassificationEvaluator(name, eval_source(name), spec, config.eval,
                                                                eval_bs)

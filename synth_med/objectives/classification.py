@@ -5,8 +5,10 @@
   uncertain/unknown (`label_mask`);
 - binary heads: sigmoid BCE on one logit;
 - focal loss (Lin et al. 2017) for any head, with `gamma`.
-Per-example weights (`batch['weight']`, default 1) are applied before the mean
-over examples; later issues use them for w1/w2 and alpha mixing.
+Per-example weights (`batch['weight']`, default 1: w1 for real and w2 for
+synthetic examples, 002 Eq. 8) multiply the per-example losses, and the sum is
+divided by the number of labelled examples in the batch, not by the sum of the
+weights: with slots drawn real w.p. α this is an unbiased estimate of Eq. 8.
 """
 from __future__ import annotations
 
@@ -91,10 +93,13 @@ class ClassifierTask:
       images = self.augment(images, rng)
     logits, _ = self.model.apply({"params": params}, images * 2.0 - 1.0, train=True)
     per_ex = self.per_example_loss(logits, batch)
-    w = batch.get("weight", jnp.ones(per_ex.shape, jnp.float32)) * batch["labelled"].astype(jnp.float32)
-    loss = jnp.sum(per_ex * w) / jnp.maximum(jnp.sum(w), 1.0)
+    labelled = batch["labelled"].astype(jnp.float32)
+    w = batch.get("weight", jnp.ones(per_ex.shape, jnp.float32)) * labelled
+    loss = jnp.sum(per_ex * w) / jnp.maximum(jnp.sum(labelled), 1.0)
     metrics = {}
     if self.label_kind == "softmax":
       target = jnp.argmax(batch["label"], axis=-1)
       metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == target)
+    if "synthetic" in batch:
+      metrics["synthetic_fraction"] = jnp.mean(batch["synthetic"].astype(jnp.float32))
     return loss, metrics

@@ -1,0 +1,76 @@
+"""Fair sampling (002 §3.1 step 2): the conditions for which synthetic images are generated.
+
+- The label part keeps the label prevalence of the labelled training data:
+  labels are the training examples' own label vectors (soft, one-hot or
+  multi-hot), each drawn floor(n / N) or ceil(n / N) times, so class
+  prevalence (and, for chest, the co-occurrence of findings) matches training
+  up to rounding.
+- `mode='label_property'`: the chosen property is uniform over its values
+  seen in the labelled training data, independently of the label, and exactly
+  so within every label group (values are dealt round-robin within each
+  group), so p(a|y) is uniform too.
+- `mode='label'`: the properties are null (-1); the model's own p(a|y) applies.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from synth_med.errors import SynthMedError
+from synth_med.objectives.reweighting import label_keys
+
+MODES = ("label", "label_property")
+
+
+def property_values(attrs: np.ndarray) -> list[int]:
+  """The known values (>= 0) of a property in the training data, sorted."""
+  return sorted(int(v) for v in np.unique(attrs) if v >= 0)
+
+
+def fair_conditions(labelled: Mapping[str, np.ndarray], label_kind: str, n: int, seed: int, mode: str,
+                    attribute: str | None = None, attribute_names: Sequence[str] = ()
+                    ) -> dict[str, np.ndarray]:
+  """n conditions in the example schema (label, label_mask, labelled, attrs/*).
+
+  `labelled` holds the labelled training examples (label, label_mask, attrs/*);
+  `attribute_names` lists every property of the data (all get -1 except the
+  fair one in 'label_property' mode).
+  """
+  if mode not in MODES:
+    raise SynthMedError(f"fair sampling mode {mode!r}; choose one of {list(MODES)}.")
+  labels = np.asarray(labelled["label"], np.float32)
+  total = len(labels)
+  if total == 0:
+    raise SynthMedError("fair sampling needs labelled training examples; the labelled split is empty.")
+  if n <= 0:
+    raise SynthMedError(f"the number of synthetic examples must be > 0, got {n}.")
+  rng = np.random.default_rng(seed)
+  reps = -(-n // total)
+  rows = np.concatenate([rng.permutation(total) for _ in range(reps)])[:n]
+  out: dict[str, np.ndarray] = {
+      "label": labels[rows],
+      "label_mask": np.asarray(labelled.get("label_mask", np.ones_like(labels)), np.float32)[rows],
+      "labelled": np.ones(n, bool),
+  }
+  for name in attribute_names:
+    out[f"attrs/{name}"] = np.full(n, -1, np.int32)
+  if mode == "label_property":
+    if not attribute:
+      raise SynthMedError("fair sampling with label_property needs the property's name.")
+    key = f"attrs/{attribute}"
+    if key not in labelled:
+      raise SynthMedError(f"the data have no property {attribute!r}; choose from "
+                          f"{[k[6:] for k in labelled if k.startswith('attrs/')]}.")
+    values = property_values(labelled[key])
+    if not values:
+      raise SynthMedError(f"no labelled training example has a known {attribute!r}; cannot sample it fairly.")
+    keys = label_keys(out["label"], label_kind)
+    codes = np.empty(n, np.int32)
+    for k in np.unique(keys):
+      idx = np.flatnonzero(keys == k)
+      start = int(rng.integers(len(values)))
+      codes[idx] = np.asarray(values)[(start + np.arange(len(idx))) % len(values)]
+    out[key] = codes
+  order = rng.permutation(n)
+  return {k: v[order] for k, v in out.items()}

@@ -1,0 +1,145 @@
+"""Fair sampling, w1/w2 weights, oversampling, α mixing and the E.2 augmentations (002 §3.1, Eq. 3, 8, 9)."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from synth_med.data.augment import make_augment
+from synth_med.data.mixing import MixedStream, classifier_arrays
+from synth_med.diffusion.fair_sampler import fair_conditions
+from synth_med.errors import SynthMedError
+from synth_med.objectives.reweighting import (dominant_classes, equality_weights, filter_weights, label_keys,
+                                              oversample_rows)
+
+
+def _training(n=600, k=5, seed=0):
+  rng = np.random.default_rng(seed)
+  y = rng.choice(k, n, p=[0.5, 0.2, 0.15, 0.1, 0.05])
+  sex = np.where(rng.random(n) < np.where(y == 0, 0.9, 0.6), 0, 1).astype(np.int32)
+  sex[:7] = -1
+  labels = np.eye(k, dtype=np.float32)[y]
+  return {"label": labels, "label_mask": np.ones_like(labels), "attrs/sex": sex,
+          "attrs/age": rng.integers(0, 7, n).astype(np.int32)}, y
+
+
+def test_fair_sampler_keeps_prevalence_and_is_uniform_within_each_label():
+  train, y = _training()
+  n = 1000
+  cond = fair_conditions(train, "softmax", n, seed=3, mode="label_property", attribute="sex",
+                         attribute_names=("sex", "age"))
+  ys = cond["label"].argmax(-1)
+  # Prevalence: each class within rounding of n * p_train(y) (every row used floor/ceil(n/N) times).
+  expected = np.bincount(y, minlength=5) * n / len(y)
+  assert np.all(np.abs(np.bincount(ys, minlength=5) - expected) <= np.bincount(y, minlength=5) + 1e-9)
+  assert np.all(np.abs(np.bincount(ys, minlength=5) / n - np.bincount(y, minlength=5) / len(y)) < 0.03)
+  # Uniform over the known values, exactly (+-1) inside every label group.
+  assert set(np.unique(cond["attrs/sex"])) == {0, 1}
+  for c in range(5):
+    counts = np.bincount(cond["attrs/sex"][ys == c], minlength=2)
+    assert abs(counts[0] - counts[1]) <= 1, (c, counts)
+  assert np.all(cond["attrs/age"] == -1) and cond["labelled"].all()
+  # Label-only: every property null.
+  lab = fair_conditions(train, "softmax", 200, seed=0, mode="label", attribute_names=("sex", "age"))
+  assert np.all(lab["attrs/sex"] == -1) and np.all(lab["attrs/age"] == -1)
+  # Deterministic per seed.
+  again = fair_conditions(train, "softmax", n, seed=3, mode="label_property", attribute="sex",
+                          attribute_names=("sex", "age"))
+  assert all(np.array_equal(cond[k], again[k]) for k in cond)
+
+
+def test_fair_sampler_multilabel_keeps_finding_cooccurrence_and_rejects_bad_input():
+  rng = np.random.default_rng(0)
+  labels = (rng.random((300, 3)) < [0.3, 0.1, 0.5]).astype(np.float32)
+  labels[:, 1] = labels[:, 0]  # findings 0 and 1 always co-occur
+  train = {"label": labels, "label_mask": np.ones_like(labels), "attrs/sex": rng.integers(0, 2, 300)}
+  cond = fair_conditions(train, "multilabel", 900, 1, "label_property", "sex", ("sex",))
+  assert np.array_equal(cond["label"][:, 0], cond["label"][:, 1])
+  np.testing.assert_allclose(cond["label"].mean(0), labels.mean(0), atol=1e-6)  # 900 = 3 x 300 exactly
+  with pytest.raises(SynthMedError, match="mode"):
+    fair_conditions(train, "multilabel", 10, 0, "uniform")
+  with pytest.raises(SynthMedError, match="no property 'tone'"):
+    fair_conditions(train, "multilabel", 10, 0, "label_property", "tone", ("sex",))
+
+
+def test_w1_matches_hand_computed_weights():
+  keys = np.array([0, 0, 0, 0, 1, 1, 1])
+  attrs = np.array([0, 0, 0, 1, 0, 1, -1])
+  # p_train(a|y=0) = (3/4, 1/4), p_train(a|y=1) = (1/2, 1/2) over the known values; p_f = 1/2.
+  np.testing.assert_allclose(equality_weights(keys, attrs, 1.0),
+                             [2 / 3, 2 / 3, 2 / 3, 2.0, 1.0, 1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(equality_weights(keys, attrs, 0.5),
+                             [np.sqrt(2 / 3)] * 3 + [np.sqrt(2.0), 1.0, 1.0, 1.0], rtol=1e-6)
+  np.testing.assert_array_equal(equality_weights(keys, attrs, 0.0), np.ones(7))
+  with pytest.raises(SynthMedError, match="equality level"):
+    equality_weights(keys, attrs, -1.0)
+
+
+def test_w2_filters_the_dominant_classes_derived_from_data():
+  train, y = _training()
+  dom = dominant_classes(train["label"], 2)
+  assert dom == (0, 1)  # the two most frequent by construction
+  synth = np.eye(5, dtype=np.float32)[[0, 1, 2, 3, 4, 0]]
+  np.testing.assert_array_equal(filter_weights(label_keys(synth, "softmax"), dom), [0, 0, 1, 1, 1, 0])
+  assert dominant_classes(train["label"], 0) == ()
+  # Soft labels use their argmax; multi-label keys are the set of positives.
+  assert label_keys(np.array([[0.2, 0.5, 0.3]]), "softmax")[0] == 1
+  np.testing.assert_array_equal(label_keys(np.array([[1, 0, 1], [0, 0, 0]]), "multilabel"), [5, 0])
+
+
+def test_oversampling_evens_out_the_attribute():
+  attrs = np.array([0] * 90 + [1] * 10 + [-1] * 5)
+  rows = oversample_rows(attrs, seed=0)
+  counts = np.bincount(attrs[rows][attrs[rows] >= 0])
+  assert counts.tolist() == [90, 90]
+  assert np.sum(attrs[rows] == -1) == 5
+  assert set(np.flatnonzero(attrs == 1)) <= set(rows)  # every minority example at least once
+
+
+def _sources(n_real=50, n_synth=30):
+  def arr(n, fill):
+    lab = np.eye(3, dtype=np.float32)[np.arange(n) % 3]
+    return {"image": np.full((n, 4, 4, 3), fill, np.uint8), "label": lab, "label_mask": np.ones_like(lab),
+            "labelled": np.ones(n, bool)}
+  return classifier_arrays(arr(n_real, 0)), classifier_arrays(arr(n_synth, 255), np.full(n_synth, 0.5))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.75, 1.0])
+def test_alpha_is_the_real_proportion_of_batch_slots(alpha):
+  real, synth = _sources()
+  stream = MixedStream(real if alpha > 0 else None, synth if alpha < 1 else None, alpha, 64, seed=1,
+                       num_threads=0)
+  flags = np.concatenate([stream.batch(s)["synthetic"] for s in range(200)])
+  frac_real = 1.0 - flags.mean()
+  assert abs(frac_real - alpha) <= 4 * np.sqrt(alpha * (1 - alpha) / len(flags)) + 1e-9
+  b = stream.batch(7)
+  # The flag tells the truth: synthetic images are all 255 here and carry weight 0.5.
+  assert np.array_equal(b["synthetic"], b["image"][:, 0, 0, 0] == 255)
+  assert np.allclose(b["weight"], np.where(b["synthetic"], 0.5, 1.0))
+  # Resume: iterating from step 7 gives exactly batch(7), also with threads.
+  threaded = MixedStream(real if alpha > 0 else None, synth if alpha < 1 else None, alpha, 64, seed=1,
+                         num_threads=2)
+  first = next(threaded.iterate(7))
+  assert all(np.array_equal(first[k], b[k]) for k in b)
+
+
+def test_alpha_outside_unit_interval_and_missing_sources_fail_clearly():
+  real, synth = _sources()
+  with pytest.raises(SynthMedError, match=r"mix.alpha=1.5 must lie in \[0, 1\]"):
+    MixedStream(real, synth, 1.5, 8, 0)
+  with pytest.raises(SynthMedError, match="no synthetic examples"):
+    MixedStream(real, None, 0.5, 8, 0)
+  with pytest.raises(SynthMedError, match="no real training examples"):
+    MixedStream(None, synth, 0.5, 8, 0)
+
+
+@pytest.mark.parametrize("kind", ["randaugment", "imagenet", "randaugment_imagenet"])
+def test_baseline_augmentations_change_images_in_range(kind):
+  x = jax.random.uniform(jax.random.key(0), (16, 16, 16, 3))
+  f = jax.jit(make_augment("skin", kind))
+  y1, y2 = np.asarray(f(x, jax.random.key(1))), np.asarray(f(x, jax.random.key(1)))
+  assert y1.shape == x.shape and y1.min() >= 0.0 and y1.max() <= 1.0
+  np.testing.assert_array_equal(y1, y2)  # a pure function of the key
+  changed = np.mean(np.abs(y1 - np.asarray(x)).reshape(16, -1).mean(-1) > 1e-3)
+  assert changed >= 0.5  # most images are altered (RandAugment may draw identity twice)
+  assert not np.allclose(y1, np.asarray(f(x, jax.random.key(2))))
