@@ -308,3 +308,113 @@ def diffusion_full(config: ConfigDict, base_size: int, up_size: int, ch: int, re
                                  every=(10_000, 200, 5000))
   config.sampler.steps = 250
   config.sampler.batch_size = 128
+
+
+# --- the method end to end (002 §3.1; experiment 'study') ----------------------
+
+# The attribute axes of the skin study: (skew/fair attribute, minority codes of Table A2).
+SKIN_AXES = {"sex": ("sex", (1,)), "age": ("age_bucket", (4, 5, 6)), "tone": ("skin_tone", (3, 4, 5))}
+STUDY_ARGS = ("smoke", "full", "age", "tone") + SKEW_ARGS
+
+
+def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,
+           equality_level: float = 0.0, filter_dominant: int = 0, oversample: bool = False,
+           pretrained: bool = False) -> ConfigDict:
+  """One classifier recipe of a study (a baseline or a synthetic mix)."""
+  return ConfigDict({"augment": augment, "loss": loss, "synthetic": synthetic, "alpha": alpha,
+                     "equality_level": equality_level, "filter_dominant": filter_dominant,
+                     "oversample": oversample, "pretrained": pretrained})
+
+
+def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDict | None,
+               classifier: ConfigDict, methods: dict[str, ConfigDict]) -> ConfigDict:
+  """A study: shared data + the stage configs (each a complete stage config) + methods."""
+  config = ConfigDict()
+  config.experiment = "study"
+  config.seed = 0
+  config.distributed = False
+  config.data = copy_unlocked(classifier.data)  # the world and splits every stage shares
+  config.mesh = mesh_config()
+  config.stages = "base,upsampler,generate,classifiers,evaluate,report" if upsampler is not None else \
+      "base,generate,classifiers,evaluate,report"
+  config.base = copy_unlocked(base)
+  config.upsampler = copy_unlocked(upsampler) if upsampler is not None else None
+  config.classifier = copy_unlocked(classifier)
+  config.generate = ConfigDict({
+      "modes": ("label", "label_property"),
+      "attribute": attribute,  # fair sampling is uniform over this property
+      "num_images": 2000,  # per mode (our choice; 002 leaves it open)
+      "seed": 0,
+      "shard_size": 256,
+  })
+  config.methods = ConfigDict(methods)
+  config.method_names = ""  # comma list to run a subset; "" = all
+  config.seeds = 5
+  config.pretrained_npz = ""  # a local BiT .npz; adds the 'pretrained' baseline
+  return config
+
+
+def copy_unlocked(config: ConfigDict) -> ConfigDict:
+  import copy
+  c = copy.deepcopy(config)
+  c.unlock()
+  return c
+
+
+def set_property(diffusion: ConfigDict, attribute: str) -> None:
+  diffusion.diffusion.condition.attributes = (attribute,)
+
+
+def study_smoke(config: ConfigDict) -> None:
+  """A study that runs end to end in about a minute or two (tests)."""
+  config.seeds = 2
+  config.generate.num_images = 32
+  config.generate.shard_size = 16
+  for part in ("base", "upsampler"):
+    if config[part] is not None:
+      config[part].sampler.steps = 3
+      config[part].train.steps = 4
+  config.classifier.train.steps = 4
+  config.classifier.train.eval_every = 0
+
+
+def study_smoke_sizes(config: ConfigDict, base_size: int, size: int) -> None:
+  """Smoke image sizes: the base model at base_size, the upsampler and classifier at size."""
+  config.data.image_size = size
+  config.classifier.data.image_size = size
+  config.base.data.image_size = base_size if config.upsampler is not None else size
+  if config.upsampler is not None:
+    config.upsampler.data.image_size = size
+    config.upsampler.diffusion.low_res.size = base_size
+
+
+def cascade_cpu_scale(config: ConfigDict) -> None:
+  """A 16 px base + 16 -> 32 px upsampler + 32 px classifier that fit a 2-core CPU (README budgets)."""
+  config.data.image_size = 32
+  config.classifier.data.image_size = 32
+  config.base.data.image_size = 16
+  config.base.model.channel_mult = (1, 2)
+  config.base.model.attention_resolutions = (2,)
+  config.base.train.steps = 1500
+  config.base.train.sample_every = 0
+  config.base.sampler.steps = 50
+  config.upsampler.data.image_size = 32
+  config.upsampler.diffusion.low_res.size = 16
+  config.upsampler.model.model_channels = 16
+  config.upsampler.model.channel_mult = (1, 2)
+  config.upsampler.train.steps = 600
+  config.upsampler.train.sample_every = 0
+  config.upsampler.sampler.steps = 25
+  config.classifier.model.width = 0.125
+  config.classifier.train.steps = 300
+  config.classifier.train.eval_every = 0
+  config.classifier.train.optimizer.warmup_steps = 30
+
+
+def finalize_study(config: ConfigDict, words: set[str]) -> ConfigDict:
+  if "smoke" in words:
+    study_smoke(config)
+  if "pretrained_npz" in config and config.pretrained_npz:
+    config.methods["pretrained"] = method(pretrained=True)
+  config.lock()
+  return config

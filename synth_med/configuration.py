@@ -10,7 +10,7 @@ from typing import Any
 
 from synth_med.errors import SynthMedError
 
-EXPERIMENTS = ("classifier", "diffusion")
+EXPERIMENTS = ("classifier", "diffusion", "study")
 
 
 def _choice(config: Any, dotted: str, choices) -> None:
@@ -38,6 +38,10 @@ def validate(config: Any) -> None:
   from synth_med.train.optimizers import OPTIMIZERS, SCHEDULES
 
   _choice(config, "experiment", EXPERIMENTS)
+  if config.experiment == "study":  # its stage configs are validated one by one
+    from synth_med.experiments.study import validate as validate_study
+    validate_study(config)
+    return
   _choice(config, "data.source", ("world",))
   _choice(config, "data.world", WORLDS)
   _choice(config, "data.label_policy", LABEL_POLICIES)

@@ -21,5 +21,8 @@ def run(config: Any, workdir: str) -> Any:
   if config.experiment == "diffusion":
     from synth_med.experiments.diffusion import run_diffusion
     return run_diffusion(config, workdir)
+  if config.experiment == "study":
+    from synth_med.experiments.study import run_study
+    return run_study(config, workdir)
   raise SynthMedError(f"experiment {config.experiment!r} is unknown; choose one of "
                       f"{list(configuration.EXPERIMENTS)}.")

@@ -1,0 +1,38 @@
+"""Paper 002 end to end on the procedural chest X-ray world: 5 findings, multi-label.
+
+    python launch/main.py --config=configs/cxr_cascade.py --workdir=/tmp/cxr_cascade
+
+As in 002, the generator is conditioned on the findings only (label-only
+conditioning) and trained on the ID images, the uncertain-labelled ones
+included; no OOD image is seen. Stages: base diffusion (16 px on CPU), upsampler
+(16 -> 32 px), generation (label prevalence and finding co-occurrence of the
+training data), classifiers (002 E.2 chest baselines: real data, RandAugment,
+RandAugment + ImageNet-style augmentation, focal loss, the synthetic mix and
+synthetic only; 5 seeds), evaluation (mean AUC and per-finding AUC, ID and
+OOD; gap = best - worst sex on mean AUC) and report.html.
+Arguments: smoke, full.
+"""
+from configs import common, cxr_classifier, cxr_diffusion
+
+
+def get_config(arg=None):
+  words = common.parse_arg(arg, ("smoke", "full"))
+  stage_words = ",".join(sorted(words & {"full", "smoke"}))
+  classifier = cxr_classifier.get_config(stage_words)
+  base = cxr_diffusion.get_config(stage_words)
+  up = cxr_diffusion.get_config(",".join(sorted(words & {"full", "smoke"} | {"upsampler"})))
+  methods = {
+      "real": common.method(),
+      "randaugment": common.method(augment="randaugment"),
+      "randaugment_imagenet": common.method(augment="randaugment_imagenet"),
+      "focal": common.method(loss="focal"),
+      "synth_label": common.method(synthetic="label", alpha=0.5),
+      "synthetic_only": common.method(synthetic="label", alpha=0.0),
+  }
+  config = common.study_base("chest", "sex", base, up, classifier, methods)
+  config.generate.modes = ("label",)
+  if "smoke" in words:
+    common.study_smoke_sizes(config, base_size=8, size=16)
+  elif "full" not in words:
+    common.cascade_cpu_scale(config)
+  return common.finalize_study(config, words)

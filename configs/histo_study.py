@@ -1,0 +1,40 @@
+"""Paper 002 end to end on the procedural tissue world (hospital shift), no cascade.
+
+    python launch/main.py --config=configs/histo_study.py --workdir=/tmp/histo_study
+
+Stages: base diffusion at the classifier's size (32 px on CPU; 96 px with
+`full`, 002 §3.2.1 needs no upsampler), fair generation uniform over the 3 ID
+hospitals (label-only and label + hospital), classifiers (002 E.2
+histopathology baselines: no augmentation, colour augmentation, the synthetic
+mixes with and without colour augmentation, synthetic only; 5 seeds),
+evaluation (ID hospitals; OOD hospitals 1 and 2; gap = best - worst ID
+hospital accuracy) and report.html.
+Arguments: smoke, full, less / more / most / unskewed (the caps on hospitals 3 and 4).
+"""
+from configs import common, histo_classifier, histo_diffusion
+
+
+def get_config(arg=None):
+  words = common.parse_arg(arg, ("smoke", "full") + common.SKEW_ARGS)
+  stage_words = ",".join(sorted(words & {"full", "smoke"}))
+  classifier = histo_classifier.get_config(stage_words)
+  base = histo_diffusion.get_config(",".join(sorted(words & {"full", "smoke"} | {"label_property"})))
+  methods = {
+      "no_aug": common.method(augment="none"),
+      "colour_aug": common.method(augment="standard"),
+      "synth_label": common.method(augment="none", synthetic="label", alpha=0.5),
+      "synth_label_property": common.method(augment="none", synthetic="label_property", alpha=0.5),
+      "synth_label_colour": common.method(augment="standard", synthetic="label", alpha=0.5),
+      "synth_label_property_colour": common.method(augment="standard", synthetic="label_property", alpha=0.5),
+      "synthetic_only": common.method(augment="none", synthetic="label_property", alpha=0.0),
+  }
+  config = common.study_base("tissue", "hospital", base, None, classifier, methods)
+  common.apply_skew_arg(config, words)
+  if "smoke" in words:
+    common.study_smoke_sizes(config, base_size=16, size=16)
+  elif "full" not in words:
+    config.base.train.steps = 1200
+    config.base.train.sample_every = 0
+    config.base.sampler.steps = 50
+    config.classifier.train.eval_every = 0
+  return common.finalize_study(config, words)

@@ -1,0 +1,166 @@
+"""The study report: one self-contained HTML file (`<workdir>/report.html`), images embedded.
+
+Sections: what was run; sample grids per (label, property), real next to
+synthetic; a table per split of each method's metrics (mean ± std over seeds)
+and fairness gap; performance against fairness gap per method (like 002
+Fig. 7); stage timings.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+from synth_med.experiments import artifacts
+
+
+def _png_data_uri(fig: Any) -> str:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _strip(images: np.ndarray, n: int, size: int, channels: int) -> np.ndarray:
+  """n images side by side (grey where fewer exist)."""
+  out = np.full((size, n * size, 3), 128, np.uint8)
+  for i, img in enumerate(images[:n]):
+    img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+    out[:, i * size:(i + 1) * size] = img[:size, :size, :3]
+  return out
+
+
+def sample_grid_figure(real: dict[str, np.ndarray], synth: dict[str, np.ndarray], spec: Any, attr: str,
+                       max_rows: int = 6, per_cell: int = 3) -> Any:
+  """Rows: the most frequent labels; for each value of `attr`: real images | synthetic images."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  r_y, s_y = real["label"].argmax(-1), synth["label"].argmax(-1)
+  if spec.label_kind != "softmax":  # multi-label / binary: rows by the first positive finding (or none)
+    r_y = np.where(real["label"].max(-1) > 0.5, real["label"].argmax(-1), -1)
+    s_y = np.where(synth["label"].max(-1) > 0.5, synth["label"].argmax(-1), -1)
+  classes = [c for c in np.argsort(-np.bincount(r_y + 1, minlength=spec.num_classes + 1)) - 1][:max_rows]
+  values = list(range(len(spec.attribute(attr).values)))
+  size, ch = real["image"].shape[1], real["image"].shape[-1]
+  fig, axes = plt.subplots(len(classes), 2 * len(values), squeeze=False,
+                           figsize=(2 * len(values) * per_cell * 0.55, len(classes) * 0.75))
+  for i, c in enumerate(classes):
+    for j, v in enumerate(values):
+      for k, (src, y, name) in enumerate(((real, r_y, "real"), (synth, s_y, "synthetic"))):
+        sel = src["image"][(y == c) & (src[f"attrs/{attr}"] == v)]
+        ax = axes[i, 2 * j + k]
+        ax.imshow(_strip(sel, per_cell, size, ch))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i == 0:
+          ax.set_title(f"{spec.attribute(attr).values[v]}\n{name}", fontsize=7)
+        if j == 0 and k == 0:
+          label = "no finding" if c < 0 else spec.class_names[c]
+          ax.set_ylabel(label[:18], fontsize=6, rotation=0, ha="right", va="center")
+  fig.suptitle(f"real (left of each pair) vs synthetic (right), by label and {attr}", fontsize=8)
+  return fig
+
+
+def scatter_figure(res: dict[str, Any]) -> Any:
+  """Performance (first headline metric) against the fairness gap, one panel per split."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  metric = res["metrics"][0]
+  splits = res["splits"]
+  fig, axes = plt.subplots(1, max(len(splits), 1), squeeze=False, figsize=(4.2 * max(len(splits), 1), 3.6))
+  for ax, split in zip(axes[0], splits):
+    for name, entry in res["methods"].items():
+      p, g = entry[split][metric], entry[split]["gap"]
+      if p["mean"] is None or g["mean"] is None:
+        continue
+      ax.errorbar(g["mean"], p["mean"], xerr=g["std"], yerr=p["std"], fmt="o", capsize=2, label=name)
+      ax.annotate(name, (g["mean"], p["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"{res['attribute']} gap ({res['gap_metric']}, lower is fairer)", fontsize=8)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.set_title(split, fontsize=9)
+    ax.grid(alpha=0.3)
+  return fig
+
+
+def _table(res: dict[str, Any], split: str) -> str:
+  from synth_med.evaluation.study_results import fmt
+  cols = list(res["metrics"]) + ["gap"]
+  head = "".join(f"<th>{html.escape(c if c != 'gap' else res['attribute'] + ' gap')}</th>" for c in cols)
+  rows = []
+  for name, entry in res["methods"].items():
+    mix = entry.get("mix", {})
+    what = f"α={mix.get('alpha', 1.0):g}" + (f", l={mix['equality_level']:g}" if mix.get("equality_level") else "")
+    cells = "".join(f"<td>{fmt(entry[split][c])}</td>" for c in cols)
+    rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(what)}</td>{cells}</tr>")
+  return (f"<h3>{html.escape(split)}</h3><table><tr><th>method</th><th>mix</th>{head}</tr>"
+          + "".join(rows) + "</table>")
+
+
+def write_report(config: Any, workdir: str) -> str:
+  """Writes `<workdir>/report.html` (atomically) and returns its path."""
+  from synth_med.data.pipeline import WorldSource, materialise
+  from synth_med.data.shards import read_shards
+  from synth_med.data.worlds import make_world
+  from synth_med.experiments.study import stage_config
+
+  res_path = os.path.join(workdir, "results.json")
+  res = artifacts.read_json(res_path) if os.path.exists(res_path) else None
+  timings_path = os.path.join(workdir, "timings.json")
+  timings = artifacts.read_json(timings_path) if os.path.exists(timings_path) else {}
+  parts = [f"<h1>synth_med study: {html.escape(str(config.data.world))} world</h1>",
+           f"<p>Skew setting <b>{html.escape(str(config.data.skew.setting))}</b> on "
+           f"<b>{html.escape(str(config.data.skew.attribute))}</b>; fair sampling over "
+           f"<b>{html.escape(str(config.generate.attribute))}</b>; {int(config.seeds)} seed(s); "
+           f"{int(config.generate.num_images)} synthetic images per conditioning mode.</p>"]
+
+  parts.append("<h2>Samples: real next to synthetic</h2>")
+  cls_cfg = stage_config(config, "classifier")
+  attr = str(config.generate.attribute)
+  store = next((os.path.join(workdir, "synthetic", m) for m in ("label_property", "label")
+                if os.path.isdir(os.path.join(workdir, "synthetic", m))), None)
+  if store is not None:
+    world = make_world(cls_cfg.data)
+    split = world.split("train")
+    n = min(len(split), 2000)
+    real = materialise(WorldSource(world, dataclasses.replace(split, ids=split.ids[:n])), "report samples").arrays
+    synth = read_shards(store).arrays
+    fig = sample_grid_figure(real, synth, world.spec, attr)
+    parts.append(f"<p>Store: <code>{html.escape(os.path.relpath(store, workdir))}</code></p>"
+                 f"<img alt='sample grid' src='{_png_data_uri(fig)}'>")
+  else:
+    parts.append("<p>No synthetic store yet (the generate stage has not run).</p>")
+
+  parts.append("<h2>Results (mean ± std over seeds)</h2>")
+  if res and res["methods"]:
+    parts.append(f"<p>Gap: best − worst {html.escape(res['attribute'])} group on "
+                 f"{html.escape(res['gap_metric'])}.</p>")
+    parts += [_table(res, s) for s in res["splits"]]
+    parts.append("<h2>Performance against fairness gap</h2>")
+    parts.append(f"<img alt='performance vs gap' src='{_png_data_uri(scatter_figure(res))}'>")
+    if res.get("missing"):
+      parts.append(f"<p>Missing runs: {html.escape(', '.join(res['missing']))}</p>")
+  else:
+    parts.append("<p>No classifier results yet (the classifiers and evaluate stages have not run).</p>")
+
+  parts.append("<h2>Stage timings</h2><table><tr><th>stage</th><th>seconds</th><th>last run</th></tr>")
+  for stage, t in timings.items():
+    parts.append(f"<tr><td>{html.escape(stage)}</td><td>{t['seconds']:.0f}</td>"
+                 f"<td>{'skipped (finished earlier)' if t['skipped_last_run'] else 'ran'}</td></tr>")
+  parts.append(f"<tr><td><b>total</b></td><td><b>{sum(t['seconds'] for t in timings.values()):.0f}</b>"
+               "</td><td></td></tr></table>")
+  style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+           "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
+           "font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+  page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>synth_med report</title>"
+          f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+  path = os.path.join(workdir, "report.html")
+  artifacts.atomic_write(path, lambda f: f.write(page), "w", ".html")
+  return path

@@ -1,0 +1,214 @@
+"""The method of paper 002 end to end, as one resumable run (`experiment='study'`).
+
+Stages, each in its own folder under the workdir:
+
+  base         the base diffusion model                       base/
+  upsampler    the cascade's super-resolution model            upsampler/
+  generate     fair sampling, one store per conditioning mode  synthetic/<mode>/
+  classifiers  every method x seed                             classifiers/<method>/seed<k>/
+  evaluate     mean +- std over seeds, ID and OOD              results.json
+  report       one self-contained HTML page                    report.html
+
+Every stage skips what is finished (DONE markers, finished shards) and resumes
+what was interrupted (checkpoints), so rerunning the same command after a kill
+continues where it stopped. `--config.stages=classifiers,evaluate` runs a
+subset. One generator conditioned on label + property serves both modes: for
+label-only samples the property part of the condition is null, which the model
+learnt through the per-part condition dropout (our choice, halving the
+generator cost; see the README).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any
+
+from synth_med.errors import SynthMedError
+from synth_med.experiments import artifacts
+
+STAGES = ("base", "upsampler", "generate", "classifiers", "evaluate", "report")
+# The world's identity and splits: one value for every stage (the image size stays per stage).
+SHARED_DATA_KEYS = ("source", "world", "seed", "num_classes", "id_domains", "ood_domains",
+                    "unlabelled_domains", "train_size", "val_size", "test_size", "ood_size", "label_policy",
+                    "skew", "domain_prevalence")
+SYNTHETIC_MODES = ("label", "label_property")
+
+
+def parse_stages(value: Any, has_upsampler: bool) -> list[str]:
+  """'base,generate' or a tuple -> the valid stages in run order; bad names fail clearly."""
+  names = [s.strip() for s in (value.split(",") if isinstance(value, str) else value) if s.strip()]
+  valid = [s for s in STAGES if has_upsampler or s != "upsampler"]
+  bad = [s for s in names if s not in valid]
+  if bad or not names:
+    raise SynthMedError(f"--config.stages has {bad or 'no stages'}; choose from {valid} "
+                        "(comma separated, e.g. --config.stages=classifiers,evaluate,report).")
+  return [s for s in valid if s in names]
+
+
+def method_names(config: Any) -> list[str]:
+  known = list(config.methods.keys())
+  if not config.method_names:
+    return known
+  names = [m.strip() for m in config.method_names.split(",") if m.strip()]
+  bad = [m for m in names if m not in known]
+  if bad:
+    raise SynthMedError(f"--config.method_names has unknown methods {bad}; choose from {known}.")
+  return names
+
+
+def stage_config(config: Any, part: str) -> Any:
+  """A complete stage config: `config.<part>` with the study's shared data settings and mesh."""
+  sub = copy.deepcopy(config[part])
+  with sub.unlocked():
+    for k in SHARED_DATA_KEYS:
+      sub.data[k] = copy.deepcopy(config.data[k])
+    sub.mesh = copy.deepcopy(config.mesh)
+    sub.distributed = False
+  sub.lock()
+  return sub
+
+
+def classifier_config(config: Any, workdir: str, method: str, seed: int) -> Any:
+  """The classifier stage config of one method and seed."""
+  m = config.methods[method]
+  c = stage_config(config, "classifier")
+  with c.unlocked():
+    c.seed = int(seed)
+    c.data.augment = m.augment
+    c.loss.name = m.loss
+    c.mix.alpha = float(m.alpha) if m.synthetic else 1.0
+    c.mix.synthetic_dir = os.path.join(workdir, "synthetic", m.synthetic) if m.synthetic else ""
+    c.mix.equality_level = float(m.equality_level)
+    c.mix.filter_dominant = int(m.filter_dominant)
+    c.mix.oversample = bool(m.oversample)
+    c.model.pretrained_npz = config.pretrained_npz if m.pretrained else ""
+  return c
+
+
+def validate(config: Any) -> None:
+  """Checks the parts of a study config before any work (sub-configs are validated as stages)."""
+  from synth_med import configuration
+  has_up = config.get("upsampler") is not None
+  parse_stages(config.stages, has_up)
+  names = method_names(config)
+  for name in names:
+    m = config.methods[name]
+    if m.synthetic and m.synthetic not in config.generate.modes:
+      raise SynthMedError(f"method {name!r} uses synthetic mode {m.synthetic!r}, which "
+                          f"generate.modes={tuple(config.generate.modes)} does not make.")
+    if m.pretrained and not config.pretrained_npz:
+      raise SynthMedError(f"method {name!r} needs --config.pretrained_npz (a local BiT .npz).")
+  for mode in config.generate.modes:
+    if mode not in SYNTHETIC_MODES:
+      raise SynthMedError(f"generate.modes has {mode!r}; choose from {list(SYNTHETIC_MODES)}.")
+  for part in ("base", "upsampler", "classifier") if has_up else ("base", "classifier"):
+    configuration.validate(stage_config(config, part))
+  for name in names:
+    configuration.validate(classifier_config(config, "/tmp", name, 0))
+  synth_size = (config.upsampler if has_up else config.base).data.image_size
+  if synth_size != config.classifier.data.image_size:
+    raise SynthMedError(f"synthetic images are {synth_size} px but the classifier trains at "
+                        f"{config.classifier.data.image_size} px; make the last generator's "
+                        "data.image_size equal classifier.data.image_size.")
+  if int(config.seeds) < 1:
+    raise SynthMedError(f"--config.seeds={config.seeds} must be >= 1.")
+  if int(config.generate.num_images) < 1:
+    raise SynthMedError(f"--config.generate.num_images={config.generate.num_images} must be >= 1.")
+
+
+class Timings:
+  """Wall time per stage, kept in timings.json across reruns (a skipped stage keeps its time)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "timings.json")
+    self.data = artifacts.read_json(self.path) if os.path.exists(self.path) else {}
+
+  def record(self, stage: str, seconds: float, skipped: bool) -> None:
+    old = self.data.get(stage, {})
+    self.data[stage] = {"seconds": old.get("seconds", seconds) if skipped else seconds,
+                        "skipped_last_run": skipped}
+    artifacts.write_json(self.path, self.data)
+
+
+def run_study(config: Any, workdir: str) -> dict[str, Any]:
+  """Runs the configured stages in order; returns the aggregated results (results.json)."""
+  validate(config)
+  has_up = config.get("upsampler") is not None
+  stages = parse_stages(config.stages, has_up)
+  artifacts.write_json(os.path.join(workdir, "config.json"), artifacts.config_to_dict(config))
+  timings = Timings(workdir)
+  t_start = time.time()
+  results: dict[str, Any] = {}
+  for stage in stages:
+    print(f"=== stage {stage} ===", flush=True)
+    t0 = time.time()
+    skipped = STAGE_FNS[stage](config, workdir)
+    timings.record(stage, time.time() - t0, bool(skipped))
+  total = time.time() - t_start
+  print(f"study finished in {total:.0f} s; stage times (s): " +
+        ", ".join(f"{k} {v['seconds']:.0f}{' (skipped)' if v['skipped_last_run'] else ''}"
+                  for k, v in timings.data.items()), flush=True)
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    results = artifacts.read_json(path)
+  return results
+
+
+def _stage_base(config: Any, workdir: str) -> bool:
+  from synth_med.experiments.diffusion import run_diffusion
+  folder = os.path.join(workdir, "base")
+  done = artifacts.is_done(folder)
+  run_diffusion(stage_config(config, "base"), folder)
+  return done
+
+
+def _stage_upsampler(config: Any, workdir: str) -> bool:
+  from synth_med.experiments.diffusion import run_diffusion
+  folder = os.path.join(workdir, "upsampler")
+  done = artifacts.is_done(folder)
+  run_diffusion(stage_config(config, "upsampler"), folder)
+  return done
+
+
+def _stage_generate(config: Any, workdir: str) -> bool:
+  from synth_med.experiments.synthetic_store import generate_fair
+  return generate_fair(config, workdir)
+
+
+def _stage_classifiers(config: Any, workdir: str) -> bool:
+  from synth_med.experiments.classifier import run_classifier
+  names = method_names(config)
+  runs = [(m, s) for m in names for s in range(int(config.seeds))]
+  all_done = True
+  for i, (m, s) in enumerate(runs):
+    folder = os.path.join(workdir, "classifiers", m, f"seed{s}")
+    all_done &= artifacts.is_done(folder)
+    if config.methods[m].synthetic:
+      synth = os.path.join(workdir, "synthetic", config.methods[m].synthetic)
+      if not artifacts.is_done(synth):
+        raise SynthMedError(f"method {m!r} needs the synthetic store {synth!r}, which is not finished; "
+                            "run the generate stage first (add it to --config.stages).")
+    print(f"--- classifier {i + 1}/{len(runs)}: {m}, seed {s} ---", flush=True)
+    run_classifier(classifier_config(config, workdir, m, int(config.seed) + s), folder)
+  return all_done
+
+
+def _stage_evaluate(config: Any, workdir: str) -> bool:
+  from synth_med.evaluation.study_results import aggregate, results_table
+  res = aggregate(config, workdir, method_names(config), int(config.seeds))
+  artifacts.write_json(os.path.join(workdir, "results.json"), res)
+  print(results_table(res), flush=True)
+  return False
+
+
+def _stage_report(config: Any, workdir: str) -> bool:
+  from synth_med.evaluation.report import write_report
+  path = write_report(config, workdir)
+  print(f"wrote {path}", flush=True)
+  return False
+
+
+STAGE_FNS = {"base": _stage_base, "upsampler": _stage_upsampler, "generate": _stage_generate,
+             "classifiers": _stage_classifiers, "evaluate": _stage_evaluate, "report": _stage_report}
+
