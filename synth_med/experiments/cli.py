@@ -8,6 +8,7 @@ valid choices, and the process exits with status 2 (1 for run-time errors).
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from typing import Any, Sequence
 
@@ -100,12 +101,28 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     sys.exit(2)
 
 
+def enable_compilation_cache() -> None:
+  """XLA's persistent compilation cache, so reruns, seeds and methods that share a program compile
+  it once ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/synth_med/xla; SYNTH_MED_NO_CACHE=1 turns it off)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if os.environ.get("SYNTH_MED_NO_CACHE") == "1":
+    return
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "synth_med", "xla")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return  # an unwritable home: run without the cache
+  jax.config.update("jax_compilation_cache_dir", path)
+
+
 def run_main(config: Any, workdir: str) -> None:
   """Runs the experiment; user-facing errors print without a traceback."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   from synth_med.experiments.run import run  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep our progress readable
     absl_logging.set_verbosity(absl_logging.WARNING)
+  enable_compilation_cache()
   try:
     run(config, workdir)
   except SynthMedError as e:

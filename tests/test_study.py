@@ -1,0 +1,132 @@
+"""The method end to end (experiment 'study'): configs, clear errors, and the real main on
+`derm_cascade:smoke`, killed mid-way and resumed, down to report.html."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from synth_med import configuration
+from synth_med.data.shards import read_shards
+from synth_med.errors import SynthMedError
+from tests.conftest import ROOT, load_config
+from tests.test_cli import MAIN, run_main
+
+STUDIES = ["derm_cascade", "cxr_cascade", "histo_study"]
+
+
+@pytest.mark.parametrize("name", STUDIES)
+@pytest.mark.parametrize("arg", ["", "smoke", "full"])
+def test_study_configs_validate(name, arg):
+  c = load_config(name, arg)
+  configuration.validate(c)
+  assert c.experiment == "study" and c.seeds >= 1
+  if name == "derm_cascade" and arg == "":
+    assert c.seeds == 5 and c.data.skew.setting == "more" and c.data.skew.attribute == "sex"
+    assert c.upsampler.data.image_size == c.classifier.data.image_size
+    assert set(c.methods) >= {"real", "randaugment", "imagenet_aug", "randaugment_imagenet", "oversample",
+                              "focal", "synth_label", "synth_label_property", "synthetic_only"}
+    assert c.methods.synth_label_property.filter_dominant == 4 and c.methods.synthetic_only.alpha == 0.0
+  if name == "cxr_cascade":
+    assert tuple(c.generate.modes) == ("label",) and not c.base.diffusion.condition.attributes
+  if name == "histo_study":
+    assert c.upsampler is None and "upsampler" not in c.stages
+
+
+def test_attribute_axis_and_skew_are_config_choices():
+  c = load_config("derm_cascade", "age,less")
+  assert c.data.skew.attribute == "age_bucket" and c.data.skew.setting == "less"
+  assert c.generate.attribute == "age_bucket" and tuple(c.base.diffusion.condition.attributes) == ("age_bucket",)
+  assert c.classifier.mix.attribute == "age_bucket"
+  assert load_config("derm_cascade", "tone").data.skew.minority_values == (3, 4, 5)
+
+
+def test_bad_stage_names_alpha_and_methods_fail_clearly():
+  c = load_config("derm_cascade", "smoke")
+  with c.unlocked():
+    c.stages = "base,evaluate,sample"
+  with pytest.raises(SynthMedError, match=r"stages has \['sample'\]; choose from"):
+    configuration.validate(c)
+  c = load_config("histo_study", "smoke")
+  with c.unlocked():
+    c.stages = "upsampler"
+  with pytest.raises(SynthMedError, match="upsampler"):
+    configuration.validate(c)
+  c = load_config("derm_cascade", "smoke")
+  with c.unlocked():
+    c.methods.synth_label.alpha = 1.5
+  with pytest.raises(SynthMedError, match=r"mix.alpha=1.5 must lie in \[0, 1\]"):
+    configuration.validate(c)
+  c = load_config("derm_cascade", "smoke")
+  with c.unlocked():
+    c.method_names = "real,magic"
+  with pytest.raises(SynthMedError, match=r"unknown methods \['magic'\]"):
+    configuration.validate(c)
+  # Through the real main: a clear one-line error and exit code 1, no traceback.
+  r = run_main("--config=configs/derm_cascade.py:smoke", "--config.stages=trian", "--workdir=/tmp/unused")
+  assert r.returncode == 1 and "stages has ['trian']" in r.stderr and "Traceback" not in r.stderr
+
+
+def _mtimes(paths):
+  return {p: os.stat(p).st_mtime_ns for p in paths}
+
+
+def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
+  """The main command on the smoke study: killed once a classifier has finished, rerun to the end.
+  Finished stages are skipped (their files untouched), the report has every section."""
+  workdir = tmp_path / "study"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  args = [sys.executable, MAIN, "--config=configs/derm_cascade.py:smoke", f"--workdir={workdir}"]
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          start_new_session=True)
+  first_done = workdir / "classifiers" / "real" / "seed0" / "DONE"
+  deadline = time.time() + 900
+  while not first_done.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.5)
+  assert first_done.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timeout"
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  finished = [workdir / "base" / "metrics.json", workdir / "upsampler" / "metrics.json",
+              workdir / "classifiers" / "real" / "seed0" / "metrics.json"]
+  finished += [workdir / "synthetic" / m / f for m in ("label", "label_property")
+               for f in os.listdir(workdir / "synthetic" / m) if f.startswith("shard-")]
+  before = _mtimes(finished)
+
+  t0 = time.time()
+  r = run_main("--config=configs/derm_cascade.py:smoke", f"--workdir={workdir}", timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "study finished" in r.stdout
+  print(f"resumed smoke study: {time.time() - t0:.0f} s")
+  assert _mtimes(finished) == before  # nothing finished was redone
+  timings = json.loads((workdir / "timings.json").read_text())
+  assert all(timings[s]["skipped_last_run"] for s in ("base", "upsampler", "generate"))
+  assert not timings["classifiers"]["skipped_last_run"]
+
+  # The fair store: uniform sex within each label; the label-only store has no property.
+  store = read_shards(str(workdir / "synthetic" / "label_property")).arrays
+  y = store["label"].argmax(-1)
+  for c in np.unique(y):
+    counts = np.bincount(store["attrs/sex"][y == c], minlength=2)
+    assert abs(counts[0] - counts[1]) <= 1
+  assert np.all(read_shards(str(workdir / "synthetic" / "label")).arrays["attrs/sex"] == -1)
+
+  res = json.loads((workdir / "results.json").read_text())
+  c = load_config("derm_cascade", "smoke")
+  assert set(res["methods"]) == set(c.methods) and not res["missing"]
+  for entry in res["methods"].values():
+    for split in ("id", "ood1", "ood2"):
+      assert entry[split]["top3"]["n"] == c.seeds and entry[split]["top3"]["std"] is not None
+  assert res["methods"]["synthetic_only"]["mix"]["alpha"] == 0.0
+  assert res["methods"]["synth_label_property"]["mix"]["dominant_classes"]
+
+  page = (workdir / "report.html").read_text()
+  for section in ("Samples: real next to synthetic", "Results (mean ± std over seeds)",
+                  "Performance against fairness gap", "Stage timings"):
+    assert section in page
+  assert page.count("data:image/png;base64,") >= 2 and "synth_label_property" in page
