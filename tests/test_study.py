@@ -118,7 +118,7 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
 
   res = json.loads((workdir / "results.json").read_text())
   c = load_config("derm_cascade", "smoke")
-  assert set(res["methods"]) == set(c.methods) and not res["missing"]
+  assert set(res["methods"]) == set(c.method_names.split(",")) and not res["missing"]
   for entry in res["methods"].values():
     for split in ("id", "ood1", "ood2"):
       assert entry[split]["top3"]["n"] == c.seeds and entry[split]["top3"]["std"] is not None
