@@ -351,6 +351,7 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.method_names = ""  # comma list to run a subset; "" = all
   config.seeds = 5
   config.pretrained_npz = ""  # a local BiT .npz; adds the 'pretrained' baseline
+  config.output_name = ""  # "" -> results.json / report.html; "x" -> results_x.json / report_x.html
   return config
 
 

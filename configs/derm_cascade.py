@@ -11,6 +11,8 @@ Arguments (comma list):
   smoke                 tiny, runs in about two minutes (tests)
   full                  002 Table E1 sizes (64 px base, 64 -> 256 upsampler, R101x3); accelerators
   age / tone            the attribute axis: age buckets or skin tone instead of sex
+  sweep                 instead of the baselines: the equality level l in {0, 0.5, 1} with and
+                        without w2 (002 G.3.5), and, our addition, alpha in {0.25, 0.5, 0.75}
   less / more / most / unskewed   the skew of that attribute (Table A2; default: more)
 Defaults we chose where 002 is silent: α = 0.5 for the synthetic mixes, w2 on
 the 4 dominant classes of the training data (no w1), 2,000 images per mode.
@@ -20,7 +22,7 @@ from configs import common, derm_classifier, derm_diffusion
 
 
 def get_config(arg=None):
-  words = common.parse_arg(arg, common.STUDY_ARGS)
+  words = common.parse_arg(arg, common.STUDY_ARGS + ("sweep",))
   axis = "age" if "age" in words else "tone" if "tone" in words else "sex"
   attribute, minority = common.SKIN_AXES[axis]
   stage_words = ",".join(sorted(words & {"full", "smoke"}))
@@ -38,7 +40,17 @@ def get_config(arg=None):
       "synth_label_property": common.method(synthetic="label_property", alpha=0.5, filter_dominant=4),
       "synthetic_only": common.method(synthetic="label_property", alpha=0.0, filter_dominant=0),
   }
+  if "sweep" in words:
+    methods = {"real": common.method()}
+    for level in (0.0, 0.5, 1.0):
+      for k in (0, 4):
+        methods[f"l{str(level).replace('.', 'p')}_{'w2' if k else 'no_w2'}"] = common.method(
+            synthetic="label_property", alpha=0.5, equality_level=level, filter_dominant=k)
+    for alpha in (0.25, 0.75):
+      methods[f"alpha{str(alpha).replace('.', 'p')}_w2"] = common.method(synthetic="label_property", alpha=alpha, filter_dominant=4)
   config = common.study_base("skin", attribute, base, up, classifier, methods)
+  if "sweep" in words:
+    config.output_name = "sweep"  # same workdir: reuses the generator, keeps results.json
   config.data.skew.attribute = attribute
   config.data.skew.minority_values = minority
   common.apply_skew_arg(config, words)

@@ -102,6 +102,16 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     train(LinearTask(), loop_config(steps=2), _stream(), workdir)
 
 
+def test_ema_decay_warms_up_to_its_value():
+  from synth_med.train.step import ema_decay_at
+  # (1 + s) / (10 + s): 0.1 at step 0, 0.5 at step 8, capped by the configured decay.
+  assert float(ema_decay_at(0, 0.995)) == pytest.approx(0.1)
+  assert float(ema_decay_at(8, 0.995)) == pytest.approx(0.5)
+  assert float(ema_decay_at(8, 0.3)) == pytest.approx(0.3)
+  assert float(ema_decay_at(10_000, 0.995)) == pytest.approx(0.995)
+  assert float(ema_decay_at(5, 0.0)) == 0.0  # no EMA (classifiers): EMA params = params
+
+
 def test_ema_tracks_params(tmp_path):
   cfg = loop_config(steps=6)
   cfg.train.ema_decay = 0.5

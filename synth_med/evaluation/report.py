@@ -109,9 +109,9 @@ def write_report(config: Any, workdir: str) -> str:
   from synth_med.data.pipeline import WorldSource, materialise
   from synth_med.data.shards import read_shards
   from synth_med.data.worlds import make_world
-  from synth_med.experiments.study import stage_config
+  from synth_med.experiments.study import output_path, stage_config
 
-  res_path = os.path.join(workdir, "results.json")
+  res_path = output_path(config, workdir, "results")
   res = artifacts.read_json(res_path) if os.path.exists(res_path) else None
   timings_path = os.path.join(workdir, "timings.json")
   timings = artifacts.read_json(timings_path) if os.path.exists(timings_path) else {}
@@ -161,6 +161,6 @@ def write_report(config: Any, workdir: str) -> str:
            "font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
   page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>synth_med report</title>"
           f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-  path = os.path.join(workdir, "report.html")
+  path = output_path(config, workdir, "report")
   artifacts.atomic_write(path, lambda f: f.write(page), "w", ".html")
   return path

@@ -35,6 +35,14 @@ SHARED_DATA_KEYS = ("source", "world", "seed", "num_classes", "id_domains", "ood
 SYNTHETIC_MODES = ("label", "label_property")
 
 
+def output_path(config: Any, workdir: str, kind: str) -> str:
+  """results.json / report.html, or results_<name>.json / report_<name>.html with config.output_name
+  (so a sweep in the same workdir reuses the generator without overwriting the main results)."""
+  name = str(config.get("output_name", "") or "")
+  stem, ext = {"results": ("results", "json"), "report": ("report", "html")}[kind]
+  return os.path.join(workdir, f"{stem}_{name}.{ext}" if name else f"{stem}.{ext}")
+
+
 def parse_stages(value: Any, has_upsampler: bool) -> list[str]:
   """'base,generate' or a tuple -> the valid stages in run order; bad names fail clearly."""
   names = [s.strip() for s in (value.split(",") if isinstance(value, str) else value) if s.strip()]
@@ -149,7 +157,7 @@ def run_study(config: Any, workdir: str) -> dict[str, Any]:
   print(f"study finished in {total:.0f} s; stage times (s): " +
         ", ".join(f"{k} {v['seconds']:.0f}{' (skipped)' if v['skipped_last_run'] else ''}"
                   for k, v in timings.data.items()), flush=True)
-  path = os.path.join(workdir, "results.json")
+  path = output_path(config, workdir, "results")
   if os.path.exists(path):
     results = artifacts.read_json(path)
   return results
@@ -197,7 +205,7 @@ def _stage_classifiers(config: Any, workdir: str) -> bool:
 def _stage_evaluate(config: Any, workdir: str) -> bool:
   from synth_med.evaluation.study_results import aggregate, results_table
   res = aggregate(config, workdir, method_names(config), int(config.seeds))
-  artifacts.write_json(os.path.join(workdir, "results.json"), res)
+  artifacts.write_json(output_path(config, workdir, "results"), res)
   print(results_table(res), flush=True)
   return False
 

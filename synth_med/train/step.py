@@ -4,11 +4,18 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from synth_med.train import state as state_lib
 
 TrainState = state_lib.TrainState
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+  """The EMA decay used at `step` (0-based): min(ema_decay, (1 + step) / (10 + step))."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(ema_decay), (1.0 + step) / (10.0 + step))
 
 
 def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -17,7 +24,11 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
   """(state, batch) -> (state, metrics): loss and grads of `task.loss`, optax update, EMA.
 
   The step's rng is the state's key folded with the step number, so a resumed
-  run draws exactly what an uninterrupted one would.
+  run draws exactly what an uninterrupted one would. The EMA decay warms up as
+  min(ema_decay, (1 + step) / (10 + step)): without it, a short run's EMA keeps a
+  large share of the random initial weights (0.995^300 = 22 %), and that blend of
+  two far-apart networks is not a working network (our 300-step upsampler's EMA
+  sampled pure noise while its raw weights upsampled well).
   """
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
@@ -28,7 +39,8 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
     metrics = dict(metrics)
     metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        ema_params=state_lib.ema_update(state.ema_params, params, ema_decay))
+                        ema_params=state_lib.ema_update(state.ema_params, params,
+                                                        ema_decay_at(state.step, ema_decay)))
     return new, metrics
 
   return train_step
