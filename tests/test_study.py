@@ -130,3 +130,23 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
                   "Performance against fairness gap", "Stage timings"):
     assert section in page
   assert page.count("data:image/png;base64,") >= 2 and "synth_label_property" in page
+
+
+@pytest.mark.parametrize("name,methods,metric", [("histo_study", "no_aug,synth_label_property", "accuracy"),
+                                                 ("cxr_cascade", "real,synth_label", "mean_auc")])
+def test_tissue_and_chest_studies_run_end_to_end(name, methods, metric, tmp_path):
+  workdir = tmp_path / name
+  r = run_main(f"--config=configs/{name}.py:smoke", f"--workdir={workdir}", f"--config.method_names={methods}",
+               "--config.seeds=1", timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((workdir / "results.json").read_text())
+  assert set(res["methods"]) == set(methods.split(",")) and res["metrics"][0] == metric
+  assert (workdir / "report.html").stat().st_size > 10_000
+  if name == "histo_study":  # no cascade; fair over the 3 ID hospitals
+    assert not (workdir / "upsampler").exists()
+    store = read_shards(str(workdir / "synthetic" / "label_property")).arrays
+    assert set(np.unique(store["attrs/hospital"])) == {0, 1, 2}
+    assert res["splits"] == ["id", "h1", "h2"]
+  else:  # label-only conditioning, as in 002
+    assert not (workdir / "synthetic" / "label_property").exists()
+    assert res["splits"] == ["id", "ood1"]

@@ -227,14 +227,16 @@ def make_augment(modality: str, kind: str) -> AugmentFn | None:
   elif kind == "imagenet":
     one = _imagenet_one
   else:
-    ra = make_randaugment_one()
-
-    def one(img, key):
-      k1, k2 = jax.random.split(key)
-      return ra(_imagenet_one(img, k1), k2)
+    one = make_randaugment_one()
 
   def augment(images: jax.Array, key: jax.Array) -> jax.Array:
     keys = jax.random.split(key, images.shape[0])
+    if kind == "randaugment_imagenet":  # the crop + flip first, then RandAugment
+      images = jax.vmap(_imagenet_one)(images, jax.random.split(jax.random.fold_in(key, 1), images.shape[0]))
+    if kind.startswith("randaugment"):
+      # One image at a time, so lax.switch runs only the drawn ops; vmapped, every one of the
+      # 14 branches would run for every image.
+      return jax.lax.map(lambda ik: one(*ik), (images, keys))
     return jax.vmap(one)(images, keys)
 
   return augment
