@@ -150,3 +150,14 @@ def test_tissue_and_chest_studies_run_end_to_end(name, methods, metric, tmp_path
   else:  # label-only conditioning, as in 002
     assert not (workdir / "synthetic" / "label_property").exists()
     assert res["splits"] == ["id", "ood1"]
+
+
+def test_stage_timings_add_up_over_resumed_runs(tmp_path):
+  from synth_med.experiments.study import Timings
+  Timings(str(tmp_path)).record("classifiers", 100.0, skipped=False)  # killed part-way
+  t = Timings(str(tmp_path))
+  t.record("classifiers", 20.0, skipped=False)  # the rerun finishes it
+  t.record("base", 7.0, skipped=True)
+  data = json.loads((tmp_path / "timings.json").read_text())
+  assert data["classifiers"] == {"seconds": 20.0, "total_seconds": 120.0, "skipped_last_run": False}
+  assert data["base"]["skipped_last_run"] and data["base"]["total_seconds"] == 0.0

@@ -126,7 +126,8 @@ def validate(config: Any) -> None:
 
 
 class Timings:
-  """Wall time per stage, kept in timings.json across reruns (a skipped stage keeps its time)."""
+  """Wall time per stage in timings.json across reruns: the last run's seconds and the total over
+  runs (a stage resumed after a kill, or rerun for a few methods, adds up)."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "timings.json")
@@ -134,8 +135,9 @@ class Timings:
 
   def record(self, stage: str, seconds: float, skipped: bool) -> None:
     old = self.data.get(stage, {})
+    total = old.get("total_seconds", old.get("seconds", 0.0)) + (0.0 if skipped else seconds)
     self.data[stage] = {"seconds": old.get("seconds", seconds) if skipped else seconds,
-                        "skipped_last_run": skipped}
+                        "total_seconds": total, "skipped_last_run": skipped}
     artifacts.write_json(self.path, self.data)
 
 
