@@ -317,6 +317,16 @@ SKIN_AXES = {"sex": ("sex", (1,)), "age": ("age_bucket", (4, 5, 6)), "tone": ("s
 STUDY_ARGS = ("smoke", "full", "age", "tone") + SKEW_ARGS
 
 
+def stage_configs(classifier_module, diffusion_module, words: set[str], upsampler: bool = True,
+                  base_words: tuple[str, ...] = ()) -> tuple[ConfigDict, ConfigDict, ConfigDict | None]:
+  """(classifier, base, upsampler) stage configs of a study, with its `smoke`/`full` words."""
+  size_words = sorted(words & {"full", "smoke"})
+  classifier = classifier_module.get_config(",".join(size_words))
+  base = diffusion_module.get_config(",".join(size_words + list(base_words)))
+  up = diffusion_module.get_config(",".join(size_words + ["upsampler"])) if upsampler else None
+  return classifier, base, up
+
+
 def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,
            equality_level: float = 0.0, filter_dominant: int = 0, oversample: bool = False,
            pretrained: bool = False) -> ConfigDict:

@@ -17,10 +17,7 @@ from configs import common, cxr_classifier, cxr_diffusion
 
 def get_config(arg=None):
   words = common.parse_arg(arg, ("smoke", "full"))
-  stage_words = ",".join(sorted(words & {"full", "smoke"}))
-  classifier = cxr_classifier.get_config(stage_words)
-  base = cxr_diffusion.get_config(stage_words)
-  up = cxr_diffusion.get_config(",".join(sorted(words & {"full", "smoke"} | {"upsampler"})))
+  classifier, base, up = common.stage_configs(cxr_classifier, cxr_diffusion, words)
   methods = {
       "real": common.method(),
       "randaugment": common.method(augment="randaugment"),

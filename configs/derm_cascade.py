@@ -25,10 +25,7 @@ def get_config(arg=None):
   words = common.parse_arg(arg, common.STUDY_ARGS + ("sweep",))
   axis = "age" if "age" in words else "tone" if "tone" in words else "sex"
   attribute, minority = common.SKIN_AXES[axis]
-  stage_words = ",".join(sorted(words & {"full", "smoke"}))
-  classifier = derm_classifier.get_config(stage_words)
-  base = derm_diffusion.get_config(stage_words)
-  up = derm_diffusion.get_config(",".join(sorted(words & {"full", "smoke"} | {"upsampler"})))
+  classifier, base, up = common.stage_configs(derm_classifier, derm_diffusion, words)
   methods = {
       "real": common.method(),
       "randaugment": common.method(augment="randaugment"),

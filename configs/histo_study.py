@@ -16,9 +16,8 @@ from configs import common, histo_classifier, histo_diffusion
 
 def get_config(arg=None):
   words = common.parse_arg(arg, ("smoke", "full") + common.SKEW_ARGS)
-  stage_words = ",".join(sorted(words & {"full", "smoke"}))
-  classifier = histo_classifier.get_config(stage_words)
-  base = histo_diffusion.get_config(",".join(sorted(words & {"full", "smoke"} | {"label_property"})))
+  classifier, base, _ = common.stage_configs(histo_classifier, histo_diffusion, words, upsampler=False,
+                                             base_words=("label_property",))
   methods = {
       "no_aug": common.method(augment="none"),
       "colour_aug": common.method(augment="standard"),

@@ -83,7 +83,7 @@ def _validate_classifier(config: Any) -> None:
 def _validate_diffusion(config: Any) -> None:
   from synth_med.diffusion.samplers import SAMPLERS
   from synth_med.diffusion.schedules import SCHEDULES as NOISE_SCHEDULES, VARIANCES
-  from synth_med.experiments.diffusion import MODELS
+  from synth_med.models.diffusion_unets import MODELS
 
   _choice(config, "model.name", MODELS)
   _choice(config, "model.dtype", ("float32", "bfloat16"))

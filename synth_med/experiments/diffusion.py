@@ -30,7 +30,7 @@ from synth_med.evaluation.image_grid import make_grid, save_png
 from synth_med.experiments import artifacts
 from synth_med.experiments.generation import run_generation
 from synth_med.models import unet
-from synth_med.models.diffusion_unets import MODELS, build_model  # noqa: F401 - re-exported
+from synth_med.models.diffusion_unets import build_model
 from synth_med.train import sharding
 from synth_med.train.loop import train
 from synth_med.train.metric_writers import create_writer
