@@ -360,7 +360,7 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.methods = ConfigDict(methods)
   config.method_names = ""  # comma list to run a subset; "" = all
   config.seeds = 5
-  config.pretrained_npz = ""  # a local BiT .npz; adds the 'pretrained' baseline
+  config.pretrained_npz = ""  # a local BiT .npz; runs the methods marked pretrained (else they are skipped)
   config.output_name = ""  # "" -> results.json / report.html; "x" -> results_x.json / report_x.html
   return config
 
@@ -438,7 +438,5 @@ def cascade_cpu_scale(config: ConfigDict) -> None:
 def finalize_study(config: ConfigDict, words: set[str]) -> ConfigDict:
   if "smoke" in words:
     study_smoke(config)
-  if "pretrained_npz" in config and config.pretrained_npz:
-    config.methods["pretrained"] = method(pretrained=True)
   config.lock()
   return config

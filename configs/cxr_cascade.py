@@ -23,6 +23,7 @@ def get_config(arg=None):
       "randaugment": common.method(augment="randaugment"),
       "randaugment_imagenet": common.method(augment="randaugment_imagenet"),
       "focal": common.method(loss="focal"),
+      "pretrained": common.method(pretrained=True),  # runs only with --config.pretrained_npz
       "synth_label": common.method(synthetic="label", alpha=0.5),
       "synthetic_only": common.method(synthetic="label", alpha=0.0),
   }

@@ -33,6 +33,7 @@ def get_config(arg=None):
       "randaugment_imagenet": common.method(augment="randaugment_imagenet"),
       "oversample": common.method(oversample=True),
       "focal": common.method(loss="focal"),
+      "pretrained": common.method(pretrained=True),  # runs only with --config.pretrained_npz
       "synth_label": common.method(synthetic="label", alpha=0.5, filter_dominant=4),
       "synth_label_property": common.method(synthetic="label_property", alpha=0.5, filter_dominant=4),
       "synthetic_only": common.method(synthetic="label_property", alpha=0.0, filter_dominant=0),

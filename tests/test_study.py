@@ -161,3 +161,19 @@ def test_stage_timings_add_up_over_resumed_runs(tmp_path):
   data = json.loads((tmp_path / "timings.json").read_text())
   assert data["classifiers"] == {"seconds": 20.0, "total_seconds": 120.0, "skipped_last_run": False}
   assert data["base"]["skipped_last_run"] and data["base"]["total_seconds"] == 0.0
+
+
+def test_pretrained_baseline_runs_only_with_a_bit_checkpoint():
+  from synth_med.experiments.study import classifier_config, method_names
+  c = load_config("derm_cascade", "")
+  assert "pretrained" in c.methods and "pretrained" not in method_names(c)
+  with c.unlocked():
+    c.pretrained_npz = "/data/BiT-M-R50x1.npz"
+  assert "pretrained" in method_names(c)
+  assert classifier_config(c, "/w", "pretrained", 0).model.pretrained_npz == "/data/BiT-M-R50x1.npz"
+  assert classifier_config(c, "/w", "real", 0).model.pretrained_npz == ""
+  c = load_config("derm_cascade", "")
+  with c.unlocked():
+    c.method_names = "real,pretrained"
+  with pytest.raises(SynthMedError, match="needs --config.pretrained_npz"):
+    configuration.validate(c)

@@ -55,9 +55,10 @@ def parse_stages(value: Any, has_upsampler: bool) -> list[str]:
 
 
 def method_names(config: Any) -> list[str]:
+  """The methods to run: `method_names`, or all (pretrained ones only with `pretrained_npz`)."""
   known = list(config.methods.keys())
   if not config.method_names:
-    return known
+    return [m for m in known if config.pretrained_npz or not config.methods[m].pretrained]
   names = [m.strip() for m in config.method_names.split(",") if m.strip()]
   bad = [m for m in names if m not in known]
   if bad:
