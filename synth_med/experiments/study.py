@@ -20,6 +20,7 @@ generator cost; see the README).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from typing import Any
@@ -111,7 +112,7 @@ def validate(config: Any) -> None:
   for mode in config.generate.modes:
     if mode not in SYNTHETIC_MODES:
       raise SynthMedError(f"generate.modes has {mode!r}; choose from {list(SYNTHETIC_MODES)}.")
-  for part in ("base", "upsampler", "classifier") if has_up else ("base", "classifier"):
+  for part in ("base", "upsampler") if has_up else ("base",):
     configuration.validate(stage_config(config, part))
   for name in names:
     configuration.validate(classifier_config(config, "/tmp", name, 0))
@@ -166,19 +167,12 @@ def run_study(config: Any, workdir: str) -> dict[str, Any]:
   return results
 
 
-def _stage_base(config: Any, workdir: str) -> bool:
+def _stage_diffusion(part: str, config: Any, workdir: str) -> bool:
+  """The base model or the upsampler (`part`), trained in workdir/<part>/."""
   from synth_med.experiments.diffusion import run_diffusion
-  folder = os.path.join(workdir, "base")
+  folder = os.path.join(workdir, part)
   done = artifacts.is_done(folder)
-  run_diffusion(stage_config(config, "base"), folder)
-  return done
-
-
-def _stage_upsampler(config: Any, workdir: str) -> bool:
-  from synth_med.experiments.diffusion import run_diffusion
-  folder = os.path.join(workdir, "upsampler")
-  done = artifacts.is_done(folder)
-  run_diffusion(stage_config(config, "upsampler"), folder)
+  run_diffusion(stage_config(config, part), folder)
   return done
 
 
@@ -220,6 +214,7 @@ def _stage_report(config: Any, workdir: str) -> bool:
   return False
 
 
-STAGE_FNS = {"base": _stage_base, "upsampler": _stage_upsampler, "generate": _stage_generate,
+STAGE_FNS = {"base": functools.partial(_stage_diffusion, "base"),
+             "upsampler": functools.partial(_stage_diffusion, "upsampler"), "generate": _stage_generate,
              "classifiers": _stage_classifiers, "evaluate": _stage_evaluate, "report": _stage_report}
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from synth_med.data.pipeline import WorldSource
 from synth_med.data.worlds import make_world
 from synth_med.diffusion.fair_sampler import fair_conditions
 from synth_med.diffusion.generator import CascadeGenerator, Generator
@@ -26,13 +25,15 @@ from synth_med.train import sharding
 
 
 def labelled_training_data(world: Any) -> dict[str, np.ndarray]:
-  """Labels and properties of the labelled training split (no images)."""
+  """Labels, label masks and properties of the labelled training split (metadata only; no rendering)."""
   split = world.split("train")
   if len(split) == 0:
     raise SynthMedError("the labelled training split is empty; raise data.train_size or relax data.skew.")
-  src = WorldSource(world, split)
-  parts = [src.fetch(np.arange(s, min(s + 1024, len(src)))) for s in range(0, len(src), 1024)]
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "image"}
+  meta = world.metadata(np.asarray(split.ids, np.int64))
+  out = {"label": meta["label"].astype(np.float32), "label_mask": meta["label_mask"].astype(np.float32)}
+  for a in world.spec.attributes:
+    out[f"attrs/{a.name}"] = meta[f"attrs/{a.name}"].astype(np.int32)
+  return out
 
 
 def load_generator(stage_cfg: Any, folder: str, spec: Any, mesh: Any, low_res: bool) -> tuple[Generator, int]:
