@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
 
 from configs import derm_diffusion  # noqa: E402
 from synth_med.diffusion.conditioning import ConditioningSpec  # noqa: E402
@@ -54,11 +55,27 @@ def _reference_attend(q, k, v):
   return jnp.matmul(w, v).transpose(0, 2, 1, 3)
 
 
-ORIGINAL = {"attend": unet.attend, "backend_conv3x3": unet.backend_conv3x3}
+def _gather_upsample(x):
+  b, h, w, c = x.shape
+  return jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
+
+
+def _affine_norm(x, scale, bias, groups):
+  del groups
+  return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
+
+
+ORIGINAL = {"attend": unet.attend, "backend_conv3x3": unet.backend_conv3x3,
+            "_upsample": unet._upsample, "_avg_pool": unet._avg_pool, "group_norm": unet.group_norm}
 VARIANTS = {
     "default": {},
     "xla_attention": {"attend": _reference_attend},
     "matmul_conv_grad": {"backend_conv3x3": unet.conv3x3},
+    # the resampling before session 4: jax.image.resize (gather, scatter-add gradient) and nn.avg_pool
+    "gather_upsample": {"_upsample": _gather_upsample,
+                        "_avg_pool": lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))},
+    # diagnostic only (not a valid model): GroupNorm replaced by its affine part, to price the norm
+    "affine_norm": {"group_norm": _affine_norm},
 }
 REFERENCE_OPS = {"attend": _reference_attend, "backend_conv3x3": unet._conv}
 
@@ -111,6 +128,76 @@ def matmul_peak(n: int = 8192, reps: int = 10) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
+def _category(name: str) -> str:
+  n = name.lower()
+  for key, words in (("attention (cuDNN fmha)", ("fmha", "flash", "attention", "sdpa")),
+                     ("convolution", ("conv", "xmma", "implicit", "wgrad", "dgrad", "fprop", "cudnn")),
+                     ("matmul", ("gemm", "dot", "matmul", "cublas", "sm90_", "triton_gemm")),
+                     ("reduction / norm", ("reduce", "reduction")),
+                     ("copy / transpose", ("copy", "transpose")),
+                     ("elementwise fusion", ("fusion", "loop", "input"))):
+    if any(w in n for w in words):
+      return key
+  return "other"
+
+
+def profile_step(fn, state, batch, steps: int, top: int = 30):
+  """Trace `steps` calls of `fn` and print device time by HLO op and by kind (jax.profiler.ProfileData)."""
+  import collections
+  import glob
+  import tempfile
+  from jax.profiler import ProfileData
+
+  for _ in range(2):
+    state, m = fn(state, batch)
+  jax.block_until_ready((state, m))
+  logdir = tempfile.mkdtemp()
+  with jax.profiler.trace(logdir):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = fn(state, batch)
+    jax.block_until_ready((state, m))
+    wall = (time.perf_counter() - t0) / steps
+  (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+  data = ProfileData.from_file(path)
+  planes = [p for p in data.planes if p.name.startswith("/device:")]
+  if not planes:
+    print(f"profile: no device plane in {[p.name for p in data.planes]}")
+    return state
+  for line_kind in ("XLA Ops", "Kernels"):
+    totals, counts, detail = collections.Counter(), collections.Counter(), {}
+    for plane in planes[:1]:
+      for line in plane.lines:
+        use = (line.name == "XLA Ops") if line_kind == "XLA Ops" else line.name.startswith("Stream")
+        if not use:
+          continue
+        for e in line.events:
+          totals[e.name] += e.duration_ns
+          counts[e.name] += 1
+          if e.name not in detail:
+            try:
+              stats = dict(e.stats)
+              detail[e.name] = str(stats.get("long_name") or stats.get("tf_op") or "")
+            except Exception:  # noqa: BLE001 - stats are only a hint
+              detail[e.name] = ""
+    busy = sum(totals.values()) / steps / 1e6
+    if not totals:
+      print(f"profile: no '{line_kind}' events")
+      continue
+    print(f"\nprofile [{line_kind}]: wall {wall * 1e3:.1f} ms/step, device busy {busy:.1f} ms/step "
+          f"({len(totals)} distinct names)")
+    by_cat = collections.Counter()
+    for name, ns in totals.items():
+      by_cat[_category(name)] += ns
+    for cat, ns in by_cat.most_common():
+      print(f"  {cat:24s} {ns / steps / 1e6:8.1f} ms/step  {ns / sum(totals.values()):6.1%}")
+    for name, ns in totals.most_common(top):
+      print(f"  {ns / steps / 1e6:7.2f} ms x{counts[name] // steps:<4d} {name[:110]}")
+      if detail.get(name):
+        print(f"      {detail[name][:220]}")
+  return state
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--config_arg", default="full")
@@ -119,6 +206,8 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--flops_only", action="store_true", help="print the model FLOPs and stop")
+  ap.add_argument("--profile", type=int, default=0, metavar="N",
+                  help="after timing, trace N steps of the default variant and print where device time goes")
   args = ap.parse_args()
 
   config = derm_diffusion.get_config(args.config_arg + ",label_property")
@@ -189,6 +278,8 @@ def main() -> None:
       if not np.isfinite(loss):
         raise SystemExit(f"variant {name}: loss is {loss}")
       rows.append((name, s, compile_s, loss))
+      if args.profile and name == "default":
+        state = profile_step(fn, state, batch, args.profile)
       print(f"{name}: {s * 1e3:.1f} ms/step (spread {min(per_step) * 1e3:.1f}-{max(per_step) * 1e3:.1f}), "
             f"{batch_size / s:.0f} img/s, {flops / s / 1e12:.0f} TFLOP/s, compile {compile_s:.0f} s, "
             f"loss {loss:.4f}", flush=True)

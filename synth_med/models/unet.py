@@ -138,13 +138,16 @@ class Conv3x3(nn.Module):
     return backend_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
-def _resize(x: jax.Array, factor: float) -> jax.Array:
+def _upsample(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour 2x upsampling as a broadcast (jax.image.resize's gather has a scatter-add gradient)."""
   b, h, w, c = x.shape
-  return jax.image.resize(x, (b, int(h * factor), int(w * factor), c), "nearest")
+  return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
 def _avg_pool(x: jax.Array) -> jax.Array:
-  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  """2x2 average pooling with stride 2, as a reshape and a mean."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
 class ResBlock(nn.Module):
@@ -161,7 +164,7 @@ class ResBlock(nn.Module):
         c, self.dtype, init, name=name)
     h = nn.silu(Norm(name="in_norm")(x))
     if self.up or self.down:
-      resample = (lambda v: _resize(v, 2.0)) if self.up else _avg_pool
+      resample = _upsample if self.up else _avg_pool
       h, x = resample(h), resample(x)
     h = conv(self.out_channels, name="in_conv")(h)
     emb_out = nn.Dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
@@ -267,7 +270,7 @@ class Model(nn.Module):
           if self.resblock_updown:
             h = res_block(mult * ch, up=True)(h, emb, train)
           else:
-            h = Conv3x3(mult * ch, self.dtype)(_resize(h, 2.0))
+            h = Conv3x3(mult * ch, self.dtype)(_upsample(h))
           ds //= 2
     h = nn.silu(Norm(name="out_norm")(h))
     out = Conv3x3(self.out_channels, self.dtype, nn.initializers.zeros, name="out_conv")(h)
