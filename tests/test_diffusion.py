@@ -173,6 +173,15 @@ def test_conv3x3_gradient_matches_xla_convolution():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_resampling_ops_match_nearest_resize_and_avg_pool():
+  from flax import linen as nn
+  x = jax.random.normal(jax.random.key(0), (2, 4, 6, 3))
+  np.testing.assert_array_equal(unet._upsample(x), jax.image.resize(x, (2, 8, 12, 3), "nearest"))
+  np.testing.assert_allclose(unet._avg_pool(x), nn.avg_pool(x, (2, 2), strides=(2, 2)), rtol=1e-6, atol=1e-6)
+  # exact values: each output pixel of the pool is the mean of its 2x2 block
+  np.testing.assert_allclose(unet._avg_pool(x)[0, 1, 2], x[0, 2:4, 4:6].mean((0, 1)), rtol=1e-6)
+
+
 # --- samplers ----------------------------------------------------------------------------------
 
 MU = jnp.asarray([-0.5, 0.0, 0.3, 0.8]).reshape(1, 2, 2, 1)
