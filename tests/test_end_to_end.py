@@ -140,3 +140,32 @@ def test_classifier_starts_from_a_local_bit_checkpoint(tmp_path):
   got = np.asarray(state["params"]["block1"]["unit01"]["b"]["standardized_conv2d"]["kernel"])
   np.testing.assert_allclose(got, written["resnet/block1/unit01/b/standardized_conv2d/kernel"], atol=1e-6)
   assert np.abs(np.asarray(state["params"]["head"]["kernel"])).max() < 1e-6  # zero-initialised head
+
+
+def test_equal_classifier_runs_share_one_jitted_step_and_match_a_fresh_run(tmp_path, monkeypatch):
+  """train.jit_cache: a second equal run traces nothing new, and trains exactly as an unshared run."""
+  from synth_med.train import jit_cache
+  c = load_config("derm_classifier", "smoke")
+  with c.unlocked():
+    c.train.steps, c.train.checkpoint_every = 4, 4
+    c.eval.bootstrap = 0
+  jit_cache.clear()
+  built = []
+  real_shared = jit_cache.shared
+  monkeypatch.setattr(jit_cache, "shared", lambda key, build: real_shared(key, lambda: built.append(key) or build()))
+  run_classifier(c, str(tmp_path / "first"))
+  first_builds = len(built)
+  assert {k[0] for k in built} >= {"abstract", "init", "step", "predict"}
+  shared = run_classifier(c, str(tmp_path / "shared"))
+  assert len(built) == first_builds  # nothing new was traced
+  with c.unlocked():
+    c.loss.name = "focal"
+  run_classifier(c, str(tmp_path / "focal"))
+  assert len(built) > first_builds  # another loss is another step
+  with c.unlocked():
+    c.loss.name = "ce"
+  jit_cache.clear()
+  fresh = run_classifier(c, str(tmp_path / "fresh"))
+  for a, b in zip(_final_params(str(tmp_path / "shared"), 4), _final_params(str(tmp_path / "fresh"), 4)):
+    np.testing.assert_array_equal(a, b)
+  assert shared["splits"]["id"]["overall"] == fresh["splits"]["id"]["overall"]

@@ -239,4 +239,5 @@ def make_augment(modality: str, kind: str) -> AugmentFn | None:
       return jax.lax.map(lambda ik: one(*ik), (images, keys))
     return jax.vmap(one)(images, keys)
 
+  augment.cache_name = f"{modality}:{kind}"  # what it does, for sharing jitted steps (train.jit_cache)
   return augment

@@ -27,7 +27,7 @@ from synth_med.models import bit_resnet
 from synth_med.objectives.classification import ClassifierTask, probabilities
 from synth_med.objectives.reweighting import (dominant_classes, equality_weights, filter_weights, label_keys,
                                               oversample_rows)
-from synth_med.train import sharding
+from synth_med.train import jit_cache, sharding
 from synth_med.train.loop import train
 from synth_med.train.metric_writers import create_writer
 
@@ -41,8 +41,11 @@ def build_model(config: Any, spec) -> bit_resnet.Model:
 
 def make_predict(task: ClassifierTask, mesh: jax.sharding.Mesh, label_kind: str):
   """(params) -> fn(local batch dict) -> global probabilities (numpy)."""
-  fn = jax.jit(lambda params, images: probabilities(task.logits(params, images)[0], label_kind),
-               out_shardings=sharding.replicated(mesh))
+  key = jit_cache.task_key(task)
+  fn = jit_cache.shared(
+      key and ("predict", key, mesh, label_kind),
+      lambda: jax.jit(lambda params, images: probabilities(task.logits(params, images)[0], label_kind),
+                      out_shardings=sharding.replicated(mesh)))
 
   def bind(params):
     def predict(batch):

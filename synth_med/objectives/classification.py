@@ -67,6 +67,18 @@ class ClassifierTask:
     self.augment = augment
     self.pretrained_npz, self.load_fn = pretrained_npz, load_fn
 
+  @property
+  def cache_key(self) -> tuple | None:
+    """What the jitted step reads (model, head, loss, augmentation); None if the augmentation is unnamed.
+
+    Equal keys share one jitted train step and predict fn (`train.jit_cache`); the
+    pretrained weights are loaded outside jit and are not part of it.
+    """
+    aug = None if self.augment is None else getattr(self.augment, "cache_name", None)
+    if self.augment is not None and aug is None:
+      return None
+    return ("ClassifierTask", repr(self.model), self.label_kind, self.gamma, aug)
+
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
     return self.model.init(rng, preprocess(batch["image"][:1]) * 2.0 - 1.0)["params"]
 

@@ -8,6 +8,7 @@ progress with ETA, periodic hooks (evaluation) and the NaN guard.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -19,7 +20,7 @@ from synth_med.data.pipeline import TrainStream
 from synth_med.errors import SynthMedError
 from synth_med.experiments.artifacts import ensure_writable_dir
 from synth_med.train import checkpoint as ckpt_lib
-from synth_med.train import sharding, state as state_lib
+from synth_med.train import jit_cache, sharding, state as state_lib
 from synth_med.train.metric_writers import create_writer
 from synth_med.train.optimizers import make_optimizer
 from synth_med.train.progress import Progress
@@ -78,7 +79,14 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
     params = task.init(rng, batch)
     return state_lib.create(params, tx, jax.random.fold_in(rng, 1))
 
-  abstract = jax.eval_shape(init_state, root_rng, first)
+  # Runs of equal tasks and optimizers in one process share their jitted functions (jit_cache).
+  tkey = jit_cache.task_key(task)
+  run_key = None if tkey is None else (tkey, jit_cache.config_key(tcfg.optimizer), total, ema_decay,
+                                       mesh, json.dumps(rules, default=str),
+                                       jit_cache.tree_key(jax.eval_shape(lambda: first)),
+                                       jit_cache.tree_key(batch_shardings))
+  abstract = jit_cache.shared(run_key and ("abstract",) + run_key,
+                              lambda: jax.eval_shape(init_state, root_rng, first))
   state_shardings = sharding.tree_shardings(abstract, mesh, rules)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), int(tcfg.keep_checkpoints))
   start = ckpt.latest_step()
@@ -87,7 +95,9 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
     state = ckpt.restore(ckpt_lib.abstract_with_shardings(abstract, state_shardings))
   else:
     start = 0
-    state = jax.jit(init_state, out_shardings=state_shardings)(root_rng, first)
+    init_fn = jit_cache.shared(run_key and ("init",) + run_key,
+                               lambda: jax.jit(init_state, out_shardings=state_shardings))
+    state = init_fn(root_rng, first)
     load = getattr(task, "load_pretrained", None)
     if load is not None:
       params = load(jax.device_get(state.params))
@@ -96,9 +106,11 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
         state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                               opt_state=jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params))
 
-  train_step = make_train_step(task, tx, schedule, ema_decay)
-  step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  step_fn = jit_cache.shared(
+      run_key and ("step",) + run_key,
+      lambda: jax.jit(make_train_step(task, tx, schedule, ema_decay),
+                      in_shardings=(state_shardings, batch_shardings),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)))
 
   writer = create_writer(os.path.join(workdir, "tensorboard"))
   if start == 0:
