@@ -336,6 +336,9 @@ def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alp
                      "oversample": oversample, "pretrained": pretrained})
 
 
+TUNE_METRIC = {"skin": "top3", "chest": "mean_auc", "tissue": "accuracy"}
+
+
 def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDict | None,
                classifier: ConfigDict, methods: dict[str, ConfigDict]) -> ConfigDict:
   """A study: shared data + the stage configs (each a complete stage config) + methods."""
@@ -345,8 +348,8 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.distributed = False
   config.data = copy_unlocked(classifier.data)  # the world and splits every stage shares
   config.mesh = mesh_config()
-  config.stages = "base,upsampler,generate,classifiers,evaluate,report" if upsampler is not None else \
-      "base,generate,classifiers,evaluate,report"
+  config.stages = "base,upsampler,generate,tune,classifiers,evaluate,report" if upsampler is not None else \
+      "base,generate,tune,classifiers,evaluate,report"
   config.base = copy_unlocked(base)
   config.upsampler = copy_unlocked(upsampler) if upsampler is not None else None
   config.classifier = copy_unlocked(classifier)
@@ -356,6 +359,14 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
       "num_images": 2000,  # per mode (our choice; 002 leaves it open)
       "seed": 0,
       "shard_size": 256,
+  })
+  lr = float(classifier.train.optimizer.lr)
+  config.tune = ConfigDict({  # 002 App. E: tuned on the baseline's ID validation split, then fixed
+      "grid": f"train.optimizer.lr={lr / 3:.4g}|{lr:.4g}|{lr * 3:.4g}",  # 'key=v|v;key=v'; '' = no tuning
+      "method": next(iter(methods)),  # the first method is each study's real-data baseline
+      "split": "val",
+      "metric": TUNE_METRIC[world],
+      "seeds": 1,
   })
   config.methods = ConfigDict(methods)
   config.method_names = ""  # comma list to run a subset; "" = all
@@ -396,6 +407,7 @@ def study_smoke(config: ConfigDict) -> None:
   config.classifier.train.steps = 4
   config.classifier.train.checkpoint_every = 4
   config.classifier.train.eval_every = 0
+  config.tune.grid = "train.optimizer.lr=0.003|0.03"
 
 
 def study_smoke_sizes(config: ConfigDict, base_size: int, size: int) -> None:

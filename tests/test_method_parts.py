@@ -143,3 +143,43 @@ def test_baseline_augmentations_change_images_in_range(kind):
   changed = np.mean(np.abs(y1 - np.asarray(x)).reshape(16, -1).mean(-1) > 1e-3)
   assert changed >= 0.5  # most images are altered (RandAugment may draw identity twice)
   assert not np.allclose(y1, np.asarray(f(x, jax.random.key(2))))
+
+
+def test_tuning_grid_parsing_and_overrides():
+  from ml_collections import ConfigDict
+
+  from synth_med.experiments import tuning
+  points = tuning.grid_points("train.optimizer.lr=0.01|0.1; train.steps=100|200")
+  assert points == [{"train.optimizer.lr": 0.01, "train.steps": 100}, {"train.optimizer.lr": 0.01, "train.steps": 200},
+                    {"train.optimizer.lr": 0.1, "train.steps": 100}, {"train.optimizer.lr": 0.1, "train.steps": 200}]
+  assert tuning.grid_points("") == [] and tuning.grid_points("loss.name=ce|focal") == [
+      {"loss.name": "ce"}, {"loss.name": "focal"}]
+  c = ConfigDict({"train": {"steps": 10, "optimizer": {"lr": 0.03}}, "loss": {"name": "ce"}})
+  tuning.apply_overrides(c, {"train.optimizer.lr": 1, "train.steps": 300})
+  assert c.train.optimizer.lr == 1.0 and isinstance(c.train.optimizer.lr, float) and c.train.steps == 300
+  with pytest.raises(SynthMedError, match=r"'train.optimizer.lrr' is not in the classifier config; "
+                                          r"train.optimizer has \['lr'\]"):
+    tuning.apply_overrides(c, {"train.optimizer.lrr": 0.1})
+  with pytest.raises(SynthMedError, match=r"has no 'trian'"):
+    tuning.apply_overrides(c, {"trian.steps": 1})
+  with pytest.raises(SynthMedError, match=r"does not fit the current value 300"):
+    tuning.apply_overrides(c, {"train.steps": "many"})
+  with pytest.raises(SynthMedError, match=r"has no '='"):
+    tuning.parse_grid("train.steps")
+  with pytest.raises(SynthMedError, match=r"tune.metric='auc' on split 'val' is not in"):
+    tuning.score({"splits": {"val": {"overall": {"top3": 0.5}}}}, "val", "auc")
+
+
+def test_study_rejects_a_bad_tuning_grid_before_any_work():
+  from tests.conftest import load_config
+  c = load_config("derm_cascade", "smoke")
+  from synth_med.experiments.study import validate
+  with c.unlocked():
+    c.tune.grid = "train.optimizer.learning_rate=0.1"
+  with pytest.raises(SynthMedError, match="learning_rate"):
+    validate(c)
+  with c.unlocked():
+    c.tune.grid = ""
+    c.tune.method = "nope"
+  with pytest.raises(SynthMedError, match="tune.method='nope'"):
+    validate(c)

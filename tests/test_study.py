@@ -105,7 +105,7 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
   print(f"resumed smoke study: {time.time() - t0:.0f} s")
   assert _mtimes(finished) == before  # nothing finished was redone
   timings = json.loads((workdir / "timings.json").read_text())
-  assert all(timings[s]["skipped_last_run"] for s in ("base", "upsampler", "generate"))
+  assert all(timings[s]["skipped_last_run"] for s in ("base", "upsampler", "generate", "tune"))
   assert not timings["classifiers"]["skipped_last_run"]
 
   # The fair store: uniform sex within each label; the label-only store has no property.
@@ -125,9 +125,24 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
   assert res["methods"]["synthetic_only"]["mix"]["alpha"] == 0.0
   assert res["methods"]["synth_label_property"]["mix"]["dominant_classes"]
 
+  # Tuning (002 App. E): the real baseline per grid point on ID val; the best lr is every method's lr.
+  tuning = json.loads((workdir / "tune" / "best.json").read_text())
+  assert tuning["method"] == "real" and tuning["split"] == "val" and len(tuning["points"]) == 2
+  val_scores = []
+  for point in sorted(os.listdir(workdir / "tune")):
+    if point.startswith("p"):
+      m = json.loads((workdir / "tune" / point / "seed0" / "metrics.json").read_text())
+      val_scores.append(m["splits"]["val"]["overall"]["top3"])
+  assert [p["mean"] for p in tuning["points"]] == val_scores
+  best_lr = tuning["points"][int(np.argmax(val_scores))]["overrides"]["train.optimizer.lr"]
+  assert tuning["overrides"] == {"train.optimizer.lr": best_lr} and res["tuning"]["best"] == tuning["best"]
+  for method in res["methods"]:
+    used = json.loads((workdir / "classifiers" / method / "seed1" / "config.json").read_text())
+    assert used["train"]["optimizer"]["lr"] == best_lr
+
   page = (workdir / "report.html").read_text()
   for section in ("Samples: real next to synthetic", "Results (mean ± std over seeds)",
-                  "Performance against fairness gap", "Stage timings"):
+                  "Performance against fairness gap", "Hyper-parameter tuning", "Stage timings"):
     assert section in page
   assert page.count("data:image/png;base64,") >= 2 and "synth_label_property" in page
 

@@ -150,6 +150,19 @@ def write_report(config: Any, workdir: str) -> str:
   else:
     parts.append("<p>No classifier results yet (the classifiers and evaluate stages have not run).</p>")
 
+  tuning = res.get("tuning") if res else None
+  if tuning:
+    parts.append(f"<h2>Hyper-parameter tuning</h2><p>The <b>{html.escape(tuning['method'])}</b> recipe, "
+                 f"1 run per point and seed, scored by {html.escape(tuning['metric'])} on the "
+                 f"{html.escape(tuning['split'])} split; the best point is used by every method.</p>"
+                 f"<table><tr><th>point</th><th>{html.escape(tuning['metric'])}</th><th>used</th></tr>")
+    for j, row in enumerate(tuning["points"]):
+      point = ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
+      mean = "n/a" if row["mean"] is None else f"{row['mean']:.3f}"
+      parts.append(f"<tr><td>{html.escape(point)}</td><td>{mean}</td>"
+                   f"<td>{'✔' if j == tuning['best'] else ''}</td></tr>")
+    parts.append("</table>")
+
   parts.append("<h2>Stage timings</h2><table><tr><th>stage</th><th>seconds, all runs</th>"
                "<th>seconds, last run</th><th>last run</th></tr>")
   for stage, t in timings.items():

@@ -5,6 +5,7 @@ Stages, each in its own folder under the workdir:
   base         the base diffusion model                       base/
   upsampler    the cascade's super-resolution model            upsampler/
   generate     fair sampling, one store per conditioning mode  synthetic/<mode>/
+  tune         the real baseline over tune.grid, scored on ID val   tune/best.json
   classifiers  every method x seed                             classifiers/<method>/seed<k>/
   evaluate     mean +- std over seeds, ID and OOD              results.json
   report       one self-contained HTML page                    report.html
@@ -28,7 +29,7 @@ from typing import Any
 from synth_med.errors import SynthMedError
 from synth_med.experiments import artifacts
 
-STAGES = ("base", "upsampler", "generate", "classifiers", "evaluate", "report")
+STAGES = ("base", "upsampler", "generate", "tune", "classifiers", "evaluate", "report")
 # The world's identity and splits: one value for every stage (the image size stays per stage).
 SHARED_DATA_KEYS = ("source", "world", "seed", "num_classes", "id_domains", "ood_domains",
                     "unlabelled_domains", "train_size", "val_size", "test_size", "ood_size", "label_policy",
@@ -79,11 +80,14 @@ def stage_config(config: Any, part: str) -> Any:
   return sub
 
 
-def classifier_config(config: Any, workdir: str, method: str, seed: int) -> Any:
-  """The classifier stage config of one method and seed."""
+def classifier_config(config: Any, workdir: str, method: str, seed: int,
+                      tuned: dict[str, Any] | None = None) -> Any:
+  """The classifier stage config of one method and seed, with the tune stage's values (`tuned`) applied."""
+  from synth_med.experiments.tuning import apply_overrides
   m = config.methods[method]
   c = stage_config(config, "classifier")
   with c.unlocked():
+    apply_overrides(c, tuned or {})
     c.seed = int(seed)
     c.data.augment = m.augment
     c.loss.name = m.loss
@@ -116,6 +120,11 @@ def validate(config: Any) -> None:
     configuration.validate(stage_config(config, part))
   for name in names:
     configuration.validate(classifier_config(config, "/tmp", name, 0))
+  from synth_med.experiments.tuning import grid_points
+  if config.tune.method not in config.methods:
+    raise SynthMedError(f"tune.method={config.tune.method!r}; choose one of {list(config.methods)}.")
+  for point in grid_points(config.tune.grid):
+    configuration.validate(classifier_config(config, "/tmp", config.tune.method, 0, point))
   synth_size = (config.upsampler if has_up else config.base).data.image_size
   if synth_size != config.classifier.data.image_size:
     raise SynthMedError(f"synthetic images are {synth_size} px but the classifier trains at "
@@ -181,8 +190,20 @@ def _stage_generate(config: Any, workdir: str) -> bool:
   return generate_fair(config, workdir)
 
 
+def _stage_tune(config: Any, workdir: str) -> bool:
+  from synth_med.experiments.tuning import run_tuning
+  return run_tuning(config, workdir, lambda method, seed: classifier_config(config, workdir, method, seed))
+
+
 def _stage_classifiers(config: Any, workdir: str) -> bool:
   from synth_med.experiments.classifier import run_classifier
+  from synth_med.experiments.tuning import grid_points, read_best
+  tuned = read_best(workdir)
+  if tuned is None and grid_points(config.tune.grid):
+    raise SynthMedError(f"tune.grid is set but {workdir}/tune/best.json is missing; run the tune stage first "
+                        "(add it to --config.stages) or set --config.tune.grid='' to train with the config as written.")
+  if tuned:
+    print(f"every method uses the tuned values {tuned}", flush=True)
   names = method_names(config)
   runs = [(m, s) for m in names for s in range(int(config.seeds))]
   all_done = True
@@ -195,13 +216,16 @@ def _stage_classifiers(config: Any, workdir: str) -> bool:
         raise SynthMedError(f"method {m!r} needs the synthetic store {synth!r}, which is not finished; "
                             "run the generate stage first (add it to --config.stages).")
     print(f"--- classifier {i + 1}/{len(runs)}: {m}, seed {s} ---", flush=True)
-    run_classifier(classifier_config(config, workdir, m, int(config.seed) + s), folder)
+    run_classifier(classifier_config(config, workdir, m, int(config.seed) + s, tuned), folder)
   return all_done
 
 
 def _stage_evaluate(config: Any, workdir: str) -> bool:
   from synth_med.evaluation.study_results import aggregate, results_table
   res = aggregate(config, workdir, method_names(config), int(config.seeds))
+  from synth_med.experiments.tuning import best_path
+  if os.path.exists(best_path(workdir)):
+    res["tuning"] = artifacts.read_json(best_path(workdir))
   artifacts.write_json(output_path(config, workdir, "results"), res)
   print(results_table(res), flush=True)
   return False
@@ -216,5 +240,5 @@ def _stage_report(config: Any, workdir: str) -> bool:
 
 STAGE_FNS = {"base": functools.partial(_stage_diffusion, "base"),
              "upsampler": functools.partial(_stage_diffusion, "upsampler"), "generate": _stage_generate,
-             "classifiers": _stage_classifiers, "evaluate": _stage_evaluate, "report": _stage_report}
+             "tune": _stage_tune, "classifiers": _stage_classifiers, "evaluate": _stage_evaluate, "report": _stage_report}
 
