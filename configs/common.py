@@ -50,7 +50,58 @@ def data_config(world: str, image_size: int) -> ConfigDict:
       # --config.data.domain_prevalence.ood1='(0.5, 0.5)' for a 2-class skin world.
       "domain_prevalence": {d: () for d in id_domains + ood_domains},
       "augment": "standard",  # none | standard (002 App. E.1, per modality)
+      # Real data (data.source != 'world'; see README "Real data sets" and "Use your own data").
+      "manual_dir": "",  # the data set's folder, as its owners distribute it
+      "preprocessed_dir": "",  # where resized shards go ('' = ~/.cache/synth_med/preprocessed)
+      "corrupt_images": "skip",  # skip (and count) | fail
+      "equalize": False,  # histogram equalisation (paper 000, chest X-ray)
+      "frontal_only": True,  # CheXpert / MIMIC-CXR: frontal views only
+      "val_fraction": 0.1,  # patient-level slices where the data set has no such split
+      "id_test_fraction": 0.1,
+      "mimic_patients_csv": "",  # MIMIC-IV patients.csv(.gz) for sex and age
+      "fitzpatrick_partition": "three",  # three | nine | label
+      "use_unlabelled_set": True,  # CAMELYON17-WILDS: camelyon17_unlabeled_v1.0 when present
+      "csv": "",  # data.source='csv': the CSV
+      "channels": 3,
+      "columns": {"image": "image", "label": "label", "label_format": "class", "findings": "",
+                  "attributes": "", "buckets": "", "domain": "", "split": "", "patient": "", "labelled": ""},
   })
+
+
+# Real data sets (synth_med/data/tables): modality, and the ID / OOD / unlabelled values of their domain column.
+REAL_SOURCES = {
+    "chexpert": ("chest", ("chexpert",), (), ("chexpert",)),
+    "chestxray14": ("chest", ("chestxray14",), (), ("chestxray14",)),
+    "mimic_cxr": ("chest", ("mimic_cxr",), (), ("mimic_cxr",)),
+    "camelyon17": ("tissue", ("h0", "h3", "h4"), ("h1", "h2"), ("h0", "h3", "h4")),
+    "scin": ("skin", ("scin",), (), ("scin",)),
+    "fitzpatrick17k": ("skin", ("fitzpatrick17k",), (), ("fitzpatrick17k",)),
+    "ddi": ("skin", ("ddi",), (), ("ddi",)),
+    "ham10000": ("skin", ("ham10000",), (), ("ham10000",)),
+    "csv": (None, (), (), ()),  # '' domains: every value ID (see csv_table.py)
+}
+
+
+def real_source(words: set[str], modality: str) -> str | None:
+  """The real data set named among the config words (at most one, of this modality)."""
+  named = [w for w in words if w in REAL_SOURCES]
+  if len(named) > 1:
+    raise ValueError(f"name one data set, not {sorted(named)}")
+  if named and REAL_SOURCES[named[0]][0] not in (None, modality):
+    raise ValueError(f"{named[0]} is {REAL_SOURCES[named[0]][0]} data; this config is for {modality}")
+  return named[0] if named else None
+
+
+def use_real_data(config: ConfigDict, source: str) -> None:
+  """Points `config.data` at a local real data set: every row (no size caps), no extra skew, its domains.
+  Set data.manual_dir (or data.csv) on the command line."""
+  _, id_domains, ood_domains, unlabelled = REAL_SOURCES[source]
+  d = config.data
+  d.source = source
+  d.id_domains, d.ood_domains, d.unlabelled_domains = id_domains, ood_domains, unlabelled
+  for k in ("train_size", "val_size", "test_size", "ood_size", "unlabelled_size"):
+    d[k] = 0  # 0 = the whole split
+  d.skew.setting = "none"
 
 
 def apply_skew_arg(config: ConfigDict, words: set[str]) -> None:
@@ -314,7 +365,7 @@ def diffusion_full(config: ConfigDict, base_size: int, up_size: int, ch: int, re
 
 # The attribute axes of the skin study: (skew/fair attribute, minority codes of Table A2).
 SKIN_AXES = {"sex": ("sex", (1,)), "age": ("age_bucket", (4, 5, 6)), "tone": ("skin_tone", (3, 4, 5))}
-STUDY_ARGS = ("smoke", "full", "age", "tone") + SKEW_ARGS
+STUDY_ARGS = ("smoke", "full", "age", "tone") + SKEW_ARGS + tuple(REAL_SOURCES)
 
 
 def stage_configs(classifier_module, diffusion_module, words: set[str], upsampler: bool = True,

@@ -10,13 +10,14 @@ training data), classifiers (002 E.2 chest baselines: real data, RandAugment,
 RandAugment + ImageNet-style augmentation, focal loss, the synthetic mix and
 synthetic only; 5 seeds), evaluation (mean AUC and per-finding AUC, ID and
 OOD; gap = best - worst sex on mean AUC) and report.html.
-Arguments: smoke, full.
+Arguments: smoke, full; chexpert / chestxray14 / mimic_cxr / csv run it on a local copy of that data set
+(with --config.data.manual_dir=..., or --config.data.csv=... for csv; README "Real data sets").
 """
 from configs import common, cxr_classifier, cxr_diffusion
 
 
 def get_config(arg=None):
-  words = common.parse_arg(arg, ("smoke", "full"))
+  words = common.parse_arg(arg, ("smoke", "full", "chexpert", "chestxray14", "mimic_cxr", "csv"))
   classifier, base, up = common.stage_configs(cxr_classifier, cxr_diffusion, words)
   methods = {
       "real": common.method(),
@@ -29,6 +30,9 @@ def get_config(arg=None):
   }
   config = common.study_base("chest", "sex", base, up, classifier, methods)
   config.generate.modes = ("label",)
+  source = common.real_source(words, "chest")
+  if source:
+    common.use_real_data(config, source)
   if "smoke" in words:
     common.study_smoke_sizes(config, base_size=8, size=16)
   elif "full" not in words:

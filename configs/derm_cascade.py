@@ -14,6 +14,9 @@ Arguments (comma list):
   sweep                 instead of the baselines: the equality level l in {0, 0.5, 1} with and
                         without w2 (002 G.3.5), and, our addition, alpha in {0.25, 0.5, 0.75}
   less / more / most / unskewed   the skew of that attribute (Table A2; default: more)
+  scin / fitzpatrick17k / ddi / ham10000 / csv   a local copy of that data set instead of the procedural
+                        world (--config.data.manual_dir=..., or --config.data.csv=...; README "Real data
+                        sets"); Fitzpatrick17k and DDI have no sex, so they use tone
 Defaults we chose where 002 is silent: α = 0.5 for the synthetic mixes, w2 on
 the 4 dominant classes of the training data (no w1), 2,000 images per mode.
 Add --config.pretrained_npz=/path/BiT-M-R50x1.npz for the pretrained baseline.
@@ -23,7 +26,8 @@ from configs import common, derm_classifier, derm_diffusion
 
 def get_config(arg=None):
   words = common.parse_arg(arg, common.STUDY_ARGS + ("sweep",))
-  axis = "age" if "age" in words else "tone" if "tone" in words else "sex"
+  source = common.real_source(words, "skin")
+  axis = "age" if "age" in words else "tone" if "tone" in words or source in ("fitzpatrick17k", "ddi") else "sex"
   attribute, minority = common.SKIN_AXES[axis]
   classifier, base, up = common.stage_configs(derm_classifier, derm_diffusion, words)
   methods = {
@@ -52,6 +56,8 @@ def get_config(arg=None):
   config.data.skew.attribute = attribute
   config.data.skew.minority_values = minority
   common.apply_skew_arg(config, words)
+  if source:
+    common.use_real_data(config, source)
   config.classifier.mix.attribute = attribute
   for part in (config.base, config.upsampler):
     common.set_property(part, attribute)

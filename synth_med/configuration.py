@@ -34,7 +34,7 @@ def validate(config: Any) -> None:
   from synth_med.data.augment import AUGMENTS
   from synth_med.data.worlds import WORLDS
   from synth_med.data.worlds.base import SKEW_FRACTIONS
-  from synth_med.data.worlds.chest import LABEL_POLICIES
+  from synth_med.data.label_policy import LABEL_POLICIES
   from synth_med.train.optimizers import OPTIMIZERS, SCHEDULES
 
   _choice(config, "experiment", EXPERIMENTS)
@@ -42,7 +42,8 @@ def validate(config: Any) -> None:
     from synth_med.experiments.study import validate as validate_study
     validate_study(config)
     return
-  _choice(config, "data.source", ("world",))
+  from synth_med.data.tables import SOURCES
+  _choice(config, "data.source", ("world",) + SOURCES)
   _choice(config, "data.world", WORLDS)
   _choice(config, "data.label_policy", LABEL_POLICIES)
   _choice(config, "data.skew.setting", tuple(SKEW_FRACTIONS))

@@ -14,6 +14,33 @@ HEADLINE = {"skin": ("top3", "high_risk_sensitivity", "balanced_top3"), "chest":
 GAP_METRIC = {"skin": "top3", "chest": "mean_auc", "tissue": "accuracy"}
 
 
+def headline_metrics(workdir: str, methods: Sequence[str], seeds: int, world: str) -> tuple[list[str], str]:
+  """The modality's headline metrics that the runs report; for a real or CSV data set whose label kind
+  differs from the modality's (e.g. a binary skin set), the first of top1 / mean_auc / accuracy present."""
+  present: set[str] = set()
+  num_classes = None
+  for m in methods:
+    for s in range(seeds):
+      path = os.path.join(workdir, "classifiers", m, f"seed{s}", "metrics.json")
+      if os.path.exists(path):
+        run = artifacts.read_json(path)
+        present |= set(next(iter(v for k, v in run["splits"].items() if k != "val"), {}).get("overall", {}))
+        num_classes = len(run.get("classes", []))
+        break
+    if present:
+      break
+  if not present:
+    return list(HEADLINE[world]), GAP_METRIC[world]
+  headline = list(HEADLINE[world])
+  if num_classes is not None and num_classes <= 3:  # top-3 of <= 3 classes is always right
+    headline = [h.replace("top3", "top1") for h in headline]
+  metrics = [m for m in headline if m in present]
+  if not metrics:
+    metrics = [next((m for m in ("top1", "mean_auc", "accuracy") if m in present), sorted(present)[0])]
+  gap = GAP_METRIC[world].replace("top3", "top1") if "top1" in metrics and "top3" not in metrics else GAP_METRIC[world]
+  return metrics, gap if gap in metrics else metrics[0]
+
+
 def _stats(values: Sequence[float | None]) -> dict[str, Any]:
   vals = [float(v) for v in values if v is not None]
   if not vals:
@@ -27,7 +54,7 @@ def aggregate(config: Any, workdir: str, methods: Sequence[str], seeds: int) -> 
   the fairness gap (best - worst group of `generate.attribute`) of the gap metric."""
   world = str(config.data.world)
   attr = str(config.generate.attribute)
-  metrics, gap_metric = HEADLINE[world], GAP_METRIC[world]
+  metrics, gap_metric = headline_metrics(workdir, methods, seeds, world)
   out: dict[str, Any] = {"world": world, "attribute": attr, "metrics": list(metrics), "gap_metric": gap_metric,
                          "seeds": seeds, "splits": [], "methods": {}, "missing": []}
   for m in methods:

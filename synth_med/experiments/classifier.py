@@ -18,6 +18,7 @@ from synth_med.data.augment import make_augment
 from synth_med.data.mixing import MixedStream, check_alpha, classifier_arrays
 from synth_med.data.pipeline import RowSubset, TrainStream, WorldSource, materialise
 from synth_med.data.shards import read_shards
+from synth_med.data.tables import save_vocabulary
 from synth_med.data.worlds import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
 from synth_med.evaluation.image_grid import make_grid, save_png
@@ -110,6 +111,7 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   t0 = time.time()
 
   world = make_world(config.data)
+  save_vocabulary(world, workdir)
   spec = world.spec
   mesh = sharding.make_mesh(config.mesh)
   train_split = world.split("train")
@@ -123,7 +125,7 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   model = build_model(config, spec)
   task = ClassifierTask(model, spec.label_kind, loss=config.loss.name,
                         focal_gamma=float(config.loss.focal_gamma),
-                        augment=make_augment(spec.name, config.data.augment),
+                        augment=make_augment(str(config.data.world), config.data.augment),  # the modality
                         pretrained_npz=config.model.pretrained_npz, load_fn=bit_resnet.load)
   bind = make_predict(task, mesh, spec.label_kind)
   eval_bs = int(config.eval.batch_size)

@@ -18,6 +18,7 @@ import numpy as np
 
 from synth_med.data.pipeline import ArraySource, TrainStream, WorldSource, materialise
 from synth_med.data.schema import DatasetSpec, concat_batches
+from synth_med.data.tables import save_vocabulary
 from synth_med.data.worlds import make_world
 from synth_med.diffusion import samplers
 from synth_med.diffusion.conditioning import ConditioningSpec, condition_table, make_spec
@@ -143,6 +144,7 @@ def run_diffusion(config: Any, workdir: str) -> dict[str, Any]:
     return done
   t0 = time.time()
   world = make_world(config.data)
+  save_vocabulary(world, workdir)
   spec = world.spec
   unet.check_image_size(int(config.data.image_size), tuple(config.model.channel_mult))
   mesh = sharding.make_mesh(config.mesh)

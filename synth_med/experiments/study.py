@@ -33,7 +33,9 @@ STAGES = ("base", "upsampler", "generate", "tune", "classifiers", "evaluate", "r
 # The world's identity and splits: one value for every stage (the image size stays per stage).
 SHARED_DATA_KEYS = ("source", "world", "seed", "num_classes", "id_domains", "ood_domains",
                     "unlabelled_domains", "train_size", "val_size", "test_size", "ood_size", "label_policy",
-                    "skew", "domain_prevalence")
+                    "skew", "domain_prevalence", "manual_dir", "preprocessed_dir", "corrupt_images", "equalize",
+                    "frontal_only", "val_fraction", "id_test_fraction", "mimic_patients_csv", "fitzpatrick_partition",
+                    "use_unlabelled_set", "csv", "channels", "columns")
 SYNTHETIC_MODES = ("label", "label_property")
 
 

@@ -97,7 +97,13 @@ def read_best(workdir: str) -> dict[str, Any] | None:
   return artifacts.read_json(path)["overrides"] if os.path.exists(path) else None
 
 
+AUTO_METRICS = ("top1", "mean_auc", "accuracy")  # tune.metric='auto': the first the label kind reports
+
+
 def score(metrics: dict[str, Any], split: str, metric: str) -> float | None:
+  if metric == "auto":
+    overall = metrics.get("splits", {}).get(split, {}).get("overall", {})
+    metric = next((m for m in AUTO_METRICS if m in overall), metric)
   try:
     value = metrics["splits"][split]["overall"][metric]
   except KeyError as e:

@@ -10,7 +10,10 @@ WORLDS = ("skin", "chest", "tissue")
 
 
 def make_world(data_config: Any) -> World:
-  """Builds the world named by `data_config.world`."""
+  """Builds the world named by `data_config.world`, or the real data set of `data.source` (data/tables)."""
+  if str(data_config.get("source", "world")) != "world":
+    from synth_med.data.tables import make_table_world
+    return make_table_world(data_config)
   name = data_config.world
   if name == "skin":
     from synth_med.data.worlds.skin import SkinWorld

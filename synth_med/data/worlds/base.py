@@ -219,34 +219,36 @@ class World(abc.ABC):
 
   def _train_ids(self) -> np.ndarray:
     """The ID labelled pool with the configured skew caps applied (Table A2 rule)."""
-    cfg = self.config
-    pool = self._draw(self.id_domains, TRAIN, int(cfg.train_size), labelled_only=True)
-    skew = cfg.skew
+    pool = self._draw(self.id_domains, TRAIN, int(self.config.train_size), labelled_only=True)
+    skew = self.config.skew
     if skew.setting == "none" and int(skew.cap) < 0:
       return pool
-    meta = self.metadata(pool)
-    key = f"attrs/{skew.attribute}"
-    if key not in meta:
-      raise SynthMedError(f"data.skew.attribute={skew.attribute!r} is not an attribute of the "
-                          f"{self.spec.name} world; choose from {[a.name for a in self.spec.attributes]}.")
-    values = meta[key]
-    minority = np.isin(values, np.asarray(tuple(skew.minority_values), np.int32))
-    if not minority.any():
-      return pool
-    majority_count = int(((values != UNKNOWN) & ~minority).sum())
-    if int(skew.cap) >= 0:
-      cap = int(skew.cap)
-    else:
-      cap = int(round(SKEW_FRACTIONS[skew.setting] * majority_count))
-    # Spread the cap over the minority values in proportion to their counts.
-    keep = ~minority
-    mvals, mcounts = np.unique(values[minority], return_counts=True)
-    total = mcounts.sum()
-    for v, c in zip(mvals, mcounts):
-      quota = int(round(cap * c / total)) if total > cap else int(c)
-      where = np.nonzero(values == v)[0][:quota]
-      keep[where] = True
-    return pool[keep]
+    return apply_skew(pool, self.metadata(pool), skew, self.spec)
+
+
+def apply_skew(pool: np.ndarray, meta: Mapping[str, np.ndarray], skew: Any, spec: Any) -> np.ndarray:
+  """`pool` with the minority values of `skew.attribute` capped (002 Table A2 fractions of the majority
+  count, or the absolute `skew.cap`); `meta` holds the pool's attributes in order."""
+  if skew.setting == "none" and int(skew.cap) < 0:
+    return pool
+  key = f"attrs/{skew.attribute}"
+  if key not in meta:
+    raise SynthMedError(f"data.skew.attribute={skew.attribute!r} is not an attribute of the "
+                        f"{spec.name} data; choose from {[a.name for a in spec.attributes]}.")
+  values = np.asarray(meta[key])
+  minority = np.isin(values, np.asarray(tuple(skew.minority_values), np.int32))
+  if not minority.any():
+    return pool
+  majority_count = int(((values != UNKNOWN) & ~minority).sum())
+  cap = int(skew.cap) if int(skew.cap) >= 0 else int(round(SKEW_FRACTIONS[skew.setting] * majority_count))
+  # Spread the cap over the minority values in proportion to their counts.
+  keep = ~minority
+  mvals, mcounts = np.unique(values[minority], return_counts=True)
+  total = mcounts.sum()
+  for v, c in zip(mvals, mcounts):
+    quota = int(round(cap * c / total)) if total > cap else int(c)
+    keep[np.nonzero(values == v)[0][:quota]] = True
+  return pool[keep]
 
 
 @functools.partial(jax.jit, static_argnames=("use_blur",))

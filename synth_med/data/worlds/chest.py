@@ -25,12 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from synth_med.data import random_fields as rf
+from synth_med.data.label_policy import apply_label_policy, usable_for_classifier
 from synth_med.data.schema import AGE_BUCKET_NAMES, AttributeSpec, DatasetSpec, age_to_bucket
 from synth_med.data.worlds.base import UNLABELLED, Capture, World, make_ids, unpack_ids
-from synth_med.errors import SynthMedError
 
 FINDINGS = ("Atelectasis", "Consolidation", "Cardiomegaly", "Effusion", "Edema")
-LABEL_POLICIES = ("002", "000", "ones", "zeros")
 _PREVALENCE = {"id": (0.15, 0.07, 0.12, 0.25, 0.18), "ood1": (0.10, 0.04, 0.03, 0.12, 0.02)}
 _P_MALE = {"id": 0.58, "ood1": 0.56}
 _P_UNCERTAIN_POS, _P_UNCERTAIN_NEG = 0.2, 0.03
@@ -41,18 +40,6 @@ _CAPTURES = {
 }
 
 _S_DEMO, _S_FIND, _S_UNC, _S_GEOM = 31, 32, 33, 34
-
-
-def apply_label_policy(raw: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
-  """raw int[B, K] in {1, 0, -1 (uncertain)} -> (label, mask) float32[B, K]."""
-  raw = np.asarray(raw)
-  if policy == "002" or policy == "zeros":
-    return (raw == 1).astype(np.float32), np.ones(raw.shape, np.float32)
-  if policy == "000":
-    return (raw == 1).astype(np.float32), (raw != -1).astype(np.float32)
-  if policy == "ones":
-    return (raw != 0).astype(np.float32), np.ones(raw.shape, np.float32)
-  raise SynthMedError(f"data.label_policy={policy!r} is unknown; choose one of {list(LABEL_POLICIES)}.")
 
 
 class ChestWorld(World):
@@ -98,9 +85,7 @@ class ChestWorld(World):
             "age": age.astype(np.float32)}
 
   def usable_for_labelled_training(self, meta: Mapping[str, np.ndarray]) -> np.ndarray:
-    if self.policy == "002":
-      return ~(meta["raw_label"] == -1).any(axis=1)
-    return np.ones(len(meta["domain"]), bool)
+    return usable_for_classifier(meta["raw_label"], self.policy)
 
   def _unlabelled_ids(self, domains: tuple[str, ...]) -> np.ndarray:
     """002: the generator's extra data are the ID images whose labels are uncertain."""
