@@ -183,3 +183,29 @@ def test_study_rejects_a_bad_tuning_grid_before_any_work():
     c.tune.method = "nope"
   with pytest.raises(SynthMedError, match="tune.method='nope'"):
     validate(c)
+
+
+def test_condition_fidelity_probe_tells_a_faithful_generator_from_one_that_ignores_the_property():
+  from synth_med.evaluation.condition_fidelity import fidelity, fit_probes
+  rng = np.random.default_rng(0)
+
+  def images(attr, label):  # the property sets the brightness, the label a bright square's position
+    x = rng.normal(60 + 120 * attr[:, None, None, None], 20, (len(attr), 16, 16, 3))
+    for i, y in enumerate(label):
+      x[i, 4 * y:4 * y + 4, 4:8] += 60
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+  n = 400
+  attr, label = rng.integers(0, 2, n), rng.integers(0, 3, n)
+  real = {"image": images(attr, label), "label": np.eye(3)[label], "attrs/sex": attr.astype(np.int32)}
+  probes = fit_probes(real, "sex")
+  assert probes["sex"]["real_heldout"] > 0.95 and probes["label"]["real_heldout"] > 0.8
+  asked, asked_label = rng.integers(0, 2, 200), rng.integers(0, 3, 200)
+  faithful = {"image": images(asked, asked_label), "label": np.eye(3)[asked_label], "attrs/sex": asked.astype(np.int32)}
+  ignoring = dict(faithful, image=images(np.zeros(200, int), asked_label))  # always renders value 0
+  good, bad = fidelity(probes, faithful, "sex"), fidelity(probes, ignoring, "sex")
+  assert good["sex"]["synthetic_as_requested"] > 0.95 and good["label"]["synthetic_as_requested"] > 0.8
+  assert 0.3 < bad["sex"]["synthetic_as_requested"] < 0.7
+  assert bad["sex"]["synthetic_per_value"][0] > 0.95 and bad["sex"]["synthetic_per_value"][1] < 0.05
+  label_only = dict(faithful, **{"attrs/sex": np.full(200, -1, np.int32)})
+  assert fidelity(probes, label_only, "sex")["sex"]["synthetic_as_requested"] is None

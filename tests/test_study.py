@@ -125,6 +125,9 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
   assert res["methods"]["synthetic_only"]["mix"]["alpha"] == 0.0
   assert res["methods"]["synth_label_property"]["mix"]["dominant_classes"]
 
+  fid = res["fidelity"]
+  assert set(fid) == {"label", "label_property"} and fid["label_property"]["sex"]["n_synthetic_scored"] > 0
+  assert fid["label"]["sex"]["synthetic_as_requested"] is None  # label-only store: no property requested
   # Tuning (002 App. E): the real baseline per grid point on ID val; the best lr is every method's lr.
   tuning = json.loads((workdir / "tune" / "best.json").read_text())
   assert tuning["method"] == "real" and tuning["split"] == "val" and len(tuning["points"]) == 2
@@ -142,7 +145,8 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
 
   page = (workdir / "report.html").read_text()
   for section in ("Samples: real next to synthetic", "Results (mean ± std over seeds)",
-                  "Performance against fairness gap", "Hyper-parameter tuning", "Stage timings"):
+                  "Performance against fairness gap", "Hyper-parameter tuning", "Generator fidelity",
+                  "Stage timings"):
     assert section in page
   assert page.count("data:image/png;base64,") >= 2 and "synth_label_property" in page
 

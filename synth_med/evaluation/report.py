@@ -150,6 +150,26 @@ def write_report(config: Any, workdir: str) -> str:
   else:
     parts.append("<p>No classifier results yet (the classifiers and evaluate stages have not run).</p>")
 
+  fid = res.get("fidelity") if res else None
+  if fid:
+    parts.append("<h2>Generator fidelity</h2><p>Does the generator follow its conditions? A probe "
+                 "(gradient-boosted trees on colour-grid, channel and edge features) fitted on real labelled "
+                 "images predicts the label and the property; <i>real</i> is its accuracy on held-out real "
+                 "images (how visible the part is), <i>synthetic</i> its agreement with what each synthetic "
+                 "image was asked for. Synthetic far below real means that part of the condition is not "
+                 "rendered, so fair sampling over it cannot help.</p><table><tr><th>store</th><th>part</th>"
+                 "<th>real held-out</th><th>synthetic as requested</th><th>majority class</th>"
+                 "<th>per requested value</th></tr>")
+    for mode, entry in fid.items():
+      for part, e in entry.items():
+        if not isinstance(e, dict):
+          continue
+        syn = "n/a" if e.get("synthetic_as_requested") is None else f"{e['synthetic_as_requested']:.3f}"
+        per = ", ".join(f"{k}: {v:.2f}" for k, v in (e.get("synthetic_per_value") or {}).items())
+        parts.append(f"<tr><td>{html.escape(mode)}</td><td>{html.escape(part)}</td><td>{e['real_heldout']:.3f}</td>"
+                     f"<td>{syn}</td><td>{e['majority_baseline']:.3f}</td><td>{html.escape(per)}</td></tr>")
+    parts.append("</table>")
+
   tuning = res.get("tuning") if res else None
   if tuning:
     parts.append(f"<h2>Hyper-parameter tuning</h2><p>The <b>{html.escape(tuning['method'])}</b> recipe, "

@@ -228,6 +228,9 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
   from synth_med.experiments.tuning import best_path
   if os.path.exists(best_path(workdir)):
     res["tuning"] = artifacts.read_json(best_path(workdir))
+  if config.get("fidelity", True):
+    from synth_med.evaluation.condition_fidelity import study_fidelity
+    res["fidelity"] = study_fidelity(config, workdir)
   artifacts.write_json(output_path(config, workdir, "results"), res)
   print(results_table(res), flush=True)
   return False
