@@ -40,8 +40,9 @@ def make_table_world(data_config: Any):
 def save_vocabulary(world: Any, workdir: str) -> None:
   """Writes `<workdir>/vocabulary.json` (classes, attribute values, domains) for a real data set; a
   procedural world's vocabulary is fixed in code, so nothing is written for it."""
-  table = getattr(world, "table", None)
-  if table is not None:
+  from synth_med.data.tables.table_world import TableWorld
+  if isinstance(world, TableWorld):
+    table = world.table
     import os
 
     from synth_med.experiments.artifacts import write_json
