@@ -50,8 +50,13 @@ def validate(config: Any) -> None:
   _choice(config, "data.augment", AUGMENTS)
   _choice(config, "train.optimizer.name", OPTIMIZERS)
   _choice(config, "train.optimizer.schedule", SCHEDULES)
-  for key in ("data.image_size", "data.train_size", "train.steps", "train.batch_size", "train.optimizer.lr"):
+  # A real data set's *_size keys cap its splits, 0 meaning all of it; a procedural world needs a size.
+  sized = ("data.train_size",) if str(config.data.source) == "world" else ()
+  for key in ("data.image_size",) + sized + ("train.steps", "train.batch_size", "train.optimizer.lr"):
     _positive(config, key)
+  for key in ("train_size", "val_size", "test_size", "ood_size", "unlabelled_size"):
+    if int(config.data.get(key, 0)) < 0:
+      raise SynthMedError(f"--config.data.{key}={config.data[key]} must be >= 0 (0 = the whole split).")
   if not 8 <= config.data.image_size <= 1024:
     raise SynthMedError(f"--config.data.image_size={config.data.image_size} must be in 8..1024.")
   if not 0.0 <= config.train.ema_decay < 1.0:
@@ -73,7 +78,8 @@ def _validate_classifier(config: Any) -> None:
   if not config.model.block_units:
     _choice(config, "model.depth", tuple(sorted(DEPTHS)))
   _choice(config, "loss.name", LOSSES)
-  for key in ("data.test_size", "data.ood_size", "eval.batch_size", "model.width"):
+  sized = ("data.test_size", "data.ood_size") if str(config.data.source) == "world" else ()
+  for key in sized + ("eval.batch_size", "model.width"):
     _positive(config, key)
   from synth_med.data.mixing import check_alpha
   check_alpha(config.mix.alpha)

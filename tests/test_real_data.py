@@ -250,3 +250,39 @@ def test_real_data_config_switches(tmp_path):
   assert c.data.source == "camelyon17" and c.data.ood_domains == ("h1", "h2")
   with pytest.raises(ValueError, match="is chest data"):
     load_config("derm_cascade", "chexpert")
+
+
+def test_chexpert_smoke_study_runs_end_to_end_on_a_fake_copy(tmp_path):
+  """`cxr_cascade.py:chexpert,smoke` on a CheXpert-v1.0-small tree: every stage, unchanged, on real-format data."""
+  import json
+
+  from tests.test_cli import run_main
+  root = fake.write_chexpert(str(tmp_path / "cx"), patients=40)
+  workdir = tmp_path / "run"
+  r = run_main("--config=configs/cxr_cascade.py:chexpert,smoke", f"--workdir={workdir}",
+               f"--config.data.manual_dir={root}", f"--config.data.preprocessed_dir={tmp_path / 'cache'}",
+               "--config.data.id_test_fraction=0.25", "--config.method_names=real,synth_label", "--config.seeds=1",
+               timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "decoded" in r.stdout and "images/s" in r.stdout  # the preprocessing job ran and reported throughput
+  res = json.loads((workdir / "results.json").read_text())
+  assert set(res["methods"]) == {"real", "synth_label"} and res["splits"] == ["id"]
+  assert res["metrics"] == ["mean_auc"]
+  m = json.loads((workdir / "classifiers" / "real" / "seed0" / "metrics.json").read_text())
+  assert m["classes"] == ["Atelectasis", "Consolidation", "Cardiomegaly", "Effusion", "Edema"]
+  assert set(m["splits"]["id"]["groups"]["sex"]) == {"female", "male"}
+  vocab = json.loads((workdir / "base" / "vocabulary.json").read_text())
+  assert vocab["source"] == "chexpert" and vocab["attributes"]["sex"] == ["female", "male"]
+  assert (workdir / "report.html").stat().st_size > 10_000
+
+
+def test_patient_split_is_per_patient_and_not_correlated_with_the_id_digits():
+  from synth_med.data.tables.table import patient_split
+  patients = np.asarray([f"patient{i:05d}" for i in range(400)])
+  split = patient_split(np.repeat(patients, 2), {"train": 0.75, "test": 0.25}, seed=0)
+  assert (split[::2] == split[1::2]).all()  # both images of a patient in one split
+  test = np.nonzero(split[::2] == "test")[0]
+  assert 0.18 < len(test) / 400 < 0.32
+  for m in (2, 4):  # not all test ids share a residue (crc32 did that)
+    assert len(set(test % m)) == m
+  assert (patient_split(patients, {"train": 0.75, "test": 0.25}, seed=1) != split[::2]).any()

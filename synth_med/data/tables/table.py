@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
+import hashlib
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -159,6 +159,8 @@ def patient_split(patients: np.ndarray, fractions: Mapping[str, float], seed: in
     raise SynthMedError(f"split fractions {dict(fractions)} must be >= 0 with a positive sum.")
   edges = np.cumsum(p / p.sum())
   uniq, inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
-  u = np.asarray([zlib.crc32(f"{seed}:{pid}".encode()) / 2**32 for pid in uniq])
+  # blake2b, not crc32: crc32 is linear, so ids differing in one digit land in correlated places.
+  u = np.asarray([int.from_bytes(hashlib.blake2b(f"{seed}:{pid}".encode(), digest_size=8).digest(), "big") / 2**64
+                  for pid in uniq])
   which = np.minimum(np.searchsorted(edges, u, side="right"), len(names) - 1)
   return np.asarray(names, dtype=object)[which][inverse].astype(str)
