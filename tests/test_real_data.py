@@ -58,6 +58,7 @@ def test_preprocessing_is_resumable_and_prints_throughput(tmp_path, capsys):
   images, ok = prepare_images(table, 16, str(tmp_path / "cache"))
   out = capsys.readouterr().out
   assert "images/s" in out and ok.all() and images[np.arange(len(table))].shape == (len(table), 16, 16, 1)
+  assert len(images) == len(table)  # ArrayRecord shards, one record per image
   folder = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache") for f in fs if f.startswith("images-")]
   mtimes = {f: os.stat(f).st_mtime_ns for f in folder}
   images2, _ = prepare_images(table, 16, str(tmp_path / "cache"))

@@ -2,11 +2,12 @@
 
 Decode (any format PIL reads), convert to greyscale or RGB, resize with the
 aspect ratio kept and zero padding to a square, optionally histogram-equalise
-(paper 000), and write chunks of `CHUNK` rows as `.npy` files that training
-then memory-maps. Chunks are written in parallel threads (PIL releases the GIL
-while decoding), each atomically (temporary file, then rename); a rerun skips
-the finished chunks, so a killed job resumes. Progress and the decode
-throughput are printed.
+(paper 000), and write chunks of `CHUNK` rows as ArrayRecord files (one record
+per image, the raw uint8 pixels; random access by row, as grain reads them).
+Chunks are written in parallel threads (PIL releases the GIL while decoding),
+each atomically (temporary file, then rename, then the chunk's `ok` mask as its
+done marker); a rerun skips the finished chunks, so a killed job resumes.
+Progress and the decode throughput are printed.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import threading
 import time
-from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,17 @@ def cache_folder(table: ImageTable, size: int, root: str) -> str:
 
 
 def _chunk_paths(folder: str, k: int) -> tuple[str, str]:
-  return os.path.join(folder, f"images-{k:05d}.npy"), os.path.join(folder, f"ok-{k:05d}.npy")
+  return os.path.join(folder, f"images-{k:05d}.array_record"), os.path.join(folder, f"ok-{k:05d}.npy")
+
+
+def _write_array_record(path: str, images: np.ndarray) -> None:
+  from array_record.python import array_record_module
+  tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  for im in images:
+    writer.write(np.ascontiguousarray(im).tobytes())
+  writer.close()
+  os.replace(tmp, path)
 
 
 def _write_chunk(table: ImageTable, folder: str, k: int, size: int, equalize: bool, corrupt: str) -> list[str]:
@@ -86,7 +97,7 @@ def _write_chunk(table: ImageTable, folder: str, k: int, size: int, equalize: bo
       ok[j] = False
       bad.append(path)
   img_path, ok_path = _chunk_paths(folder, k)
-  atomic_write(img_path, lambda f: np.save(f, images), "wb", ".npy")
+  _write_array_record(img_path, images)
   atomic_write(ok_path, lambda f: np.save(f, ok), "wb", ".npy")  # written last: marks the chunk done
   return bad
 
@@ -122,31 +133,32 @@ def prepare_images(table: ImageTable, size: int, cache_root: str, equalize: bool
       print(f"WARNING: {len(bad)} image(s) could not be decoded and are left out, e.g. {bad[:3]}", flush=True)
     atomic_write(os.path.join(folder, "info.json"),
                  lambda f: json.dump({"rows": len(table), "size": size, "decode_images_per_s": rate}, f), "w", ".json")
-  images = [np.load(_chunk_paths(folder, k)[0], mmap_mode="r") for k in range(n_chunks)]
+  images = [_chunk_paths(folder, k)[0] for k in range(n_chunks)]
   ok = np.concatenate([np.load(_chunk_paths(folder, k)[1]) for k in range(n_chunks)]) if n_chunks else \
       np.zeros(0, bool)
-  return ChunkedImages(images), ok
+  return ChunkedImages(images, (size, size, table.channels)), ok
 
 
 class ChunkedImages:
-  """Row access over the memory-mapped chunks, as if one array."""
+  """Row access over the ArrayRecord chunks, as if one uint8[N, H, W, C] array (thread-safe)."""
 
-  def __init__(self, chunks: list[Any]):
-    self.chunks = chunks
+  def __init__(self, paths: list[str], shape: tuple[int, int, int]):
+    from array_record.python import array_record_module
+    self.shape = shape
+    self.readers = [array_record_module.ArrayRecordReader(p) for p in paths]
+    self.locks = [threading.Lock() for _ in paths]
 
   def __len__(self) -> int:
-    return sum(len(c) for c in self.chunks)
+    return sum(r.num_records() for r in self.readers)
 
   def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, np.int64)
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    out = np.zeros((len(rows),) + self.shape, np.uint8)
     k, j = rows // CHUNK, rows % CHUNK
-    out = None
     for kk in np.unique(k):
-      sel = k == kk
-      part = np.asarray(self.chunks[int(kk)][j[sel]])
-      if out is None:
-        out = np.zeros((len(rows),) + part.shape[1:], np.uint8)
-      out[sel] = part
-    if out is None:
-      raise SynthMedError("no rows requested")
+      sel = np.nonzero(k == kk)[0]
+      with self.locks[int(kk)]:
+        records = self.readers[int(kk)].read([int(x) for x in j[sel]])
+      for i, rec in zip(sel, records):
+        out[i] = np.frombuffer(rec, np.uint8).reshape(self.shape)
     return out
