@@ -102,4 +102,10 @@ def study_fidelity(config: Any, workdir: str) -> dict[str, Any]:
   real = concat_batches([materialise(WorldSource(world, world.split(s)), f"{s} split").arrays for s in ("val", "id")])
   attribute = str(config.generate.attribute)
   probes = fit_probes(real, attribute, int(config.seed))
-  return {m: fidelity(probes, read_shards(f).arrays, attribute) for m, f in stores.items()}
+  out = {m: fidelity(probes, read_shards(f).arrays, attribute) for m, f in stores.items()}
+  spec = next((a for a in world.spec.attributes if a.name == attribute), None)
+  for entry in out.values():  # name the requested values as the data do (female / male, tone=dark)
+    per = entry.get(attribute, {}).get("synthetic_per_value")
+    if per and spec is not None:
+      entry[attribute]["synthetic_per_value"] = {spec.value_name(int(k)): v for k, v in per.items()}
+  return out
