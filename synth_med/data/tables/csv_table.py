@@ -117,12 +117,8 @@ def _labels(df, cols: Any, policy_note: str) -> tuple[tuple[str, ...], str, np.n
     names = _vocabulary([s for fs in lists if fs for s in fs if s.lower() not in NO_FINDING])
     index = {n: i for i, n in enumerate(names)}
     label = np.zeros((len(df), len(names)), np.float32)
-    known = np.zeros(len(df), bool)
     for r, fs in enumerate(lists):
-      if fs is None:
-        continue
-      known[r] = True
-      for s in fs:
+      for s in fs or ():
         if s in index:
           label[r, index[s]] = 1.0
     return names, "multilabel", label, None
