@@ -57,13 +57,6 @@ def _vocabulary(values) -> tuple[str, ...]:
     return tuple(sorted(uniq))
 
 
-def _int_text(v: Any) -> Any:
-  """1.0 -> '1' (pandas reads an int column with blanks as floats)."""
-  if isinstance(v, float) and not np.isnan(v) and v.is_integer():
-    return str(int(v))
-  return v
-
-
 def parse_buckets(text: str) -> dict[str, list[float]]:
   """'age=0|40|65|120;bmi=0|25|100' -> {'age': [0, 40, 65, 120], ...} (increasing edges)."""
   out = {}
@@ -106,7 +99,6 @@ def _labels(df, cols: Any, policy_note: str) -> tuple[tuple[str, ...], str, np.n
     return names, "multilabel", np.where(blank_row[:, None], 0.0, label), np.where(blank_row[:, None], 0, raw)
   values = df[str(cols.label)].tolist()
   if fmt == "class":
-    values = [_int_text(v) for v in values]
     names = _vocabulary(values)
     idx = codes(values, names)
     label = np.zeros((len(df), len(names)), np.float32)
@@ -181,7 +173,7 @@ def load_csv(cfg: Any) -> ImageTable:
       code = np.where(bad, -1, idx).astype(np.int32)
     else:
       vocab = _vocabulary(df[c].tolist())
-      code = codes([_int_text(v) for v in df[c].tolist()], vocab)
+      code = codes(df[c].tolist(), vocab)
     present = np.unique(code[code >= 0])
     if len(present) < 2:
       raise SynthMedError(f"attribute column {c!r} has {len(present)} distinct value(s) "
@@ -191,7 +183,7 @@ def load_csv(cfg: Any) -> ImageTable:
   domain_col = str(cols.get("domain", "") or "")
   if domain_col:
     domains = _vocabulary(df[domain_col].tolist())
-    domain = codes([_int_text(v) for v in df[domain_col].tolist()], domains)
+    domain = codes(df[domain_col].tolist(), domains)
     if (domain < 0).any():
       raise SynthMedError(f"domain column {domain_col!r} is blank in {int((domain < 0).sum())} row(s); fill it in.")
   else:

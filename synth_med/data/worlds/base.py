@@ -220,10 +220,7 @@ class World(abc.ABC):
   def _train_ids(self) -> np.ndarray:
     """The ID labelled pool with the configured skew caps applied (Table A2 rule)."""
     pool = self._draw(self.id_domains, TRAIN, int(self.config.train_size), labelled_only=True)
-    skew = self.config.skew
-    if skew.setting == "none" and int(skew.cap) < 0:
-      return pool
-    return apply_skew(pool, self.metadata(pool), skew, self.spec)
+    return apply_skew(pool, self.metadata(pool), self.config.skew, self.spec)
 
 
 def apply_skew(pool: np.ndarray, meta: Mapping[str, np.ndarray], skew: Any, spec: Any) -> np.ndarray:
