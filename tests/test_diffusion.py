@@ -219,6 +219,35 @@ def test_ddim_full_steps_eta1_matches_ddpm_statistics():
   np.testing.assert_allclose(fast.mean(0), np.asarray(MU).ravel(), atol=0.02)
 
 
+def test_truncated_start_begins_at_the_noised_low_res_image():
+  """start < 1 (SDEdit): the chain runs t0 = start*T-1 .. 0 from q(x_t0 | low_res)."""
+  s = make_schedule("cosine", 1000)
+  ts = respaced_timesteps(1000, 5, last=499)
+  np.testing.assert_array_equal(ts, [0, 125, 250, 374, 499])
+  n, shape = 256, (4, 4, 3)
+  low = jnp.asarray(np.random.default_rng(0).uniform(-0.8, 0.8, (n,) + shape), jnp.float32)
+  zero_eps = lambda params, x, t, cond, low_res: jnp.zeros_like(x)  # noqa: E731
+  keys = samplers.image_keys(0, jnp.arange(n))
+
+  def run(start):
+    cfg = samplers.SamplerConfig("ddim", 5, clip_denoised=False, start=start)
+    return np.asarray(samplers.sample_loop(zero_eps, s, cfg, None, keys, jnp.zeros((n, 0)), low, None, shape))
+
+  # With ε ≡ 0 deterministic DDIM returns x_t0 / sqrt(ᾱ_t0) = low + sqrt((1-ᾱ)/ᾱ) z: at
+  # start 0.05 (t0 = 49) that is low plus noise of std sqrt((1-ᾱ_49)/ᾱ_49).
+  a = float(s.alphas_cumprod[49])
+  resid = run(0.05) - np.asarray(low)
+  np.testing.assert_allclose(resid.mean(), 0.0, atol=0.01)
+  np.testing.assert_allclose(resid.std(), np.sqrt((1 - a) / a), rtol=0.05)
+  # From pure noise (start 1) the output does not depend on low_res at all.
+  assert abs(np.corrcoef(run(1.0).ravel(), np.asarray(low).ravel())[0, 1]) < 0.05
+  with pytest.raises(SynthMedError, match="upsampler"):
+    samplers.sample_loop(zero_eps, s, samplers.SamplerConfig("ddim", 5, start=0.5), None, keys,
+                         jnp.zeros((n, 0)), None, None, shape)
+  with pytest.raises(SynthMedError, match="start"):
+    samplers.SamplerConfig("ddpm", 5, start=1.5)
+
+
 def tiny_generator(batch_size=4, guidance=0.0, mesh=None, name="ddim", steps=3, low_res=False, size=8):
   spec = ConditioningSpec("softmax", 3, (("sex", 2),))
   model = (superres_unet.Model(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1)

@@ -90,9 +90,11 @@ def make_schedule(name: str, num_steps: int = 1000, variance: str = "small") -> 
   return from_betas(betas, variance)
 
 
-def respaced_timesteps(num_steps: int, sample_steps: int) -> np.ndarray:
-  """`sample_steps` evenly spaced timesteps of 0..T-1, ascending, always ending at T-1."""
-  if not 1 <= sample_steps <= num_steps:
-    raise SynthMedError(f"sampler steps {sample_steps} must be in 1..{num_steps} (the schedule's T).")
-  ts = np.round(np.linspace(0, num_steps - 1, sample_steps)).astype(np.int32)
+def respaced_timesteps(num_steps: int, sample_steps: int, last: int | None = None) -> np.ndarray:
+  """`sample_steps` evenly spaced timesteps of 0..last (default T-1), ascending, always ending at last."""
+  last = num_steps - 1 if last is None else int(last)
+  if not 1 <= sample_steps <= last + 1:
+    raise SynthMedError(f"sampler steps {sample_steps} must be in 1..{last + 1} (the timesteps 0..{last} "
+                        "the sampler runs through).")
+  ts = np.round(np.linspace(0, last, sample_steps)).astype(np.int32)
   return np.unique(ts)

@@ -48,7 +48,8 @@ def build_cond_spec(config: Any, spec: DatasetSpec) -> ConditioningSpec:
 
 def sampler_config(config: Any) -> samplers.SamplerConfig:
   s = config.sampler
-  return samplers.SamplerConfig(s.name, int(s.steps), float(s.eta), float(s.guidance), bool(s.clip_denoised))
+  return samplers.SamplerConfig(s.name, int(s.steps), float(s.eta), float(s.guidance), bool(s.clip_denoised),
+                                float(s.get("start", 1.0)))
 
 
 def low_res_augment(config: Any) -> LowResAugment | None:
