@@ -261,6 +261,8 @@ def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
       # Which parts the condition vector has (each can be null on its own).
       "condition": {"label": True, "attributes": ()},
       "drop_prob": 0.1,  # per-part null probability for classifier-free guidance (paper 000: 0.1)
+      # > 0: Min-SNR-γ loss weighting (Hang et al. 2023); 0: the plain ε-MSE of 002 Table E1.
+      "min_snr_gamma": 0.0,
       # The upsampler's low-resolution input (002 App. E); ignored by the base model.
       "low_res": {"size": image_size // 2, "antialias_prob": 0.5, "noise_prob": 0.2, "noise_std": 4.0,
                   "blur_prob": 0.5, "blur_sigma_scale": 0.2, "blur_size": 7},
@@ -484,7 +486,10 @@ def cascade_cpu_scale(config: ConfigDict) -> None:
   config.base.data.image_size = 16
   config.base.model.channel_mult = (1, 2)
   config.base.model.attention_resolutions = (2,)
-  config.base.train.steps = 800
+  # 1,000 steps with Min-SNR-5 weighting: at 800 steps the plain ε-MSE model matched the
+  # requested condition 11 % of the time (a probe at 16 px; real images 64 %), Min-SNR-5 18 %.
+  config.base.train.steps = 1000
+  config.base.diffusion.min_snr_gamma = 5.0
   config.base.train.sample_every = 0
   config.base.sampler.steps = 25
   config.upsampler.data.image_size = 32

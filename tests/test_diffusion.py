@@ -418,6 +418,25 @@ def test_loss_decreases_and_checkpoint_round_trips_through_load(tmp_path):
     unet.load(str(tmp_path / "missing"))
 
 
+def test_min_snr_weighting_scales_the_eps_loss_by_min_snr_gamma_over_snr():
+  from synth_med.diffusion.training import DiffusionTask
+
+  class ZeroModel:  # predicts ε = 0, so each example's loss is mean(noise²) ≈ 1
+    def apply(self, variables, x, *args, **kw):
+      return jnp.zeros_like(x)
+
+  s = make_schedule("cosine", 1000)
+  batch = {"image": jnp.zeros((8192, 8, 8, 3), jnp.uint8), "label": jnp.zeros((8192, 1)),
+           "labelled": jnp.zeros((8192,), bool)}
+  spec = ConditioningSpec("softmax", 0)
+  plain = float(DiffusionTask(ZeroModel(), s, spec).loss(None, batch, jax.random.key(0))[0])
+  weighted = float(DiffusionTask(ZeroModel(), s, spec, min_snr_gamma=5.0).loss(None, batch, jax.random.key(0))[0])
+  snr = s.alphas_cumprod / (1 - s.alphas_cumprod)
+  expected = np.mean([1.0 if r <= 5.0 else 5.0 / r for r in snr])  # t ~ U{0..T-1}
+  assert plain == pytest.approx(1.0, abs=0.01)
+  assert weighted == pytest.approx(expected, abs=0.02) and expected < 0.9
+
+
 def test_generation_job_resumes_without_rewriting_or_losing_shards(tmp_path):
   from synth_med.data import shards
   from synth_med.experiments.generation import run_generation

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from synth_med.diffusion import gaussian, superres_preprocess
 from synth_med.diffusion.conditioning import ConditioningSpec
@@ -27,9 +28,13 @@ class DiffusionTask:
   """init/loss for the loop (see synth_med.train.loop.Task)."""
 
   def __init__(self, model: Any, schedule: Schedule, cond_spec: ConditioningSpec, drop_prob: float = 0.1,
-               low_res: superres_preprocess.LowResAugment | None = None):
+               low_res: superres_preprocess.LowResAugment | None = None, min_snr_gamma: float = 0.0):
     self.model, self.schedule, self.cond_spec = model, schedule, cond_spec
     self.drop_prob, self.low_res = float(drop_prob), low_res
+    # Min-SNR-γ (Hang et al. 2023): the ε-MSE at t weighted by min(SNR_t, γ) / SNR_t; 0 = plain MSE.
+    snr = schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod)
+    self._weight = (jnp.asarray(np.where(snr > min_snr_gamma, min_snr_gamma / np.maximum(snr, 1e-20), 1.0),
+                                jnp.float32) if min_snr_gamma > 0 else None)
 
   def _low(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array | None:
     if self.low_res is None:
@@ -53,7 +58,7 @@ class DiffusionTask:
       return self.model.apply({"params": params}, xt, t, cond, low, train=True, rngs={"dropout": d_rng})
 
     losses, t = gaussian.eps_loss(self.schedule, eps_fn, x0, n_rng)
-    loss = jnp.mean(losses)
+    loss = jnp.mean(losses if self._weight is None else losses * self._weight[t])
     # Loss by quarter of the time range: shows which noise levels are learnt.
     quarter = (4 * t) // self.schedule.num_steps
     metrics = {f"loss_q{q}": jnp.sum(jnp.where(quarter == q, losses, 0.0)) /

@@ -158,7 +158,8 @@ def run_diffusion(config: Any, workdir: str) -> dict[str, Any]:
   schedule = build_schedule(config)
   cond_spec = build_cond_spec(config, spec)
   low_aug = low_res_augment(config)
-  task = DiffusionTask(model, schedule, cond_spec, float(config.diffusion.drop_prob), low_aug)
+  task = DiffusionTask(model, schedule, cond_spec, float(config.diffusion.drop_prob), low_aug,
+                       float(config.diffusion.get("min_snr_gamma", 0.0)))
   size = int(config.data.image_size)
   labelled = {k: v[: counts["labelled"]] for k, v in source.arrays.items()}
   writer = create_writer(os.path.join(workdir, "tensorboard", "samples"), console=False)

@@ -236,7 +236,10 @@ class Model(nn.Module):
     emb = nn.Dense(4 * ch, name="time_embed_0")(emb)
     emb = nn.Dense(4 * ch, name="time_embed_1")(nn.silu(emb))
     if cond is not None and cond.shape[-1] > 0:
-      emb = emb + nn.Dense(4 * ch, use_bias=False, name="cond_embed")(cond.astype(jnp.float32))
+      # An embedding table as in guided-diffusion (N(0, 1) rows; a one-hot picks one row, a soft or
+      # multi-hot label sums them), so the condition is as loud as the time embedding from step 0.
+      emb = emb + nn.Dense(4 * ch, use_bias=False, kernel_init=nn.initializers.normal(1.0),
+                           name="cond_embed")(cond.astype(jnp.float32))
     emb = emb.astype(self.dtype)
     if low_res is not None:
       x = jnp.concatenate([x, low_res.astype(x.dtype)], axis=-1)
