@@ -18,7 +18,9 @@ Arguments (comma list):
                         world (--config.data.manual_dir=..., or --config.data.csv=...; README "Real data
                         sets"); Fitzpatrick17k and DDI have no sex, so they use tone
 Defaults we chose where 002 is silent: α = 0.5 for the synthetic mixes, w2 on
-the 4 dominant classes of the training data (no w1), 2,000 images per mode.
+the 4 dominant classes of the training data (no w1), 500 images per mode on CPU
+(2,000 in `full`); plus `synth_label_property_w1` (w1 at l = 0.5, no w2), the
+best mix of the sweep.
 Add --config.pretrained_npz=/path/BiT-M-R50x1.npz for the pretrained baseline.
 """
 from configs import common, derm_classifier, derm_diffusion
@@ -42,6 +44,10 @@ def get_config(arg=None):
       "synth_label_property": common.method(synthetic="label_property", alpha=0.5, filter_dominant=4),
       "synthetic_only": common.method(synthetic="label_property", alpha=0.0, filter_dominant=0),
   }
+  if "smoke" not in words:
+    # The best mix of the :sweep (README): w1 at equality level 0.5 instead of w2.
+    methods["synth_label_property_w1"] = common.method(synthetic="label_property", alpha=0.5,
+                                                       equality_level=0.5, filter_dominant=0)
   if "sweep" in words:
     methods = {"real": common.method()}
     for level in (0.0, 0.5, 1.0):
