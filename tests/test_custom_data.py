@@ -139,6 +139,7 @@ def test_custom_cascade_smoke_runs_the_method_on_a_csv_and_names_groups_as_writt
                "--config.data.columns.patient=patient_id", "--config.data.columns.domain=site",
                "--config.data.ood_domains=('site_c',)", "--config.data.val_fraction=0.25",
                "--config.data.id_test_fraction=0.25", f"--config.data.preprocessed_dir={tmp_path / 'cache'}",
+               "--config.seeds=1", "--config.method_names=real,synth_label_property", "--config.tune.grid=",
                timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((workdir / "results.json").read_text())
