@@ -435,6 +435,8 @@ def test_min_snr_weighting_scales_the_eps_loss_by_min_snr_gamma_over_snr():
   expected = np.mean([1.0 if r <= 5.0 else 5.0 / r for r in snr])  # t ~ U{0..T-1}
   assert plain == pytest.approx(1.0, abs=0.01)
   assert weighted == pytest.approx(expected, abs=0.02) and expected < 0.9
+  with pytest.raises(SynthMedError, match="min_snr_gamma"):
+    DiffusionTask(ZeroModel(), s, spec, min_snr_gamma=-1.0)
 
 
 def test_generation_job_resumes_without_rewriting_or_losing_shards(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 from synth_med.diffusion import gaussian, superres_preprocess
 from synth_med.diffusion.conditioning import ConditioningSpec
 from synth_med.diffusion.schedules import Schedule
+from synth_med.errors import SynthMedError
 
 
 def to_model_range(images: jax.Array) -> jax.Array:
@@ -32,6 +33,8 @@ class DiffusionTask:
     self.model, self.schedule, self.cond_spec = model, schedule, cond_spec
     self.drop_prob, self.low_res = float(drop_prob), low_res
     # Min-SNR-γ (Hang et al. 2023): the ε-MSE at t weighted by min(SNR_t, γ) / SNR_t; 0 = plain MSE.
+    if min_snr_gamma < 0:
+      raise SynthMedError(f"diffusion.min_snr_gamma={min_snr_gamma} must be >= 0 (0 turns the weighting off).")
     snr = schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod)
     self._weight = (jnp.asarray(np.where(snr > min_snr_gamma, min_snr_gamma / np.maximum(snr, 1e-20), 1.0),
                                 jnp.float32) if min_snr_gamma > 0 else None)
