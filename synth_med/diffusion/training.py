@@ -36,8 +36,8 @@ class DiffusionTask:
     if min_snr_gamma < 0:
       raise SynthMedError(f"diffusion.min_snr_gamma={min_snr_gamma} must be >= 0 (0 turns the weighting off).")
     snr = schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod)
-    self._weight = (jnp.asarray(np.where(snr > min_snr_gamma, min_snr_gamma / np.maximum(snr, 1e-20), 1.0),
-                                jnp.float32) if min_snr_gamma > 0 else None)
+    self._weight = (jnp.asarray(np.minimum(1.0, min_snr_gamma / np.maximum(snr, 1e-20)), jnp.float32)
+                    if min_snr_gamma > 0 else None)
 
   def _low(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array | None:
     if self.low_res is None:

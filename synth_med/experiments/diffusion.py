@@ -49,7 +49,7 @@ def build_cond_spec(config: Any, spec: DatasetSpec) -> ConditioningSpec:
 def sampler_config(config: Any) -> samplers.SamplerConfig:
   s = config.sampler
   return samplers.SamplerConfig(s.name, int(s.steps), float(s.eta), float(s.guidance), bool(s.clip_denoised),
-                                float(s.get("start", 1.0)))
+                                float(s.start))
 
 
 def low_res_augment(config: Any) -> LowResAugment | None:
@@ -159,7 +159,7 @@ def run_diffusion(config: Any, workdir: str) -> dict[str, Any]:
   cond_spec = build_cond_spec(config, spec)
   low_aug = low_res_augment(config)
   task = DiffusionTask(model, schedule, cond_spec, float(config.diffusion.drop_prob), low_aug,
-                       float(config.diffusion.get("min_snr_gamma", 0.0)))
+                       float(config.diffusion.min_snr_gamma))
   size = int(config.data.image_size)
   labelled = {k: v[: counts["labelled"]] for k, v in source.arrays.items()}
   writer = create_writer(os.path.join(workdir, "tensorboard", "samples"), console=False)
