@@ -61,11 +61,15 @@ def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float
   task = DiffusionTask(model, sched, spec, 0.0)
   batch_np = {"image": np.random.RandomState(0).randint(0, 256, (batch, res, res, 3)).astype(np.uint8),
               "label": np.zeros((batch, 1), np.float32), "labelled": np.zeros(batch, bool)}
-  b = jax.tree.map(jnp.asarray, batch_np)
-  params = jax.jit(task.init)(jax.random.key(0), b)
+  # The batch is split over every XLA device (one per core with --host-devices), as the loop does.
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  data, rep = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+  b = jax.device_put(batch_np, data)
+  params = jax.jit(task.init, out_shardings=rep)(jax.random.key(0), b)
   n_params = unet.num_params(params)
   tx = optax.adam(1e-4)
-  state = state_lib.create(params, tx, jax.random.key(1))
+  state = jax.device_put(state_lib.create(params, tx, jax.random.key(1)), rep)
 
   # The loop's own step (loss, grads, Adam, EMA).
   train_step = jax.jit(make_train_step(task, tx, lambda _: 1e-4, 0.999))
@@ -77,18 +81,18 @@ def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float
     metrics["loss"].block_until_ready()
 
   apply = model_apply(model)
-  x = jnp.asarray(np.random.RandomState(1).randn(batch, res, res, 3), jnp.float32)
-  t = jnp.full((batch,), 500, jnp.int32)
-  cond = jnp.zeros((batch, 0), jnp.float32)
-  fwd = jax.jit(lambda p, x, t: apply(p, x, t, cond, None))
+  x = jax.device_put(np.random.RandomState(1).randn(batch, res, res, 3).astype(np.float32), data)
+  t = jax.device_put(np.full((batch,), 500, np.int32), data)
+  cond = jax.device_put(np.zeros((batch, 0), np.float32), data)
+  fwd = jax.jit(lambda p, x, t, cond: apply(p, x, t, cond, None))
   cfg = samplers.SamplerConfig("ddim", 50, 0.0, 0.0, True)
-  sample = jax.jit(lambda p, idx: samplers.sample_loop(apply, sched, cfg, p, samplers.image_keys(0, idx),
-                                                       cond, None, None, (res, res, 3)))
-  idx = jnp.arange(batch, dtype=jnp.int32)
+  sample = jax.jit(lambda p, idx, cond: samplers.sample_loop(apply, sched, cfg, p, samplers.image_keys(0, idx),
+                                                             cond, None, None, (res, res, 3)))
+  idx = jax.device_put(np.arange(batch, dtype=np.int32), data)
   return {"params": n_params,
           "train": batch / _timeit(run_train, repeats),
-          "step": batch / _timeit(lambda: fwd(params, x, t).block_until_ready(), repeats),
-          "ddim50": batch / _timeit(lambda: sample(params, idx).block_until_ready(), max(1, repeats // 2))}
+          "step": batch / _timeit(lambda: fwd(params, x, t, cond).block_until_ready(), repeats),
+          "ddim50": batch / _timeit(lambda: sample(params, idx, cond).block_until_ready(), max(1, repeats // 2))}
 
 
 def bench_diffusers(size: str, batch: int, res: int, repeats: int) -> dict[str, float]:
@@ -144,9 +148,16 @@ def main() -> None:
   ap.add_argument("--res", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--only", choices=("both", "ours", "diffusers"), default="both")
+  ap.add_argument("--cpu-devices", type=int, default=0,
+                  help="as the config key cpu_devices: split the CPU into this many XLA devices and "
+                       "shard the batch over them (0: one single-threaded device per core, the "
+                       "project's default; 1: one multi-threaded device)")
   args = ap.parse_args()
+  from synth_med.train.host_devices import configure_host_devices
+  configure_host_devices(args.cpu_devices)
   import jax
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+  print(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{os.cpu_count()} CPUs, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   ratios = {"train": [], "ddim50": []}
   for size in args.sizes.split(","):

@@ -117,6 +117,15 @@ def mesh_config() -> ConfigDict:
   return ConfigDict({"data": -1, "model": 1})
 
 
+# On CPU, split the host into this many single-threaded XLA devices and shard the batch over them
+# (synth_med/train/host_devices.py): 0 = one per core (a power of two, at most 8), 1 = one
+# multi-threaded device. Ignored on accelerators and when XLA_FLAGS already sets a device count.
+CPU_DEVICES = 0
+# Smoke runs are compile-bound, and one device compiles each program once (measured: derm_cascade:smoke
+# 163 s on one device, 186 s on two).
+SMOKE_CPU_DEVICES = 1
+
+
 def model_config(depth: int = 50, width: float = 1.0, block_units: tuple[int, ...] = ()) -> ConfigDict:
   """BiT-ResNet; block_units/fractional width give CPU-scale variants."""
   return ConfigDict({
@@ -170,6 +179,7 @@ def mix_config(world: str) -> ConfigDict:
 
 def smoke(config: ConfigDict) -> None:
   """Shrinks any classifier config to run in well under a minute on a CPU."""
+  config.cpu_devices = SMOKE_CPU_DEVICES
   config.data.image_size = 16
   config.data.train_size = 256
   config.data.val_size = 64
@@ -212,6 +222,7 @@ def classifier_base(world: str, image_size: int) -> ConfigDict:
   config.mix = mix_config(world)
   config.eval = eval_config()
   config.mesh = mesh_config()
+  config.cpu_devices = CPU_DEVICES
   # (regex over the train-state path, partition spec): first match wins,
   # otherwise replicated. E.g. (("head/kernel", (None, "model")),) shards the
   # classifier head over the 'model' axis.
@@ -284,6 +295,7 @@ def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
   config.generate = ConfigDict({"num_images": 0, "shard_size": 256, "seed": 0})
   config.train = diffusion_train(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.995, every=(1000, 100, 500))
   config.mesh = mesh_config()
+  config.cpu_devices = CPU_DEVICES
   config.sharding_rules = ()
   return config
 
@@ -301,6 +313,7 @@ def diffusion_train(steps: int, batch: int, lr: float, warmup: int, ema: float,
 
 def diffusion_smoke(config: ConfigDict) -> None:
   """Shrinks a diffusion config to run in seconds."""
+  config.cpu_devices = SMOKE_CPU_DEVICES
   upsampler = config.model.name == "superres_unet"
   config.data.image_size = 32 if upsampler else 16
   config.diffusion.low_res.size = 16
@@ -404,6 +417,7 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.distributed = False
   config.data = copy_unlocked(classifier.data)  # the world and splits every stage shares
   config.mesh = mesh_config()
+  config.cpu_devices = CPU_DEVICES
   config.stages = "base,upsampler,generate,tune,classifiers,evaluate,report" if upsampler is not None else \
       "base,generate,tune,classifiers,evaluate,report"
   config.base = copy_unlocked(base)
@@ -448,6 +462,7 @@ def study_smoke(config: ConfigDict) -> None:
   every synthetic method (the other baselines differ only in augmentation or loss, tested apart),
   one-level UNets, a few steps each."""
   config.seeds = 2
+  config.cpu_devices = SMOKE_CPU_DEVICES
   config.method_names = ",".join(m for m in config.methods
                                   if m in ("real", "no_aug") or config.methods[m].synthetic)
   config.generate.num_images = 32

@@ -120,10 +120,12 @@ def run_main(config: Any, workdir: str) -> None:
   """Runs the experiment; user-facing errors print without a traceback."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   from synth_med.experiments.run import run  # pylint: disable=import-outside-toplevel
+  from synth_med.train.host_devices import configure_host_devices  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep our progress readable
     absl_logging.set_verbosity(absl_logging.WARNING)
-  enable_compilation_cache()
   try:
+    configure_host_devices(int(config.get("cpu_devices", 1)))  # before anything creates a device
+    enable_compilation_cache()
     run(config, workdir)
   except SynthMedError as e:
     sys.stderr.write(f"synth_med: error: {e}\n")

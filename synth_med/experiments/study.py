@@ -77,6 +77,7 @@ def stage_config(config: Any, part: str) -> Any:
     for k in SHARED_DATA_KEYS:
       sub.data[k] = copy.deepcopy(config.data[k])
     sub.mesh = copy.deepcopy(config.mesh)
+    sub.cpu_devices = config.cpu_devices
     sub.distributed = False
   sub.lock()
   return sub

@@ -121,8 +121,14 @@ conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 def backend_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`conv3x3` on CPU; XLA's own convolution (cuDNN, with its kernel gradient) on accelerators."""
-  return conv3x3(x, kernel) if jax.default_backend() == "cpu" else _conv(x, kernel)
+  """`conv3x3` on a CPU run as one (multi-threaded) XLA device; XLA's own convolution elsewhere.
+
+  On accelerators XLA's kernel gradient is cuDNN's; on a CPU split into one single-threaded
+  device per core (`synth_med.train.host_devices`) XLA's kernel gradient is faster than the 9
+  matmuls (bench/README.md).
+  """
+  one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+  return conv3x3(x, kernel) if one_cpu else _conv(x, kernel)
 
 
 class Conv3x3(nn.Module):
