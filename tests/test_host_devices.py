@@ -52,3 +52,23 @@ def test_configure_sets_the_device_count_before_jax_starts(n, touch, expected):
   assert f"COUNT {expected}" in proc.stdout
   if touch:
     assert "cpu_devices=3 ignored" in proc.stderr
+
+
+def _batch_sizes(config, prefix=""):
+  for k, v in config.items():
+    if hasattr(v, "items") and not isinstance(v, dict):
+      yield from _batch_sizes(v, f"{prefix}{k}.")
+    elif k == "batch_size":
+      yield f"{prefix}{k}", int(v)
+
+
+@pytest.mark.parametrize("name", ["derm_cascade", "cxr_cascade", "histo_study", "derm_diffusion", "cxr_diffusion", "histo_diffusion",
+                                  "derm_classifier", "cxr_classifier", "histo_classifier"])
+@pytest.mark.parametrize("arg", ["", "full"])
+def test_every_batch_splits_over_the_automatic_cpu_device_count(name, arg):
+  """cpu_devices=0 may give up to 8 devices; no default or :full batch may then fail to shard."""
+  from tests.conftest import load_config
+  c = load_config(name, arg)
+  sizes = dict(_batch_sizes(c))
+  assert c.cpu_devices == 0 and sizes
+  assert {k: v for k, v in sizes.items() if v % auto_count(10 ** 6)} == {}
