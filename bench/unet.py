@@ -41,7 +41,6 @@ def _timeit(fn, repeats: int) -> float:
 
 def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float]:
   import jax
-  import jax.numpy as jnp
   import optax
 
   from synth_med.diffusion import samplers
