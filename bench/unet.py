@@ -61,9 +61,9 @@ def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float
   batch_np = {"image": np.random.RandomState(0).randint(0, 256, (batch, res, res, 3)).astype(np.uint8),
               "label": np.zeros((batch, 1), np.float32), "labelled": np.zeros(batch, bool)}
   # The batch is split over every XLA device (one per core with --host-devices), as the loop does.
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  data, rep = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+  from synth_med.train import sharding
+  mesh = sharding.make_mesh({"data": -1})
+  data, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   b = jax.device_put(batch_np, data)
   params = jax.jit(task.init, out_shardings=rep)(jax.random.key(0), b)
   n_params = unet.num_params(params)
