@@ -60,7 +60,7 @@ def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float
   task = DiffusionTask(model, sched, spec, 0.0)
   batch_np = {"image": np.random.RandomState(0).randint(0, 256, (batch, res, res, 3)).astype(np.uint8),
               "label": np.zeros((batch, 1), np.float32), "labelled": np.zeros(batch, bool)}
-  # The batch is split over every XLA device (one per core with --host-devices), as the loop does.
+  # The batch is split over every XLA device (one per core by default, --cpu-devices), as the loop does.
   from synth_med.train import sharding
   mesh = sharding.make_mesh({"data": -1})
   data, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)

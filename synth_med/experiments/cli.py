@@ -124,7 +124,7 @@ def run_main(config: Any, workdir: str) -> None:
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep our progress readable
     absl_logging.set_verbosity(absl_logging.WARNING)
   try:
-    configure_host_devices(int(config.get("cpu_devices", 1)))  # before anything creates a device
+    configure_host_devices(int(config.cpu_devices))  # before anything creates a device
     enable_compilation_cache()
     run(config, workdir)
   except SynthMedError as e:
