@@ -18,7 +18,8 @@ EMA) on a device-resident random batch, and reports
   for reference, the rate of a large bf16 matmul measured in the same run.
 - Variants: `default` (what the model does on this backend), `xla_attention`
   (attention as two matmuls instead of cuDNN's fused kernel) and
-  `matmul_conv_grad` (the CPU path's 3x3 kernel gradient as 9 matmuls).
+  `matmul_conv_grad` (the CPU path's 3x3 kernel gradient as one matmul over shifted copies;
+  session 4 measured its earlier 9-matmul form).
 """
 from __future__ import annotations
 
