@@ -1,8 +1,6 @@
 """Fair sampling, w1/w2 weights, oversampling, α mixing and the E.2 augmentations (002 §3.1, Eq. 3, 8, 9)."""
 from __future__ import annotations
 
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -217,7 +215,7 @@ def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path,
   """tune.seeds = 3 (the cascade CPU defaults): lr 0.1 has the single best run, lr 0.01 the best mean."""
   from ml_collections import ConfigDict
 
-  from synth_med.experiments import classifier, tuning
+  from synth_med.experiments import artifacts, classifier, tuning
   val_top3 = {(0.01, 7): 0.50, (0.01, 8): 0.52, (0.01, 9): 0.54,   # mean 0.52
               (0.1, 7): 0.60, (0.1, 8): 0.40, (0.1, 9): 0.41}      # mean 0.47, best single run
   seen = []
@@ -234,5 +232,5 @@ def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path,
   assert sorted(seen) == sorted(val_top3)  # every lr on seeds 7, 8, 9
   best = tuning.read_best(str(tmp_path))
   assert best == {"train.optimizer.lr": 0.01}
-  summary = json.load(open(tuning.best_path(str(tmp_path))))
+  summary = artifacts.read_json(tuning.best_path(str(tmp_path)))
   assert [round(p["mean"], 6) for p in summary["points"]] == [0.52, 0.47]

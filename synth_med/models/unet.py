@@ -91,11 +91,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """3x3 'SAME' convolution (NHWC, HWIO) whose kernel gradient is one matmul.
 
   XLA's CPU backend computes a convolution's kernel gradient as a convolution
-  over the batch, at a third to a half of the forward convolution's FLOP rate.
-  Here it is one (3c x N) @ (N x 3o) matmul: the input's three column shifts
-  against the output gradient's three row shifts (`_kernel_grad`), which gives
-  all nine taps and no waste. The input gradient stays a convolution with the
-  flipped kernel.
+  over the batch, at a third to a half of the forward convolution's FLOP rate;
+  here it is the one matmul of `_kernel_grad`. The input gradient stays a
+  convolution with the flipped kernel.
   """
   return _conv(x, kernel)
 
