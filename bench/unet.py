@@ -151,13 +151,20 @@ def main() -> None:
                   help="as the config key cpu_devices: split the CPU into this many XLA devices and "
                        "shard the batch over them (0: one single-threaded device per core, the "
                        "project's default; 1: one multi-threaded device)")
+  ap.add_argument("--no-huge-pages", action="store_true",
+                  help="keep glibc's default 4 KiB pages for large buffers (both sides); by default the "
+                       "process restarts with glibc.malloc.hugetlb=1 as launch/main.py does")
   args = ap.parse_args()
+  if not args.no_huge_pages:
+    from synth_med.train.host_memory import reexec_with_huge_pages
+    reexec_with_huge_pages()
   from synth_med.train.host_devices import configure_host_devices
   configure_host_devices(args.cpu_devices)
   import jax
   print(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{os.cpu_count()} CPUs, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
   ratios = {"train": [], "ddim50": []}
   for size in args.sizes.split(","):
     ours = bench_ours(size, args.batch, args.res, args.repeats) if args.only != "diffusers" else None

@@ -4,6 +4,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # before JAX loads: huge pages for XLA's per-step buffers (Linux, glibc >= 2.35)
+  from synth_med.train.host_memory import reexec_with_huge_pages  # noqa: E402
+  reexec_with_huge_pages()
+
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
