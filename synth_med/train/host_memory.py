@@ -12,8 +12,8 @@ whose transparent huge pages are in `madvise` or `always` mode backs them with
 
 The tunable is read by the dynamic loader when a process starts, so
 `reexec_with_huge_pages` restarts the interpreter once, with the same
-arguments, before anything heavy is imported. `launch/main.py` and the
-benchmarks call it first thing. It does nothing where the tunable cannot work
+arguments, before anything heavy is imported. `launch/main.py` and
+`bench/unet.py` call it first thing. It does nothing where the tunable cannot work
 (not Linux, glibc older than 2.35, transparent huge pages off), when it is
 already set, or when the environment says `SYNTH_MED_HUGE_PAGES=0`.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "SYNTH_MED_HUGE_PAGES"
@@ -73,7 +73,7 @@ def wants_reexec(environ: Mapping[str, str], glibc: tuple[int, int] | None, mode
   return huge_pages_possible(glibc, mode) and tunables_with_huge_pages(current) != current
 
 
-def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
+def reexec_with_huge_pages() -> None:
   """Restarts this Python process with glibc.malloc.hugetlb=1 when that helps (see module doc).
 
   Returns only when no restart is needed; otherwise it replaces the process
@@ -82,7 +82,6 @@ def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
   if not wants_reexec(os.environ, glibc_version(), thp_mode()):
     return
   os.environ["GLIBC_TUNABLES"] = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES", ""))
-  args = list(argv) if argv is not None else list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execv(sys.executable, args)
+  os.execv(sys.executable, sys.orig_argv)
