@@ -10,6 +10,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # as launch/main.py: huge pages for XLA's step buffers (SYNTH_MED_HUGE_PAGES=0: off)
+  from synth_med.train.host_memory import reexec_with_huge_pages  # noqa: E402
+  reexec_with_huge_pages()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

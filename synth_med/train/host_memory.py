@@ -12,10 +12,11 @@ whose transparent huge pages are in `madvise` or `always` mode backs them with
 
 The tunable is read by the dynamic loader when a process starts, so
 `reexec_with_huge_pages` restarts the interpreter once, with the same
-arguments, before anything heavy is imported. `launch/main.py` and
-`bench/unet.py` call it first thing. It does nothing where the tunable cannot work
-(not Linux, glibc older than 2.35, transparent huge pages off), when it is
-already set, or when the environment says `SYNTH_MED_HUGE_PAGES=0`.
+arguments, before anything heavy is imported. `launch/main.py`,
+`bench/unet.py` and `bench/classifier_step.py` call it first thing. It does
+nothing where the tunable cannot work (not Linux, glibc older than 2.35,
+transparent huge pages off), when it is already set, or when the environment
+says `SYNTH_MED_HUGE_PAGES=0`.
 """
 from __future__ import annotations
 
