@@ -61,13 +61,14 @@ def _gather_upsample(x):
   return jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
 
 
-def _affine_norm(x, scale, bias, groups):
+def _affine_norm_act(x, a, b, groups, silu):
   del groups
-  return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
+  z = x.astype(jnp.float32) * a[:, None, None, :] + b[:, None, None, :]
+  return (jax.nn.silu(z) if silu else z).astype(x.dtype)
 
 
 ORIGINAL = {"attend": unet.attend, "backend_conv3x3": unet.backend_conv3x3,
-            "_upsample": unet._upsample, "_avg_pool": unet._avg_pool, "group_norm": unet.group_norm}
+            "_upsample": unet._upsample, "_avg_pool": unet._avg_pool, "group_norm_act": unet.group_norm_act}
 VARIANTS = {
     "default": {},
     "xla_attention": {"attend": _reference_attend},
@@ -76,7 +77,7 @@ VARIANTS = {
     "gather_upsample": {"_upsample": _gather_upsample,
                         "_avg_pool": lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))},
     # diagnostic only (not a valid model): GroupNorm replaced by its affine part, to price the norm
-    "affine_norm": {"group_norm": _affine_norm},
+    "affine_norm": {"group_norm_act": _affine_norm_act},
 }
 REFERENCE_OPS = {"attend": _reference_attend, "backend_conv3x3": unet._conv}
 
