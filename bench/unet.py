@@ -9,7 +9,9 @@ The last line reads `unet vs diffusers: train X.XXx, sample Y.YYx` (ours over
 theirs; the geometric mean over sizes; sample = full DDIM-50).
 
 Needs `pip install -r bench/requirements.txt` (torch CPU build, diffusers).
-  python bench/unet.py [--sizes 1M,9M] [--batch 16] [--repeats 5]
+  python bench/unet.py [--sizes 1M,9M] [--batch 16] [--repeats 5] [--rounds 3]
+Both sides are built and compiled first; then each round times ours, then theirs, at every
+size, and a size's ratio is the median of its rounds' ratios.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ SIZES = {
 
 
 def _timeit(fn, repeats: int) -> float:
-  fn()  # warm-up / compile
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
@@ -39,7 +40,22 @@ def _timeit(fn, repeats: int) -> float:
   return best
 
 
-def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float]:
+def measure(side: dict, batch: int, repeats: int) -> dict[str, float]:
+  """img/s of each of a side's runners (best of `repeats`; DDIM-50 best of half as many)."""
+  out = {"params": side["params"]}
+  for name, fn in side["runners"].items():
+    out[name] = batch / _timeit(fn, max(1, repeats // 2) if name == "ddim50" else repeats)
+  return out
+
+
+def _warm(params: int, runners: dict) -> dict:
+  for fn in runners.values():
+    fn()  # compile / first-call allocations, outside every timing
+  return {"params": params, "runners": runners}
+
+
+def build_ours(size: str, batch: int, res: int) -> dict:
+  """Our train step, denoising step and DDIM-50 sampler at `size`, compiled and warm."""
   import jax
   import optax
 
@@ -88,13 +104,13 @@ def bench_ours(size: str, batch: int, res: int, repeats: int) -> dict[str, float
   sample = jax.jit(lambda p, idx, cond: samplers.sample_loop(apply, sched, cfg, p, samplers.image_keys(0, idx),
                                                              cond, None, None, (res, res, 3)))
   idx = jax.device_put(np.arange(batch, dtype=np.int32), data)
-  return {"params": n_params,
-          "train": batch / _timeit(run_train, repeats),
-          "step": batch / _timeit(lambda: fwd(params, x, t, cond).block_until_ready(), repeats),
-          "ddim50": batch / _timeit(lambda: sample(params, idx, cond).block_until_ready(), max(1, repeats // 2))}
+  return _warm(n_params, {"train": run_train,
+                          "step": lambda: fwd(params, x, t, cond).block_until_ready(),
+                          "ddim50": lambda: sample(params, idx, cond).block_until_ready()})
 
 
-def bench_diffusers(size: str, batch: int, res: int, repeats: int) -> dict[str, float]:
+def build_diffusers(size: str, batch: int, res: int) -> dict:
+  """diffusers' UNet2DModel train step, denoising step and DDIM-50 loop at `size`, warm."""
   import torch
   from diffusers import DDIMScheduler, UNet2DModel
 
@@ -111,33 +127,35 @@ def bench_diffusers(size: str, batch: int, res: int, repeats: int) -> dict[str, 
   opt = torch.optim.Adam(model.parameters(), lr=1e-4)
   x0 = torch.randn(batch, 3, res, res)
 
+  x = torch.randn(batch, 3, res, res)
+  t = torch.full((batch,), 500)
+  sched = DDIMScheduler(num_train_timesteps=1000)
+
   def run_train():
-    t = torch.randint(0, 1000, (batch,))
+    model.train()
+    tt = torch.randint(0, 1000, (batch,))
     noise = torch.randn_like(x0)
-    pred = model(x0 + noise, t).sample
+    pred = model(x0 + noise, tt).sample
     loss = torch.nn.functional.mse_loss(pred, noise)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
-  model.train()
-  train = batch / _timeit(run_train, repeats)
-  model.eval()
-  x = torch.randn(batch, 3, res, res)
-  t = torch.full((batch,), 500)
-  sched = DDIMScheduler(num_train_timesteps=1000)
+  def run_step():
+    model.eval()
+    with torch.inference_mode():
+      return model(x, t).sample
 
   def run_sample():
-    sched.set_timesteps(50)
-    s = torch.randn(batch, 3, res, res)
-    for tt in sched.timesteps:
-      s = sched.step(model(s, tt).sample, tt, s).prev_sample
+    model.eval()
+    with torch.inference_mode():
+      sched.set_timesteps(50)
+      s = torch.randn(batch, 3, res, res)
+      for tt in sched.timesteps:
+        s = sched.step(model(s, tt).sample, tt, s).prev_sample
     return s
 
-  with torch.inference_mode():
-    step = batch / _timeit(lambda: model(x, t).sample, repeats)
-    ddim = batch / _timeit(run_sample, max(1, repeats // 2))
-  return {"params": n_params, "train": train, "step": step, "ddim50": ddim}
+  return _warm(n_params, {"train": run_train, "step": run_step, "ddim50": run_sample})
 
 
 def main() -> None:
@@ -146,6 +164,9 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--res", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--rounds", type=int, default=3,
+                  help="time ours then theirs this many times over; ratios are the median of the rounds "
+                       "(this shared machine drifts by 10-30 %% between minutes)")
   ap.add_argument("--only", choices=("both", "ours", "diffusers"), default="both")
   ap.add_argument("--cpu-devices", type=int, default=0,
                   help="as the config key cpu_devices: split the CPU into this many XLA devices and "
@@ -165,24 +186,37 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
-  ratios = {"train": [], "ddim50": []}
-  for size in args.sizes.split(","):
-    ours = bench_ours(size, args.batch, args.res, args.repeats) if args.only != "diffusers" else None
-    theirs = bench_diffusers(size, args.batch, args.res, args.repeats) if args.only != "ours" else None
-    for name, r in (("ours", ours), ("diffusers", theirs)):
-      if r:
+  sizes = args.sizes.split(",")
+  built = {size: {name: build(size, args.batch, args.res)
+                  for name, build in (("ours", build_ours), ("diffusers", build_diffusers))
+                  if args.only in ("both", name)} for size in sizes}
+  # Each round times ours, then theirs, on an otherwise idle CPU (a second's pause lets each side's
+  # spinning threads go to sleep first); the rounds repeat that, so both sides see the same drift.
+  runs = {size: {name: [] for name in built[size]} for size in sizes}
+  for rnd in range(args.rounds):
+    for size in sizes:
+      for name, side in built[size].items():
+        time.sleep(1.0)
+        r = measure(side, args.batch, args.repeats)
+        runs[size][name].append(r)
         print(f"[{size}] {name:9s} params {r['params']:>9,d}  train {r['train']:7.1f} img/s  "
-              f"step {r['step']:7.1f} img/s  ddim50 {r['ddim50']:6.2f} img/s", flush=True)
-    if ours and theirs:
-      print(f"[{size}] params ours/theirs {ours['params'] / theirs['params']:.3f}; ratios: train "
-            f"{ours['train'] / theirs['train']:.2f}x, step {ours['step'] / theirs['step']:.2f}x, ddim50 "
-            f"{ours['ddim50'] / theirs['ddim50']:.2f}x", flush=True)
-      for k in ratios:
-        ratios[k].append(ours[k] / theirs[k])
-  if ratios["train"]:
-    g = lambda v: float(np.exp(np.mean(np.log(v))))  # noqa: E731
-    print(f"unet vs diffusers: train {g(ratios['train']):.2f}x, sample {g(ratios['ddim50']):.2f}x")
-
+              f"step {r['step']:7.1f} img/s  ddim50 {r['ddim50']:6.2f} img/s  (round {rnd + 1})", flush=True)
+  if args.only != "both":
+    return
+  ratios = {"train": [], "ddim50": []}
+  for size in sizes:
+    ours, theirs = runs[size]["ours"], runs[size]["diffusers"]
+    per_round = {k: [o[k] / t[k] for o, t in zip(ours, theirs)] for k in ("train", "step", "ddim50")}
+    med = {k: float(np.median(v)) for k, v in per_round.items()}
+    spread = "" if args.rounds == 1 else "  (rounds: " + "; ".join(
+        f"{k} " + " ".join(f"{v:.2f}" for v in per_round[k]) for k in ("train", "ddim50")) + ")"
+    print(f"[{size}] params ours/theirs {ours[0]['params'] / theirs[0]['params']:.3f}; ratios"
+          f"{' (median of rounds)' if args.rounds > 1 else ''}: train {med['train']:.2f}x, "
+          f"step {med['step']:.2f}x, ddim50 {med['ddim50']:.2f}x{spread}", flush=True)
+    for k in ratios:
+      ratios[k].append(med[k])
+  g = lambda v: float(np.exp(np.mean(np.log(v))))  # noqa: E731
+  print(f"unet vs diffusers: train {g(ratios['train']):.2f}x, sample {g(ratios['ddim50']):.2f}x")
 
 if __name__ == "__main__":
   main()
