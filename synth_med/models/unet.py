@@ -89,11 +89,16 @@ def group_norm_act(x: jax.Array, a: jax.Array, b: jax.Array, groups: int, silu: 
   return _group_norm_act_fwd(x, a, b, groups, silu)[0]
 
 
+def _px(v: jax.Array) -> jax.Array:
+  """[B, C] → [B, 1, 1, C], to broadcast a per-(image, channel) value over the pixels."""
+  return v[:, None, None, :]
+
+
 def _group_norm_act_fwd(x, a, b, groups, silu):
   xf = x.astype(jnp.float32)
   mean, inv = _group_stats(xf, groups)
   scale = inv * a
-  z = xf * scale[:, None, None, :] + (b - mean * scale)[:, None, None, :]
+  z = xf * _px(scale) + _px(b - mean * scale)
   y = z * jax.nn.sigmoid(z) if silu else z
   return y.astype(x.dtype), (x, a, b, mean, inv)
 
@@ -101,17 +106,17 @@ def _group_norm_act_fwd(x, a, b, groups, silu):
 def _group_norm_act_bwd(groups, silu, res, dy):
   x, a, b, mean, inv = res
   _, h, w, c = x.shape
-  xhat = (x.astype(jnp.float32) - mean[:, None, None, :]) * inv[:, None, None, :]
+  xhat = (x.astype(jnp.float32) - _px(mean)) * _px(inv)
   dz = dy.astype(jnp.float32)
   if silu:
-    z = xhat * a[:, None, None, :] + b[:, None, None, :]
+    z = xhat * _px(a) + _px(b)
     sig = jax.nn.sigmoid(z)
     dz = dz * sig * (1.0 + z * (1.0 - sig))
   db = jnp.sum(dz, axis=(1, 2))
   da = jnp.sum(dz * xhat, axis=(1, 2))
   n = h * w * (c // groups)
   m1, m2 = _group_mean(a * db, groups, n), _group_mean(a * da, groups, n)
-  dx = inv[:, None, None, :] * (dz * a[:, None, None, :] - m1[:, None, None, :] - xhat * m2[:, None, None, :])
+  dx = _px(inv) * (dz * _px(a) - _px(m1) - xhat * _px(m2))
   return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -133,7 +138,8 @@ class Norm(nn.Module):
     beta = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     a, b = jnp.broadcast_to(gamma, (bsz, c)), jnp.broadcast_to(beta, (bsz, c))
     if scale is not None:
-      a, b = a * (1.0 + scale.astype(jnp.float32)), b * (1.0 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+      gain = 1.0 + scale.astype(jnp.float32)
+      a, b = a * gain, b * gain + shift.astype(jnp.float32)
     return group_norm_act(x, a, b, _groups(c), silu)
 
 
@@ -239,7 +245,7 @@ class ResBlock(nn.Module):
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = Norm(name="out_norm")(h, scale, shift, silu=True)
     else:
-      h = Norm(name="out_norm")(h + emb_out[:, None, None, :], silu=True)
+      h = Norm(name="out_norm")(h + _px(emb_out), silu=True)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, init=nn.initializers.zeros, name="out_conv")(h)
     if x.shape[-1] != self.out_channels:
