@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from synth_med.errors import SynthMedError
+from synth_med.models import native_conv
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -148,9 +149,10 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """3x3 'SAME' convolution (NHWC, HWIO) whose kernel gradient is one matmul.
 
   XLA's CPU backend computes a convolution's kernel gradient as a convolution
-  over the batch, at a third to a half of the forward convolution's FLOP rate;
-  here it is the one matmul of `_kernel_grad`. The input gradient stays a
-  convolution with the flipped kernel.
+  over the batch, at a third to a half of the forward convolution's FLOP rate.
+  Here it is `native_conv.kernel_grad` (a C++ custom call built on first use),
+  or where that is unavailable the one matmul of `_kernel_grad`. The input
+  gradient stays a convolution with the flipped kernel.
   """
   return _conv(x, kernel)
 
@@ -186,7 +188,10 @@ def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 def _conv3x3_bwd(res, g):
   x, kernel = res
   dx = _conv(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-  return dx, _kernel_grad(x, g).astype(kernel.dtype)
+  dk = native_conv.kernel_grad(x, g)
+  if dk is None:
+    dk = _kernel_grad(x, g)
+  return dx, dk.astype(kernel.dtype)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

@@ -1,0 +1,155 @@
+// Kernel gradient of a 3x3 'SAME', stride-1 convolution (NHWC activations, HWIO kernel)
+// as an XLA FFI custom call for the CPU, built on first use by `synth_med.models.native_conv`.
+//
+//   dk[i, j, m, n] = sum over (b, y, x) of A[b, y + di, x + dj, m] * V[b, y + ei, x + ej, n]
+//
+// where the shifted operand (A if shift_a, else V) is read at (y + i - 1, x + j - 1) and is
+// zero outside the image, and the other one at (y, x). With A = the input x and V = the
+// output gradient g (shift_a) it is the kernel gradient itself; with A = g, V = x it is its
+// (c, o) transpose, for when o is not a multiple of the SIMD width.
+//
+// XLA's CPU backend has no direct backward-weights kernel: it lowers this to a convolution
+// over the batch, or (synth_med's pure-JAX path) to one matmul over operands built by
+// padding and concatenating shifted copies. This reads both operands in place, one image
+// row segment at a time, and accumulates a tile of MR x (NV * VL) outputs in registers: an
+// outer product per pixel, which is the layout both NHWC operands already have.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+constexpr int MR = 8;
+#else
+constexpr int VL = 8;
+constexpr int MR = 6;
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+
+static inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+// out[m, n] += sum_k a[k * lda + m] * v[k * ldv + n] for m < R, n < NV * VL, over each segment.
+struct Segment { const float* a; const float* v; int len; };
+
+template <int R, int NV>
+static void tile(const Segment* segs, int nseg, int lda, int ldv, float* out, int ldo) {
+  vf acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < NV; ++q) acc[r][q] = load(out + r * ldo + q * VL);
+  for (int s = 0; s < nseg; ++s) {
+    const float* a = segs[s].a;
+    const float* v = segs[s].v;
+    for (int k = 0; k < segs[s].len; ++k, a += lda, v += ldv) {
+      vf vv[NV];
+#pragma GCC unroll 4
+      for (int q = 0; q < NV; ++q) vv[q] = load(v + q * VL);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const float ar = a[r];
+#pragma GCC unroll 4
+        for (int q = 0; q < NV; ++q) acc[r][q] += ar * vv[q];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < NV; ++q) store(out + r * ldo + q * VL, acc[r][q]);
+}
+
+template <int NV>
+static void tile_rows(int r, const Segment* segs, int nseg, int lda, int ldv, float* out, int ldo) {
+  switch (r) {
+    case 1: return tile<1, NV>(segs, nseg, lda, ldv, out, ldo);
+    case 2: return tile<2, NV>(segs, nseg, lda, ldv, out, ldo);
+    case 3: return tile<3, NV>(segs, nseg, lda, ldv, out, ldo);
+    case 4: return tile<4, NV>(segs, nseg, lda, ldv, out, ldo);
+    case 5: return tile<5, NV>(segs, nseg, lda, ldv, out, ldo);
+#if defined(__AVX512F__)
+    case 6: return tile<6, NV>(segs, nseg, lda, ldv, out, ldo);
+    case 7: return tile<7, NV>(segs, nseg, lda, ldv, out, ldo);
+#endif
+    default: return tile<MR, NV>(segs, nseg, lda, ldv, out, ldo);
+  }
+}
+
+// dk[i, j, m, n] = sum_{b, y, x} A[b, y + ai, x + aj, m] V[b, y + vi, x + vj, n], where the
+// shifted operand (A if shift_a, else V) is offset by (i - 1, j - 1) and is zero outside.
+static void kernel_grad(const float* A, const float* V, float* dk, int64_t B, int64_t H, int64_t W,
+                        int64_t M, int64_t N, bool shift_a) {
+  std::memset(dk, 0, sizeof(float) * 9 * M * N);
+  const int64_t rows = B * H;
+  // Rows per chunk: keep a chunk's operands (plus halo) in L2.
+  const int64_t row_bytes = W * (M + N) * 4;
+  int64_t chunk = std::max<int64_t>(1, (512 * 1024) / std::max<int64_t>(1, row_bytes));
+  chunk = std::min(chunk, rows);
+  std::vector<Segment> seg_store(chunk);
+  Segment* segs = seg_store.data();
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t r1 = std::min(rows, r0 + chunk);
+    for (int i = 0; i < 3; ++i) {
+      for (int j = 0; j < 3; ++j) {
+        const int64_t x0 = std::max<int64_t>(0, 1 - j), x1 = std::min<int64_t>(W, W + 1 - j);
+        int nseg = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = r / H, y = r % H, ys = y + i - 1;
+          if (ys < 0 || ys >= H) continue;
+          const float* un = (shift_a ? V : A);
+          const float* sh = (shift_a ? A : V);
+          const int64_t cu = shift_a ? N : M, cs = shift_a ? M : N;
+          const float* pu = un + ((b * H + y) * W + x0) * cu;
+          const float* ps = sh + ((b * H + ys) * W + x0 + j - 1) * cs;
+          segs[nseg++] = shift_a ? Segment{ps, pu, int(x1 - x0)} : Segment{pu, ps, int(x1 - x0)};
+        }
+        if (!nseg) continue;
+        float* out = dk + (i * 3 + j) * M * N;
+        for (int64_t m = 0; m < M; m += MR) {
+          const int rm = int(std::min<int64_t>(MR, M - m));
+          int64_t n = 0;
+          for (; n + 2 * VL <= N; n += 2 * VL) {
+            for (int q = 0; q < nseg; ++q) { segs[q].a += m; segs[q].v += n; }
+            tile_rows<2>(rm, segs, nseg, int(M), int(N), out + m * N + n, int(N));
+            for (int q = 0; q < nseg; ++q) { segs[q].a -= m; segs[q].v -= n; }
+          }
+          for (; n < N; n += VL) {
+            for (int q = 0; q < nseg; ++q) { segs[q].a += m; segs[q].v += n; }
+            tile_rows<1>(rm, segs, nseg, int(M), int(N), out + m * N + n, int(N));
+            for (int q = 0; q < nseg; ++q) { segs[q].a -= m; segs[q].v -= n; }
+          }
+        }
+      }
+    }
+  }
+}
+
+static ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> v,
+                                 ffi::ResultBuffer<ffi::F32> dk, bool shift_a) {
+  auto da = a.dimensions(), dv = v.dimensions();
+  if (da.size() != 4 || dv.size() != 4 || da[0] != dv[0] || da[1] != dv[1] || da[2] != dv[2])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "kernel_grad: operands must be NHWC of one shape but channels");
+  auto dd = dk->dimensions();
+  if (dd.size() != 4 || dd[0] != 3 || dd[1] != 3 || dd[2] != da[3] || dd[3] != dv[3])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "kernel_grad: result must be (3, 3, channels of a, channels of v)");
+  if (dv[3] % VL != 0)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "kernel_grad: vector operand's channels must be a multiple of the SIMD width");
+  kernel_grad(a.typed_data(), v.typed_data(), dk->typed_data(), da[0], da[1], da[2], da[3], dv[3], shift_a);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedKernelGrad, KernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("shift_a"));
+
+extern "C" int synth_med_simd_width() { return VL; }

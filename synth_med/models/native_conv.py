@@ -1,0 +1,192 @@
+"""A native CPU kernel for the 3x3 convolution's kernel gradient, built on first use.
+
+`kernel_grad(x, g)` returns d(sum(conv3x3(x, k) * g))/dk, shape (3, 3, c, o), from
+`native/conv_kernel_grad.cc`: an XLA FFI custom call that reads both NHWC operands in
+place and accumulates register tiles of outer products (2-2.5x XLA's own path on this
+project's CPUs, 10x on the 32 -> 3 output conv; figures in `bench/README.md`). It is
+what `unet.conv3x3` uses on CPUs; where it cannot be used, `kernel_grad` returns None
+and the caller keeps its pure-XLA path:
+
+- `SYNTH_MED_NATIVE_KERNELS=0` in the environment turns it off;
+- no C++ compiler (`$CXX`, else `c++`/`g++`), or the build fails: one warning says why;
+- neither channel count is a multiple of the compiled SIMD width (8 or 16 floats).
+
+The shared library is compiled once with `-O3 -march=native` and cached under
+`$SYNTH_MED_NATIVE_CACHE` (default `~/.cache/synth_med/native`), keyed by the source,
+the flags, the jax version and the CPU's model and feature flags; it is written to a
+temporary name and renamed, so processes building at once never load a partial file.
+
+Under a device mesh the custom call is partitioned over the batch (`custom_partitioning`):
+each device computes its own images' sum and the results are all-reduced, as XLA does for
+its own matmul over the batch.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+SOURCE = Path(__file__).with_name("native") / "conv_kernel_grad.cc"
+TARGET = "synth_med_conv3x3_kernel_grad"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
+_ENV_SWITCH = "SYNTH_MED_NATIVE_KERNELS"
+_ENV_CACHE = "SYNTH_MED_NATIVE_CACHE"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class NativeBuildError(RuntimeError):
+  """The native kernel could not be compiled or loaded (the message says why)."""
+
+
+def enabled() -> bool:
+  """False when `SYNTH_MED_NATIVE_KERNELS` is 0/false/off/no."""
+  return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def compiler() -> str | None:
+  """The C++ compiler to use: `$CXX`, else the first of c++ / g++ / clang++ on PATH."""
+  if os.environ.get("CXX"):
+    return os.environ["CXX"]
+  return next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+
+
+def _cpu_fingerprint() -> str:
+  """Model name and feature flags: a `-march=native` build is only valid on such a CPU."""
+  try:
+    info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    keep = [ln for ln in info.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(keep)
+  except OSError:
+    return platform.processor() + platform.machine()
+
+
+def cache_dir() -> Path:
+  return Path(os.environ.get(_ENV_CACHE) or Path.home() / ".cache" / "synth_med" / "native")
+
+
+def library_path(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
+  """Where the build for this source, compiler, flags, jax and CPU lives."""
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, *FLAGS, *extra_flags, jax.__version__,
+                                  _cpu_fingerprint()]).encode())
+  return cache_dir() / f"conv_kernel_grad-{key.hexdigest()[:16]}.so"
+
+
+def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
+  """Compiles the kernel (unless cached) and returns the shared library's path.
+
+  `extra_flags` go after the defaults (the tests build the AVX2 variant with `-mno-avx512f`).
+  """
+  cxx = compiler()
+  if cxx is None:
+    raise NativeBuildError("no C++ compiler found (set $CXX, or install g++)")
+  out = library_path(cxx, extra_flags)
+  if out.exists() and not force:
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  os.close(fd)
+  cmd = [cxx, *FLAGS, *extra_flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise NativeBuildError(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return out
+
+
+def simd_width() -> int | None:
+  """Floats per SIMD vector of the loaded kernel, or None if it is not available.
+
+  The first call builds (or finds) the library and registers the custom call.
+  """
+  with _lock:
+    if "width" in _state:
+      return _state["width"]  # type: ignore[return-value]
+    width = None
+    if enabled():
+      try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SynthMedKernelGrad), platform="cpu")
+        width = int(lib.synth_med_simd_width())
+        _state["lib"] = lib
+      except (NativeBuildError, OSError, AttributeError) as e:
+        logging.warning("synth_med: the native conv kernel-gradient is off, using XLA's path (%s). "
+                        "Set %s=0 to skip the attempt.", e, _ENV_SWITCH)
+    _state["width"] = width
+    return width
+
+
+def _local(a: jax.Array, v: jax.Array, shift_a: bool, target: str = TARGET) -> jax.Array:
+  out = jax.ShapeDtypeStruct((3, 3, a.shape[-1], v.shape[-1]), jnp.float32)
+  return jax.ffi.ffi_call(target, out)(a, v, shift_a=shift_a)
+
+
+def _batch_axes(sharding) -> object:
+  spec = getattr(sharding, "spec", None)
+  return spec[0] if spec else None
+
+
+def _partitioned(shift_a: bool):
+  """The custom call, split over the batch's mesh axes and all-reduced."""
+
+  @custom_partitioning
+  def call(a, v):
+    return _local(a, v, shift_a)
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    axes = _batch_axes(arg_shapes[0].sharding)
+    batch = NamedSharding(mesh, P(axes, None, None, None))
+
+    def lower(a, v):
+      dk = _local(a, v, shift_a)
+      return jax.lax.psum(dk, axes) if axes is not None else dk
+
+    return mesh, lower, NamedSharding(mesh, P()), (batch, batch)
+
+  def infer(mesh, arg_shapes, result_shape):
+    del arg_shapes, result_shape
+    return NamedSharding(mesh, P())
+
+  call.def_partition(partition, infer_sharding_from_operands=infer,
+                     sharding_rule="b h w c, b h w o -> i j c o", reduction_factors=("b",),
+                     need_replication_factors=("h", "w"))
+  return call
+
+
+_CALLS = {True: _partitioned(True), False: _partitioned(False)}
+
+
+def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
+  """Kernel gradient (3, 3, c, o) in float32 of a 3x3 SAME conv of x (b, h, w, c) with output gradient g.
+
+  None when the native kernel is unavailable or neither c nor o fits its SIMD width.
+  """
+  if x.ndim != 4 or g.shape[:3] != x.shape[:3]:
+    raise ValueError(f"kernel_grad: x {x.shape} and g {g.shape} must be NHWC of the same (b, h, w)")
+  width = simd_width()
+  if width is None:
+    return None
+  x, g = x.astype(jnp.float32), g.astype(jnp.float32)
+  if g.shape[-1] % width == 0:
+    return _CALLS[True](x, g)
+  if x.shape[-1] % width == 0:
+    return _CALLS[False](g, x).transpose(0, 1, 3, 2)
+  return None
