@@ -174,15 +174,19 @@ def test_conv3x3_gradient_matches_xla_convolution():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_group_norm_act_matches_autodiff_of_the_plain_chain():
-  # 12 channels in 3 groups of 4, h != w, per-image scale/shift: a group or image mix-up fails.
-  ks = jax.random.split(jax.random.key(0), 5)
-  x = 2.0 * jax.random.normal(ks[0], (2, 5, 7, 12)) + 1.0
-  gamma, beta = 1.0 + 0.3 * jax.random.normal(ks[1], (12,)), 0.3 * jax.random.normal(ks[2], (12,))
-  scale, shift = 0.5 * jax.random.normal(ks[3], (2, 12)), 0.5 * jax.random.normal(ks[4], (2, 12))
+@pytest.mark.parametrize("c, groups", [(12, 3), (32, 8), (48, 3)])
+def test_group_norm_act_matches_autodiff_of_the_plain_chain(c, groups):
+  # Groups of several channels, h != w, per-image scale/shift: a group or image mix-up fails.
+  # 12 channels run XLA's path; 32 and 48 the native C++ kernels where a compiler exists
+  # (48 in 3 groups: a group spans several SIMD vectors).
+  from synth_med.models import native_ops
+  ks = jax.random.split(jax.random.key(c), 5)
+  x = 2.0 * jax.random.normal(ks[0], (2, 5, 7, c)) + 1.0
+  gamma, beta = 1.0 + 0.3 * jax.random.normal(ks[1], (c,)), 0.3 * jax.random.normal(ks[2], (c,))
+  scale, shift = 0.5 * jax.random.normal(ks[3], (2, c)), 0.5 * jax.random.normal(ks[4], (2, c))
 
   def plain(x, gamma, beta, scale, shift, silu):
-    xg = x.reshape(2, 5, 7, 3, 4)
+    xg = x.reshape(2, 5, 7, groups, c // groups)
     mean = xg.mean(axis=(1, 2, 4), keepdims=True)
     var = xg.var(axis=(1, 2, 4), keepdims=True)
     y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * gamma + beta
@@ -191,12 +195,16 @@ def test_group_norm_act_matches_autodiff_of_the_plain_chain():
 
   def fused(x, gamma, beta, scale, shift, silu):
     a = gamma * (1 + scale)
-    return unet.group_norm_act(x, a, beta * (1 + scale) + shift, 3, silu)
+    return unet.group_norm_act(x, a, beta * (1 + scale) + shift, groups, silu)
 
   weight = jax.random.normal(jax.random.key(9), x.shape)
+  args = (x, gamma, beta, scale, shift)
+  native = native_ops.norm_fits(x, groups)
+  assert native == (c != 12 and native_ops.simd_width() is not None)
+  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(fused(*a, True)), range(5))).lower(*args).as_text()
+  assert (native_ops.NORM_FWD in hlo and native_ops.NORM_BWD in hlo) == native
   for silu in (True, False):
     loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args, silu)) * weight)  # noqa: E731
-    args = (x, gamma, beta, scale, shift)
     np.testing.assert_allclose(fused(*args, silu), plain(*args, silu), rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.grad(loss(fused), range(5))(*args), jax.grad(loss(plain), range(5))(*args)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

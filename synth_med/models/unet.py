@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from synth_med.errors import SynthMedError
-from synth_med.models import native_conv
+from synth_med.models import native_ops
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -86,6 +86,8 @@ def group_norm_act(x: jax.Array, a: jax.Array, b: jax.Array, groups: int, silu: 
   is two passes over x and dy (one for the four per-channel sums, one for dx), with
   the normalised input and the SiLU recomputed instead of stored. Autodiff of the
   same chain stores and re-reads more, and is 20-30 % slower on CPU (bench/README.md).
+  On CPUs both directions are `native_ops`' C++ kernels where they apply (float32,
+  channels a multiple of the SIMD width), which work image by image in cache.
   """
   return _group_norm_act_fwd(x, a, b, groups, silu)[0]
 
@@ -95,7 +97,15 @@ def _px(v: jax.Array) -> jax.Array:
   return v[:, None, None, :]
 
 
+def _native_norm(x: jax.Array, groups: int) -> bool:
+  """Whether this norm runs as `native_ops`' C++ kernels (CPUs, float32, channels a SIMD multiple)."""
+  return jax.default_backend() == "cpu" and native_ops.norm_fits(x, groups)
+
+
 def _group_norm_act_fwd(x, a, b, groups, silu):
+  if _native_norm(x, groups):
+    y, mean, inv = native_ops.group_norm_act_fwd(x, a, b, groups, silu)
+    return y, (x, a, b, mean, inv)
   xf = x.astype(jnp.float32)
   mean, inv = _group_stats(xf, groups)
   scale = inv * a
@@ -106,6 +116,9 @@ def _group_norm_act_fwd(x, a, b, groups, silu):
 
 def _group_norm_act_bwd(groups, silu, res, dy):
   x, a, b, mean, inv = res
+  if _native_norm(x, groups):
+    dx, da, db = native_ops.group_norm_act_bwd(x, a, b, mean, inv, dy, groups, silu)
+    return dx, da.astype(a.dtype), db.astype(b.dtype)
   _, h, w, c = x.shape
   xhat = (x.astype(jnp.float32) - _px(mean)) * _px(inv)
   dz = dy.astype(jnp.float32)
@@ -150,7 +163,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   XLA's CPU backend computes a convolution's kernel gradient as a convolution
   over the batch, at a third to a half of the forward convolution's FLOP rate.
-  Here it is `native_conv.kernel_grad` (a C++ custom call built on first use),
+  Here it is `native_ops.kernel_grad` (a C++ custom call built on first use),
   or where that is unavailable the one matmul of `_kernel_grad`. The input
   gradient stays a convolution with the flipped kernel.
   """
@@ -188,7 +201,7 @@ def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 def _conv3x3_bwd(res, g):
   x, kernel = res
   dx = _conv(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-  dk = native_conv.kernel_grad(x, g)
+  dk = native_ops.kernel_grad(x, g)
   if dk is None:
     dk = _kernel_grad(x, g)
   return dx, dk.astype(kernel.dtype)

@@ -1,5 +1,5 @@
 // Kernel gradient of a 3x3 'SAME', stride-1 convolution (NHWC activations, HWIO kernel)
-// as an XLA FFI custom call for the CPU, built on first use by `synth_med.models.native_conv`.
+// as an XLA FFI custom call for the CPU, built on first use by `synth_med.models.native_ops`.
 //
 //   dk[i, j, m, n] = sum over (b, y, x) of A[b, y + di, x + dj, m] * V[b, y + ei, x + ej, n]
 //
@@ -18,22 +18,17 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace synth_med;
 
 #if defined(__AVX512F__)
-constexpr int VL = 16;
-constexpr int MR = 8;
+constexpr int MR = 8;  // register tile: MR x 2 vectors of accumulators (16 of 32 registers)
 #else
-constexpr int VL = 8;
-constexpr int MR = 6;
+constexpr int MR = 6;  // 12 of 16 registers
 #endif
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
-
-static inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-static inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 // out[m, n] += sum_k a[k * lda + m] * v[k * ldv + n] for m < R, n < NV * VL, over each segment.
 struct Segment { const float* a; const float* v; int len; };

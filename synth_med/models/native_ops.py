@@ -23,6 +23,7 @@ its own matmul over the batch.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -35,11 +36,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-SOURCE = Path(__file__).with_name("native") / "conv_kernel_grad.cc"
+NATIVE_DIR = Path(__file__).with_name("native")
+SOURCES = ("conv_kernel_grad.cc", "group_norm_act.cc")
 TARGET = "synth_med_conv3x3_kernel_grad"
+NORM_FWD, NORM_BWD = "synth_med_group_norm_act_fwd", "synth_med_group_norm_act_bwd"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 _ENV_SWITCH = "SYNTH_MED_NATIVE_KERNELS"
 _ENV_CACHE = "SYNTH_MED_NATIVE_CACHE"
@@ -80,7 +84,8 @@ def cache_dir() -> Path:
 
 def library_path(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
   """Where the build for this source, compiler, flags, jax and CPU lives."""
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, *FLAGS, *extra_flags, jax.__version__,
+  texts = [p.read_text() for p in sorted(NATIVE_DIR.glob("*")) if p.suffix in (".cc", ".h")]
+  key = hashlib.sha256("\0".join([*texts, cxx, *FLAGS, *extra_flags, jax.__version__,
                                   _cpu_fingerprint()]).encode())
   return cache_dir() / f"conv_kernel_grad-{key.hexdigest()[:16]}.so"
 
@@ -99,7 +104,8 @@ def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, *extra_flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  cmd = [cxx, *FLAGS, *extra_flags, f"-I{jax.ffi.include_dir()}", *(str(NATIVE_DIR / f) for f in SOURCES),
+         "-o", tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -123,7 +129,9 @@ def simd_width() -> int | None:
     if enabled():
       try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SynthMedKernelGrad), platform="cpu")
+        for name, fn in ((TARGET, lib.SynthMedKernelGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
+                         (NORM_BWD, lib.SynthMedGroupNormActBwd)):
+          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
         width = int(lib.synth_med_simd_width())
         _state["lib"] = lib
       except (NativeBuildError, OSError, AttributeError) as e:
@@ -190,3 +198,65 @@ def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
   if x.shape[-1] % width == 0:
     return _CALLS[False](g, x).transpose(0, 1, 3, 2)
   return None
+
+
+def _batch_local(fn, sharding_rule: str):
+  """`fn` as an op that runs on each device's own images: every operand and result is
+  split over the first operand's batch axes (dimension 0) and replicated otherwise."""
+  op = custom_partitioning(fn)
+
+  def spec(mesh, axes, ndim):
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+  def partition(mesh, arg_shapes, result_shape):
+    axes = _batch_axes(arg_shapes[0].sharding)
+    args = tuple(spec(mesh, axes, len(a.shape)) for a in arg_shapes)
+    results = jax.tree.map(lambda r: spec(mesh, axes, len(r.shape)), result_shape)
+    return mesh, fn, results, args
+
+  def infer(mesh, arg_shapes, result_shape):
+    axes = _batch_axes(arg_shapes[0].sharding)
+    return jax.tree.map(lambda r: spec(mesh, axes, len(r.shape)), result_shape)
+
+  op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule,
+                   need_replication_factors=("h", "w", "c"))
+  return op
+
+
+def _norm_fwd_call(groups: int, silu: bool):
+  def fn(x, a, b):
+    bc = jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    return tuple(jax.ffi.ffi_call(NORM_FWD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), bc, bc))(
+        x, a, b, groups=np.int64(groups), silu=silu))
+  return _batch_local(fn, "b h w c, b c, b c -> b h w c, b c, b c")
+
+
+def _norm_bwd_call(groups: int, silu: bool):
+  def fn(x, a, b, mean, inv, dy):
+    bc = jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    return tuple(jax.ffi.ffi_call(NORM_BWD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), bc, bc))(
+        x, a, b, mean, inv, dy, groups=np.int64(groups), silu=silu))
+  return _batch_local(fn, "b h w c, b c, b c, b c, b c, b h w c -> b h w c, b c, b c")
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_calls(groups: int, silu: bool):
+  return _norm_fwd_call(groups, silu), _norm_bwd_call(groups, silu)
+
+
+def norm_fits(x: jax.Array, groups: int) -> bool:
+  """Whether the native GroupNorm kernels take x (float32 NHWC, channels a multiple of the SIMD width)."""
+  width = simd_width()
+  return (width is not None and x.ndim == 4 and x.dtype == jnp.float32 and x.shape[-1] % width == 0
+          and x.shape[-1] % groups == 0)
+
+
+def group_norm_act_fwd(x: jax.Array, a: jax.Array, b: jax.Array, groups: int, silu: bool):
+  """(y, mean, inv): act(GroupNorm(x) * a + b) and each channel's group mean and 1/std ([B, C])."""
+  return _norm_calls(groups, silu)[0](x, a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+def group_norm_act_bwd(x, a, b, mean, inv, dy, groups: int, silu: bool):
+  """(dx, da, db) of `group_norm_act_fwd`'s y, given its output gradient dy."""
+  return _norm_calls(groups, silu)[1](x, a.astype(jnp.float32), b.astype(jnp.float32), mean, inv,
+                                      dy.astype(jnp.float32))

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synth_med.models import native_conv, unet
+from synth_med.models import native_ops, unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_compiler = pytest.mark.skipif(native_conv.compiler() is None, reason="no C++ compiler on this machine")
+needs_compiler = pytest.mark.skipif(native_ops.compiler() is None, reason="no C++ compiler on this machine")
 
 
 def _autodiff_kernel_grad(x, g):
@@ -29,11 +29,11 @@ def _autodiff_kernel_grad(x, g):
                                    (2, 1, 4, 16, 16),    # one-row images: only the middle taps see data
                                    (4, 16, 16, 64, 64)])
 def test_native_kernel_grad_matches_autodiff(shape):
-  assert native_conv.simd_width() in (8, 16)
+  assert native_ops.simd_width() in (8, 16)
   b, h, w, c, o = shape
   kx, kg = jax.random.split(jax.random.PRNGKey(sum(shape)))
   x, g = jax.random.normal(kx, (b, h, w, c)), jax.random.normal(kg, (b, h, w, o))
-  got = jax.jit(native_conv.kernel_grad)(x, g)
+  got = jax.jit(native_ops.kernel_grad)(x, g)
   assert got is not None and got.shape == (3, 3, c, o)
   ref = _autodiff_kernel_grad(x, g)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
@@ -45,7 +45,7 @@ def test_conv3x3_gradients_use_the_native_kernel_and_match():
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 32)) * 0.1
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
   hlo = jax.jit(jax.grad(loss(unet.conv3x3), (0, 1))).lower(x, k).as_text()
-  assert native_conv.TARGET in hlo
+  assert native_ops.TARGET in hlo
   got = jax.grad(loss(unet.conv3x3), (0, 1))(x, k)
   ref = jax.grad(loss(unet._conv), (0, 1))(x, k)
   for a, r in zip(got, ref):
@@ -53,22 +53,22 @@ def test_conv3x3_gradients_use_the_native_kernel_and_match():
 
 
 def test_channels_that_fit_no_simd_width_fall_back(monkeypatch):
-  monkeypatch.setitem(native_conv._state, "width", 16)
-  assert native_conv.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5))) is None
+  monkeypatch.setitem(native_ops._state, "width", 16)
+  assert native_ops.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5))) is None
   with pytest.raises(ValueError, match="same"):
-    native_conv.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 5, 16)))
+    native_ops.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 5, 16)))
 
 
 _SUBPROCESS = """
 import json, sys, logging
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp
-from synth_med.models import native_conv, unet
+from synth_med.models import native_ops, unet
 logging.basicConfig(level=logging.WARNING)
 x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16)); k = jnp.ones((3, 3, 16, 16)) * 0.1
 dk = jax.grad(lambda k: jnp.sum(unet.conv3x3(x, k) ** 2))(k)
 ref = jax.grad(lambda k: jnp.sum(unet._conv(x, k) ** 2))(k)
-print("RESULT" + json.dumps({{"width": native_conv.simd_width(), "err": float(jnp.abs(dk - ref).max())}}))
+print("RESULT" + json.dumps({{"width": native_ops.simd_width(), "err": float(jnp.abs(dk - ref).max())}}))
 """
 
 
@@ -93,13 +93,13 @@ def test_switched_off_or_unbuildable_it_falls_back_to_xla_with_a_warning(tmp_pat
 @needs_compiler
 def test_build_is_cached_per_source_and_written_atomically(tmp_path, monkeypatch):
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
-  first = native_conv.build()
+  first = native_ops.build()
   assert first.parent == tmp_path and first.stat().st_size > 0
   mtime = first.stat().st_mtime_ns
-  assert native_conv.build() == first and first.stat().st_mtime_ns == mtime  # cached, not rebuilt
+  assert native_ops.build() == first and first.stat().st_mtime_ns == mtime  # cached, not rebuilt
   assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
-  monkeypatch.setattr(native_conv, "_cpu_fingerprint", lambda: "another CPU")  # -march=native: per CPU
-  assert native_conv.library_path(native_conv.compiler()) != first
+  monkeypatch.setattr(native_ops, "_cpu_fingerprint", lambda: "another CPU")  # -march=native: per CPU
+  assert native_ops.library_path(native_ops.compiler()) != first
 
 
 _EIGHT = """
@@ -108,15 +108,15 @@ import numpy as np
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from synth_med.models import native_conv, unet
+from synth_med.models import native_ops, unet
 mesh = Mesh(np.array(jax.devices()), ("data",))
 x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 32)); g = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 3))
 shard = NamedSharding(mesh, P("data"))
-f = jax.jit(native_conv.kernel_grad)
+f = jax.jit(native_ops.kernel_grad)
 xs, gs = jax.device_put(x, shard), jax.device_put(g, shard)
 hlo = f.lower(xs, gs).compile().as_text()
-local = [ln for ln in hlo.splitlines() if native_conv.TARGET in ln]
-one = native_conv.kernel_grad(x, g)
+local = [ln for ln in hlo.splitlines() if native_ops.TARGET in ln]
+one = native_ops.kernel_grad(x, g)
 print("RESULT" + json.dumps({{"err": float(jnp.abs(f(xs, gs) - one).max()), "scale": float(jnp.abs(one).max()),
       "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo, "local": local[0] if local else ""}}))
 """
@@ -135,15 +135,15 @@ def test_eight_device_mesh_splits_the_batch_and_all_reduces():
 
 
 @needs_compiler
-@pytest.mark.skipif(native_conv.simd_width() != 16, reason="the AVX2 variant is the default build on this CPU")
+@pytest.mark.skipif(native_ops.simd_width() != 16, reason="the AVX2 variant is the default build on this CPU")
 def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   """Machines without AVX-512 get the 8-float variant (other register tiles); check it here too."""
   import ctypes
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
-  lib = ctypes.cdll.LoadLibrary(str(native_conv.build(extra_flags=("-mno-avx512f",))))
+  lib = ctypes.cdll.LoadLibrary(str(native_ops.build(extra_flags=("-mno-avx512f",))))
   assert lib.synth_med_simd_width() == 8
   jax.ffi.register_ffi_target("synth_med_test_avx2", jax.ffi.pycapsule(lib.SynthMedKernelGrad), platform="cpu")
   x, g = jax.random.normal(jax.random.PRNGKey(3), (3, 6, 9, 13)), jax.random.normal(jax.random.PRNGKey(4), (3, 6, 9, 24))
-  got = native_conv._local(x, g, True, target="synth_med_test_avx2")
+  got = native_ops._local(x, g, True, target="synth_med_test_avx2")
   ref = _autodiff_kernel_grad(x, g)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))

@@ -1,0 +1,49 @@
+// SIMD vectors as GCC/Clang vector extensions: AVX-512 where the build machine has it
+// (-march=native), else 8 floats (AVX2, or two NEON registers on ARM).
+#pragma once
+#include <cstdint>
+
+namespace synth_med {
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+#else
+constexpr int VL = 8;
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+
+static inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline vf splat(float s) { return vf{} + s; }
+
+// exp(x) to ~2 ulp for |x| < 87 (Cephes' expf polynomial); 0 below -87.3, clamped at 88.
+static inline vf vexp(vf x) {
+  x = x < splat(88.0f) ? x : splat(88.0f);
+  const vf lo = splat(-87.3365447505531f);
+  const vi under = x < lo;
+  x = x < lo ? lo : x;
+  vf t = x * splat(1.44269504088896341f);
+  t = t + (t < splat(0.0f) ? splat(-0.5f) : splat(0.5f));
+  const vi n = __builtin_convertvector(t, vi);  // round half away from zero
+  const vf nf = __builtin_convertvector(n, vf);
+  vf r = x - nf * splat(0.693359375f);
+  r = r - nf * splat(-2.12194440e-4f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  const vi bits = (n + 127) << 23;
+  vf scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  vf out = p * scale;
+  return under ? splat(0.0f) : out;
+}
+
+static inline vf vsigmoid(vf z) { return splat(1.0f) / (splat(1.0f) + vexp(-z)); }
+
+}  // namespace synth_med
