@@ -147,3 +147,70 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   got = native_ops._local(x, g, True, target="synth_med_test_avx2")
   ref = _autodiff_kernel_grad(x, g)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(2, 32, 2, 16), (3, 64, 1, 32), (2, 48, 3, 16)])
+def test_native_attention_matches_xla_attend_values_and_gradients(shape):
+  b, n, h, d = shape
+  if n % native_ops.simd_width() or d % native_ops.simd_width():
+    pytest.skip(f"{shape} does not fit SIMD width {native_ops.simd_width()}")
+  qkv = 2.0 * jax.random.normal(jax.random.PRNGKey(n + d), (b, n, 3, h, d))
+  w = jax.random.normal(jax.random.PRNGKey(1), (b, n, h, d))
+  ref = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
+  np.testing.assert_allclose(unet.attend_qkv(qkv), ref(qkv), rtol=1e-4, atol=1e-5)
+  out, lse = native_ops.attention_fwd(qkv)
+  logits = jnp.einsum("bnhd,bmhd->bhnm", qkv[:, :, 0], qkv[:, :, 1]) / np.sqrt(d)
+  np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda qkv: jnp.sum(jnp.sin(f(qkv)) * w)  # noqa: E731
+  np.testing.assert_allclose(jax.grad(loss(unet.attend_qkv))(qkv), jax.grad(loss(ref))(qkv), rtol=1e-4, atol=1e-4)
+
+
+def test_unet_attention_uses_the_native_kernels_only_where_they_fit():
+  from flax import linen as nn  # noqa: F401
+  width = native_ops.simd_width()
+  for c, hw, want in ((32, 4, width is not None and 16 % width == 0), (24, 3, False)):
+    layer = unet.Attention(num_head_channels=c // 2 if c == 32 else 24)
+    x = jnp.ones((1, hw, hw, c))
+    params = layer.init(jax.random.PRNGKey(0), x)
+    hlo = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)))).lower(params).as_text()
+    assert (native_ops.ATTN_FWD in hlo and native_ops.ATTN_BWD in hlo) == want, (c, hw)
+
+
+_EIGHT_ATTN = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from synth_med.models import native_ops, unet
+mesh = Mesh(np.array(jax.devices()), ("data",))
+shard = NamedSharding(mesh, P("data"))
+x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 8, 32))
+a, b = 1 + 0.1 * jax.random.normal(jax.random.PRNGKey(1), (16, 32)), jnp.zeros((16, 32))
+qkv = jax.random.normal(jax.random.PRNGKey(2), (16, 32, 3, 2, 16))
+def f(x, a, b, qkv):
+  return jnp.sum(unet.group_norm_act(x, a, b, 8, True) ** 2) + jnp.sum(unet.attend_qkv(qkv) ** 2)
+g = jax.jit(jax.grad(f, range(4)))
+args = (x, a, b, qkv)
+sharded = [jax.device_put(v, shard) for v in args]
+hlo = g.lower(*sharded).compile().as_text()
+one, eight = g(*args), g(*sharded)
+print("RESULT" + json.dumps({{"err": max(float(jnp.abs(u - v).max()) for u, v in zip(one, eight)),
+      "all_gather": "all-gather" in hlo, "local_norm": "f32[2,4,8,32]" in hlo, "local_attn": "f32[2,32,3,2,16]" in hlo,
+      "shardings": [str(v.sharding.spec) for v in eight]}}))
+"""
+
+
+@needs_compiler
+def test_eight_device_mesh_runs_norm_and_attention_per_device():
+  if 16 % native_ops.simd_width():
+    pytest.skip("needs a SIMD width dividing 16")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _EIGHT_ATTN.format(root=ROOT)], capture_output=True, text=True,
+                        env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0][len("RESULT"):])
+  assert out["err"] < 1e-4
+  assert not out["all_gather"] and out["local_norm"] and out["local_attn"]
+  assert all("data" in s for s in out["shardings"])  # gradients stay split over the batch

@@ -41,9 +41,10 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = ("conv_kernel_grad.cc", "group_norm_act.cc")
+SOURCES = ("conv_kernel_grad.cc", "group_norm_act.cc", "attention.cc")
 TARGET = "synth_med_conv3x3_kernel_grad"
 NORM_FWD, NORM_BWD = "synth_med_group_norm_act_fwd", "synth_med_group_norm_act_bwd"
+ATTN_FWD, ATTN_BWD = "synth_med_attention_fwd", "synth_med_attention_bwd"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
 _ENV_SWITCH = "SYNTH_MED_NATIVE_KERNELS"
 _ENV_CACHE = "SYNTH_MED_NATIVE_CACHE"
@@ -130,7 +131,8 @@ def simd_width() -> int | None:
       try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         for name, fn in ((TARGET, lib.SynthMedKernelGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
-                         (NORM_BWD, lib.SynthMedGroupNormActBwd)):
+                         (NORM_BWD, lib.SynthMedGroupNormActBwd), (ATTN_FWD, lib.SynthMedAttentionFwd),
+                         (ATTN_BWD, lib.SynthMedAttentionBwd)):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
         width = int(lib.synth_med_simd_width())
         _state["lib"] = lib
@@ -139,6 +141,11 @@ def simd_width() -> int | None:
                         "Set %s=0 to skip the attempt.", e, _ENV_SWITCH)
     _state["width"] = width
     return width
+
+
+def _require() -> None:
+  if simd_width() is None:
+    raise NativeBuildError("the native kernels are not available (see the warning above); use the XLA path")
 
 
 def _local(a: jax.Array, v: jax.Array, shift_a: bool, target: str = TARGET) -> jax.Array:
@@ -218,8 +225,10 @@ def _batch_local(fn, sharding_rule: str):
     axes = _batch_axes(arg_shapes[0].sharding)
     return jax.tree.map(lambda r: spec(mesh, axes, len(r.shape)), result_shape)
 
+  factors = sharding_rule.replace(",", " ").replace("->", " ").split()
+  others = [f for i, f in enumerate(factors) if f != "b" and f not in factors[:i]]  # in order of appearance
   op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule,
-                   need_replication_factors=("h", "w", "c"))
+                   need_replication_factors=tuple(others))
   return op
 
 
@@ -253,10 +262,45 @@ def norm_fits(x: jax.Array, groups: int) -> bool:
 
 def group_norm_act_fwd(x: jax.Array, a: jax.Array, b: jax.Array, groups: int, silu: bool):
   """(y, mean, inv): act(GroupNorm(x) * a + b) and each channel's group mean and 1/std ([B, C])."""
+  _require()
   return _norm_calls(groups, silu)[0](x, a.astype(jnp.float32), b.astype(jnp.float32))
 
 
 def group_norm_act_bwd(x, a, b, mean, inv, dy, groups: int, silu: bool):
   """(dx, da, db) of `group_norm_act_fwd`'s y, given its output gradient dy."""
+  _require()
   return _norm_calls(groups, silu)[1](x, a.astype(jnp.float32), b.astype(jnp.float32), mean, inv,
                                       dy.astype(jnp.float32))
+
+
+def attention_fits(qkv: jax.Array) -> bool:
+  """Whether the native attention kernels take qkv [B, N, 3, heads, d] (float32, N and d SIMD multiples)."""
+  width = simd_width()
+  return (width is not None and qkv.ndim == 5 and qkv.shape[2] == 3 and qkv.dtype == jnp.float32
+          and qkv.shape[1] % width == 0 and qkv.shape[-1] % width == 0)
+
+
+def _attn_fwd(qkv):
+  b, n, _, h, d = qkv.shape
+  return tuple(jax.ffi.ffi_call(ATTN_FWD, (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),
+                                           jax.ShapeDtypeStruct((b, h, n), jnp.float32)))(qkv))
+
+
+def _attn_bwd(qkv, lse, dout):
+  return jax.ffi.ffi_call(ATTN_BWD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(qkv, lse, dout)
+
+
+_ATTN_FWD_CALL = _batch_local(_attn_fwd, "b n t h d -> b n h d, b h n")
+_ATTN_BWD_CALL = _batch_local(_attn_bwd, "b n t h d, b h n, b n h d -> b n t h d")
+
+
+def attention_fwd(qkv: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(out [B, N, heads, d], log-sum-exp [B, heads, N]) of softmax(q k^T / sqrt(d)) v."""
+  _require()
+  return _ATTN_FWD_CALL(qkv)
+
+
+def attention_bwd(qkv: jax.Array, lse: jax.Array, dout: jax.Array) -> jax.Array:
+  """d(qkv) [B, N, 3, heads, d] of `attention_fwd`'s out, given its gradient dout."""
+  _require()
+  return _ATTN_BWD_CALL(qkv, lse, dout)

@@ -285,6 +285,29 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.matmul(weights, v).transpose(0, 2, 1, 3)
 
 
+@jax.custom_vjp
+def attend_qkv(qkv: jax.Array) -> jax.Array:
+  """`attend` of packed qkv [batch, tokens, 3, heads, head_dim] as `native_ops`' C++ kernels (CPUs).
+
+  The forward keeps each row's log-sum-exp; the backward recomputes the softmax from it and
+  writes d(qkv) in the packed layout, so no slices or transposes of qkv are materialised.
+  """
+  return native_ops.attention_fwd(qkv)[0]
+
+
+def _attend_qkv_fwd(qkv):
+  out, lse = native_ops.attention_fwd(qkv)
+  return out, (qkv, lse)
+
+
+def _attend_qkv_bwd(res, dout):
+  qkv, lse = res
+  return (native_ops.attention_bwd(qkv, lse, dout.astype(jnp.float32)).astype(qkv.dtype),)
+
+
+attend_qkv.defvjp(_attend_qkv_fwd, _attend_qkv_bwd)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention over the spatial positions (heads of `num_head_channels`)."""
   num_head_channels: int = 64
@@ -300,7 +323,10 @@ class Attention(nn.Module):
                           "model_channels * channel_mult.")
     y = Norm(name="norm")(x).reshape(b, h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
-    out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)
+    if jax.default_backend() == "cpu" and native_ops.attention_fits(qkv):
+      out = attend_qkv(qkv).reshape(b, h * w, c)
+    else:
+      out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)
     out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
     return x + out.reshape(b, h, w, c)
 
