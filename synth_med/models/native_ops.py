@@ -1,24 +1,32 @@
-"""A native CPU kernel for the 3x3 convolution's kernel gradient, built on first use.
+"""Native C++ CPU kernels for the UNet's hottest ops, as XLA FFI custom calls built on first use.
 
-`kernel_grad(x, g)` returns d(sum(conv3x3(x, k) * g))/dk, shape (3, 3, c, o), from
-`native/conv_kernel_grad.cc`: an XLA FFI custom call that reads both NHWC operands in
-place and accumulates register tiles of outer products (2-2.5x XLA's own path on this
-project's CPUs, 10x on the 32 -> 3 output conv; figures in `bench/README.md`). It is
-what `unet.conv3x3` uses on CPUs; where it cannot be used, `kernel_grad` returns None
-and the caller keeps its pure-XLA path:
+Three ops, sources in `native/` (one `.so`):
 
-- `SYNTH_MED_NATIVE_KERNELS=0` in the environment turns it off;
-- no C++ compiler (`$CXX`, else `c++`/`g++`), or the build fails: one warning says why;
-- neither channel count is a multiple of the compiled SIMD width (8 or 16 floats).
+- `kernel_grad(x, g)`: the 3x3 convolution's kernel gradient (3, 3, c, o), reading both
+  NHWC operands in place and accumulating register tiles of outer products (2-2.5x XLA's
+  own path, 10x on the 32 -> 3 output conv);
+- `group_norm_act_fwd` / `_bwd`: GroupNorm -> per-(image, channel) affine -> SiLU, image by
+  image in cache (`unet.group_norm_act`'s maths);
+- `attention_fwd` / `_bwd`: softmax(q k^T / sqrt(d)) v on packed qkv [B, N, 3, heads, d],
+  one N x N score matrix per (image, head) in cache, the backward recomputing the softmax
+  from the saved log-sum-exp.
+
+`unet` uses them on CPUs and keeps its pure-XLA paths where they do not apply:
+
+- `SYNTH_MED_NATIVE_KERNELS=0` in the environment turns them off;
+- no C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`), or the build fails: one warning says why;
+- shapes that do not fit the compiled SIMD width (8 or 16 floats), or dtypes other than float32.
 
 The shared library is compiled once with `-O3 -march=native` and cached under
-`$SYNTH_MED_NATIVE_CACHE` (default `~/.cache/synth_med/native`), keyed by the source,
-the flags, the jax version and the CPU's model and feature flags; it is written to a
-temporary name and renamed, so processes building at once never load a partial file.
+`$SYNTH_MED_NATIVE_CACHE` (default `~/.cache/synth_med/native`), keyed by the sources, the
+flags, the jax version and the CPU's model and feature flags; it is written to a temporary
+name and renamed, so processes building at once never load a partial file. Each kernel is
+single-threaded: the project runs one XLA device per core (`cpu_devices`).
 
-Under a device mesh the custom call is partitioned over the batch (`custom_partitioning`):
-each device computes its own images' sum and the results are all-reduced, as XLA does for
-its own matmul over the batch.
+Under a device mesh each op is partitioned over the batch (`custom_partitioning`): the norm
+and attention run on each device's own images; the kernel gradient sums each device's images
+and all-reduces, as XLA does for its own matmul over the batch. Speed figures are in
+`bench/README.md`.
 """
 from __future__ import annotations
 

@@ -74,7 +74,20 @@ void tile_rows(int rows, const float* a, int64_t a_rs, int64_t a_ks, const float
 
 // C [M x Nc] = A [M x K] B [K x Nc], A read through strides, Nc a multiple of VL.
 void gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64_t a_rs, int64_t a_ks,
+          const float* b, int64_t b_ks, float* c, int64_t c_rs);
+void gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64_t a_rs, int64_t a_ks,
           const float* b, int64_t b_ks, float* c, int64_t c_rs) {
+#if defined(__AVX512F__)
+  // Four vectors wide where the columns allow: 6 x 4 accumulators load fewer broadcasts per FMA.
+  if (Nc % (4 * VL) == 0 && M >= 6) {
+    const int64_t m6 = M / 6 * 6;
+    for (int64_t m = 0; m < m6; m += 6)
+      for (int64_t n = 0; n < Nc; n += 4 * VL)
+        tile<6, 4>(a + m * a_rs, a_rs, a_ks, b + n, b_ks, K, c + m * c_rs + n, c_rs);
+    if (M > m6) gemm(M - m6, Nc, K, a + m6 * a_rs, a_rs, a_ks, b, b_ks, c + m6 * c_rs, c_rs);
+    return;
+  }
+#endif
   for (int64_t m = 0; m < M; m += MR) {
     const int rows = int(std::min<int64_t>(MR, M - m));
     int64_t n = 0;
