@@ -214,3 +214,14 @@ def test_eight_device_mesh_runs_norm_and_attention_per_device():
   assert out["err"] < 1e-4
   assert not out["all_gather"] and out["local_norm"] and out["local_attn"]
   assert all("data" in s for s in out["shardings"])  # gradients stay split over the batch
+
+
+@needs_compiler
+def test_an_unwritable_cache_directory_builds_in_the_temp_dir(tmp_path, monkeypatch):
+  blocker = tmp_path / "not_a_dir"
+  blocker.write_text("a file where the cache directory should be")
+  monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(blocker / "native"))
+  monkeypatch.setattr(native_ops.tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  out = native_ops.build()
+  assert out.exists() and out.parent.parent == tmp_path / "tmp"

@@ -110,8 +110,15 @@ def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
   out = library_path(cxx, extra_flags)
   if out.exists() and not force:
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  except OSError:  # an unwritable cache directory (a read-only home): build in the temp dir
+    out = Path(tempfile.gettempdir()) / f"synth_med_native_{os.getuid()}" / out.name
+    if out.exists() and not force:
+      return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   cmd = [cxx, *FLAGS, *extra_flags, f"-I{jax.ffi.include_dir()}", *(str(NATIVE_DIR / f) for f in SOURCES),
          "-o", tmp]
