@@ -153,8 +153,7 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 32, 2, 16), (3, 64, 1, 32), (2, 48, 3, 16)])
 def test_native_attention_matches_xla_attend_values_and_gradients(shape):
   b, n, h, d = shape
-  if n % native_ops.simd_width() or d % native_ops.simd_width():
-    pytest.skip(f"{shape} does not fit SIMD width {native_ops.simd_width()}")
+  assert native_ops.attention_fits(jnp.zeros((b, n, 3, h, d)))  # 16 | n, d: both SIMD widths fit
   qkv = 2.0 * jax.random.normal(jax.random.PRNGKey(n + d), (b, n, 3, h, d))
   w = jax.random.normal(jax.random.PRNGKey(1), (b, n, h, d))
   ref = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
@@ -204,8 +203,6 @@ print("RESULT" + json.dumps({{"err": max(float(jnp.abs(u - v).max()) for u, v in
 
 @needs_compiler
 def test_eight_device_mesh_runs_norm_and_attention_per_device():
-  if 16 % native_ops.simd_width():
-    pytest.skip("needs a SIMD width dividing 16")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _EIGHT_ATTN.format(root=ROOT)], capture_output=True, text=True,
                         env=env, cwd=ROOT, timeout=300)

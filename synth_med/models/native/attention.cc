@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "simd.h"
+#include "outer_product.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -23,79 +23,22 @@ using namespace synth_med;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int MR = 8;
-#else
-constexpr int MR = 6;
-#endif
-
-// c[r, :] (=|+=) sum_k a[r * a_rs + k * a_ks] * b[k * b_ks + :] for R rows and NV vectors.
-template <int R, int NV>
-void tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks, int64_t K,
-          float* c, int64_t c_rs) {
-  vf acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int q = 0; q < NV; ++q) acc[r][q] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
-    vf bv[NV];
-#pragma GCC unroll 4
-    for (int q = 0; q < NV; ++q) bv[q] = load(b + k * b_ks + q * VL);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const float ar = a[r * a_rs + k * a_ks];
-#pragma GCC unroll 4
-      for (int q = 0; q < NV; ++q) acc[r][q] += ar * bv[q];
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int q = 0; q < NV; ++q) store(c + r * c_rs + q * VL, acc[r][q]);
-}
-
-template <int NV>
-void tile_rows(int rows, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
-               int64_t K, float* c, int64_t c_rs) {
-  switch (rows) {
-    case 1: return tile<1, NV>(a, a_rs, a_ks, b, b_ks, K, c, c_rs);
-    case 2: return tile<2, NV>(a, a_rs, a_ks, b, b_ks, K, c, c_rs);
-    case 3: return tile<3, NV>(a, a_rs, a_ks, b, b_ks, K, c, c_rs);
-    case 4: return tile<4, NV>(a, a_rs, a_ks, b, b_ks, K, c, c_rs);
-    case 5: return tile<5, NV>(a, a_rs, a_ks, b, b_ks, K, c, c_rs);
-#if defined(__AVX512F__)
-    case 6: return tile<6, NV>(a, a_rs, a_ks, b, b_ks, K, c, c_rs);
-    case 7: return tile<7, NV>(a, a_rs, a_ks, b, b_ks, K, c, c_rs);
-#endif
-    default: return tile<MR, NV>(a, a_rs, a_ks, b, b_ks, K, c, c_rs);
-  }
-}
-
 // C [M x Nc] = A [M x K] B [K x Nc], A read through strides, Nc a multiple of VL.
 void gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64_t a_rs, int64_t a_ks,
-          const float* b, int64_t b_ks, float* c, int64_t c_rs);
-void gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64_t a_rs, int64_t a_ks,
           const float* b, int64_t b_ks, float* c, int64_t c_rs) {
+  const Segment run{a, b, K};
 #if defined(__AVX512F__)
   // Four vectors wide where the columns allow: 6 x 4 accumulators load fewer broadcasts per FMA.
   if (Nc % (4 * VL) == 0 && M >= 6) {
     const int64_t m6 = M / 6 * 6;
     for (int64_t m = 0; m < m6; m += 6)
       for (int64_t n = 0; n < Nc; n += 4 * VL)
-        tile<6, 4>(a + m * a_rs, a_rs, a_ks, b + n, b_ks, K, c + m * c_rs + n, c_rs);
+        tile<6, 4, false>(&run, 1, m * a_rs, n, a_rs, a_ks, b_ks, c + m * c_rs + n, c_rs);
     if (M > m6) gemm(M - m6, Nc, K, a + m6 * a_rs, a_rs, a_ks, b, b_ks, c + m6 * c_rs, c_rs);
     return;
   }
 #endif
-  for (int64_t m = 0; m < M; m += MR) {
-    const int rows = int(std::min<int64_t>(MR, M - m));
-    int64_t n = 0;
-    for (; n + 2 * VL <= Nc; n += 2 * VL)
-      tile_rows<2>(rows, a + m * a_rs, a_rs, a_ks, b + n, b_ks, K, c + m * c_rs + n, c_rs);
-    for (; n < Nc; n += VL)
-      tile_rows<1>(rows, a + m * a_rs, a_rs, a_ks, b + n, b_ks, K, c + m * c_rs + n, c_rs);
-  }
+  tiled_product<false>(M, Nc, &run, 1, a_rs, a_ks, b_ks, c, c_rs);
 }
 
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_rs, float* dst) {

@@ -18,64 +18,11 @@
 #include <cstring>
 #include <vector>
 
-#include "simd.h"
+#include "outer_product.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using namespace synth_med;
-
-#if defined(__AVX512F__)
-constexpr int MR = 8;  // register tile: MR x 2 vectors of accumulators (16 of 32 registers)
-#else
-constexpr int MR = 6;  // 12 of 16 registers
-#endif
-
-// out[m, n] += sum_k a[k * lda + m] * v[k * ldv + n] for m < R, n < NV * VL, over each segment.
-struct Segment { const float* a; const float* v; int len; };
-
-template <int R, int NV>
-static void tile(const Segment* segs, int nseg, int lda, int ldv, float* out, int ldo) {
-  vf acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int q = 0; q < NV; ++q) acc[r][q] = load(out + r * ldo + q * VL);
-  for (int s = 0; s < nseg; ++s) {
-    const float* a = segs[s].a;
-    const float* v = segs[s].v;
-    for (int k = 0; k < segs[s].len; ++k, a += lda, v += ldv) {
-      vf vv[NV];
-#pragma GCC unroll 4
-      for (int q = 0; q < NV; ++q) vv[q] = load(v + q * VL);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const float ar = a[r];
-#pragma GCC unroll 4
-        for (int q = 0; q < NV; ++q) acc[r][q] += ar * vv[q];
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int q = 0; q < NV; ++q) store(out + r * ldo + q * VL, acc[r][q]);
-}
-
-template <int NV>
-static void tile_rows(int r, const Segment* segs, int nseg, int lda, int ldv, float* out, int ldo) {
-  switch (r) {
-    case 1: return tile<1, NV>(segs, nseg, lda, ldv, out, ldo);
-    case 2: return tile<2, NV>(segs, nseg, lda, ldv, out, ldo);
-    case 3: return tile<3, NV>(segs, nseg, lda, ldv, out, ldo);
-    case 4: return tile<4, NV>(segs, nseg, lda, ldv, out, ldo);
-    case 5: return tile<5, NV>(segs, nseg, lda, ldv, out, ldo);
-#if defined(__AVX512F__)
-    case 6: return tile<6, NV>(segs, nseg, lda, ldv, out, ldo);
-    case 7: return tile<7, NV>(segs, nseg, lda, ldv, out, ldo);
-#endif
-    default: return tile<MR, NV>(segs, nseg, lda, ldv, out, ldo);
-  }
-}
 
 // dk[i, j, m, n] = sum_{b, y, x} A[b, y + ai, x + aj, m] V[b, y + vi, x + vj, n], where the
 // shifted operand (A if shift_a, else V) is offset by (i - 1, j - 1) and is zero outside.
@@ -103,24 +50,11 @@ static void kernel_grad(const float* A, const float* V, float* dk, int64_t B, in
           const int64_t cu = shift_a ? N : M, cs = shift_a ? M : N;
           const float* pu = un + ((b * H + y) * W + x0) * cu;
           const float* ps = sh + ((b * H + ys) * W + x0 + j - 1) * cs;
-          segs[nseg++] = shift_a ? Segment{ps, pu, int(x1 - x0)} : Segment{pu, ps, int(x1 - x0)};
+          segs[nseg++] = shift_a ? Segment{ps, pu, x1 - x0} : Segment{pu, ps, x1 - x0};
         }
         if (!nseg) continue;
-        float* out = dk + (i * 3 + j) * M * N;
-        for (int64_t m = 0; m < M; m += MR) {
-          const int rm = int(std::min<int64_t>(MR, M - m));
-          int64_t n = 0;
-          for (; n + 2 * VL <= N; n += 2 * VL) {
-            for (int q = 0; q < nseg; ++q) { segs[q].a += m; segs[q].v += n; }
-            tile_rows<2>(rm, segs, nseg, int(M), int(N), out + m * N + n, int(N));
-            for (int q = 0; q < nseg; ++q) { segs[q].a -= m; segs[q].v -= n; }
-          }
-          for (; n < N; n += VL) {
-            for (int q = 0; q < nseg; ++q) { segs[q].a += m; segs[q].v += n; }
-            tile_rows<1>(rm, segs, nseg, int(M), int(N), out + m * N + n, int(N));
-            for (int q = 0; q < nseg; ++q) { segs[q].a -= m; segs[q].v -= n; }
-          }
-        }
+        // dk[tap] (M x N) += sum over the segments' pixels of a-row (broadcast) x v-row (vectors).
+        tiled_product<true>(M, N, segs, nseg, 1, M, N, dk + (i * 3 + j) * M * N, N);
       }
     }
   }
