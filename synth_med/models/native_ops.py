@@ -25,8 +25,10 @@ single-threaded: the project runs one XLA device per core (`cpu_devices`).
 
 Under a device mesh each op is partitioned over the batch (`custom_partitioning`): the norm
 and attention run on each device's own images; the kernel gradient sums each device's images
-and all-reduces, as XLA does for its own matmul over the batch. Speed figures are in
-`bench/README.md`.
+and all-reduces, as XLA does for its own matmul over the batch. `custom_partitioning` has no
+batching rule, so a model using these ops cannot be `jax.vmap`ped (JAX raises "Batching rule
+for 'custom_partitioning' not implemented"); set `SYNTH_MED_NATIVE_KERNELS=0` for that.
+Nothing in synth_med vmaps a model. Speed figures are in `bench/README.md`.
 """
 from __future__ import annotations
 
