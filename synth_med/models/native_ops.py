@@ -154,7 +154,7 @@ def simd_width() -> int | None:
         width = int(lib.synth_med_simd_width())
         _state["lib"] = lib
       except (NativeBuildError, OSError, AttributeError) as e:
-        logging.warning("synth_med: the native conv kernel-gradient is off, using XLA's path (%s). "
+        logging.warning("synth_med: the native CPU kernels are off, using XLA's paths (%s). "
                         "Set %s=0 to skip the attempt.", e, _ENV_SWITCH)
     _state["width"] = width
     return width
