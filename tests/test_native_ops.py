@@ -137,16 +137,43 @@ def test_eight_device_mesh_splits_the_batch_and_all_reduces():
 @needs_compiler
 @pytest.mark.skipif(native_ops.simd_width() != 16, reason="the AVX2 variant is the default build on this CPU")
 def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
-  """Machines without AVX-512 get the 8-float variant (other register tiles); check it here too."""
+  """Machines without AVX-512 get the 8-float variant (other register tiles, 8-wide exp); check
+  all three ops of it here too, against XLA's paths, with channel counts that only 8 divides."""
   import ctypes
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
   lib = ctypes.cdll.LoadLibrary(str(native_ops.build(extra_flags=("-mno-avx512f",))))
   assert lib.synth_med_simd_width() == 8
-  jax.ffi.register_ffi_target("synth_med_test_avx2", jax.ffi.pycapsule(lib.SynthMedKernelGrad), platform="cpu")
-  x, g = jax.random.normal(jax.random.PRNGKey(3), (3, 6, 9, 13)), jax.random.normal(jax.random.PRNGKey(4), (3, 6, 9, 24))
-  got = native_ops._local(x, g, True, target="synth_med_test_avx2")
-  ref = _autodiff_kernel_grad(x, g)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+  for name in ("KernelGrad", "GroupNormActFwd", "GroupNormActBwd", "AttentionFwd", "AttentionBwd"):
+    jax.ffi.register_ffi_target(f"avx2_{name}", jax.ffi.pycapsule(getattr(lib, f"SynthMed{name}")), platform="cpu")
+  close = lambda got, ref: np.testing.assert_allclose(  # noqa: E731
+      np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+  ks = jax.random.split(jax.random.PRNGKey(3), 8)
+
+  x, g = jax.random.normal(ks[0], (3, 6, 9, 13)), jax.random.normal(ks[1], (3, 6, 9, 24))
+  close(native_ops._local(x, g, True, target="avx2_KernelGrad"), _autodiff_kernel_grad(x, g))
+
+  x = 2.0 * jax.random.normal(ks[2], (2, 5, 7, 24)) + 1.0  # 24 channels: 3 vectors of 8, groups of 6
+  a, b = 1 + 0.3 * jax.random.normal(ks[3], (2, 24)), 0.3 * jax.random.normal(ks[4], (2, 24))
+  dy = jax.random.normal(ks[5], x.shape)
+  monkeypatch.setattr(unet, "_native_norm", lambda x, groups: False)  # the reference: XLA's path
+  y_ref, res = unet._group_norm_act_fwd(x, a, b, 4, True)
+  grads_ref = unet._group_norm_act_bwd(4, True, res, dy)
+  bc = jax.ShapeDtypeStruct((2, 24), jnp.float32)
+  y, mean, inv = jax.ffi.ffi_call("avx2_GroupNormActFwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32), bc, bc))(
+      x, a, b, groups=np.int64(4), silu=True)
+  close(y, y_ref)
+  grads = jax.ffi.ffi_call("avx2_GroupNormActBwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32), bc, bc))(
+      x, a, b, mean, inv, dy, groups=np.int64(4), silu=True)
+  for got, ref in zip(grads, grads_ref):
+    close(got, ref)
+
+  qkv, w = jax.random.normal(ks[6], (2, 24, 3, 2, 8)), jax.random.normal(ks[7], (2, 24, 2, 8))
+  ref_attend = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
+  out, lse = jax.ffi.ffi_call("avx2_AttentionFwd", (jax.ShapeDtypeStruct((2, 24, 2, 8), jnp.float32),
+                                                    jax.ShapeDtypeStruct((2, 2, 24), jnp.float32)))(qkv)
+  close(out, ref_attend(qkv))
+  dqkv = jax.ffi.ffi_call("avx2_AttentionBwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(qkv, lse, w)
+  close(dqkv, jax.grad(lambda q: jnp.sum(ref_attend(q) * w))(qkv))
 
 
 @needs_compiler
