@@ -45,7 +45,7 @@ def test_conv3x3_gradients_use_the_native_kernel_and_match():
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 32)) * 0.1
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
   hlo = jax.jit(jax.grad(loss(unet.conv3x3), (0, 1))).lower(x, k).as_text()
-  assert native_ops.TARGET in hlo
+  assert native_ops.KERNEL_GRAD in hlo
   got = jax.grad(loss(unet.conv3x3), (0, 1))(x, k)
   ref = jax.grad(loss(unet._conv), (0, 1))(x, k)
   for a, r in zip(got, ref):
@@ -119,7 +119,7 @@ shard = NamedSharding(mesh, P("data"))
 f = jax.jit(native_ops.kernel_grad)
 xs, gs = jax.device_put(x, shard), jax.device_put(g, shard)
 hlo = f.lower(xs, gs).compile().as_text()
-local = [ln for ln in hlo.splitlines() if native_ops.TARGET in ln]
+local = [ln for ln in hlo.splitlines() if native_ops.KERNEL_GRAD in ln]
 one = native_ops.kernel_grad(x, g)
 print("RESULT" + json.dumps({{"err": float(jnp.abs(f(xs, gs) - one).max()), "scale": float(jnp.abs(one).max()),
       "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo, "local": local[0] if local else ""}}))
@@ -155,7 +155,7 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   x = 2.0 * jax.random.normal(ks[2], (2, 5, 7, 24)) + 1.0  # 24 channels: 3 vectors of 8, groups of 6
   a, b = 1 + 0.3 * jax.random.normal(ks[3], (2, 24)), 0.3 * jax.random.normal(ks[4], (2, 24))
   dy = jax.random.normal(ks[5], x.shape)
-  monkeypatch.setattr(unet, "_native_norm", lambda x, groups: False)  # the reference: XLA's path
+  monkeypatch.setattr(native_ops, "norm_fits", lambda x, groups: False)  # the reference: XLA's path
   y_ref, res = unet._group_norm_act_fwd(x, a, b, 4, True)
   grads_ref = unet._group_norm_act_bwd(4, True, res, dy)
   bc = jax.ShapeDtypeStruct((2, 24), jnp.float32)

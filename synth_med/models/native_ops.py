@@ -52,7 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 NATIVE_DIR = Path(__file__).with_name("native")
 SOURCES = ("conv_kernel_grad.cc", "group_norm_act.cc", "attention.cc")
-TARGET = "synth_med_conv3x3_kernel_grad"
+KERNEL_GRAD = "synth_med_conv3x3_kernel_grad"
 NORM_FWD, NORM_BWD = "synth_med_group_norm_act_fwd", "synth_med_group_norm_act_bwd"
 ATTN_FWD, ATTN_BWD = "synth_med_attention_fwd", "synth_med_attention_bwd"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
@@ -147,7 +147,7 @@ def simd_width() -> int | None:
     if enabled():
       try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        for name, fn in ((TARGET, lib.SynthMedKernelGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
+        for name, fn in ((KERNEL_GRAD, lib.SynthMedKernelGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
                          (NORM_BWD, lib.SynthMedGroupNormActBwd), (ATTN_FWD, lib.SynthMedAttentionFwd),
                          (ATTN_BWD, lib.SynthMedAttentionBwd)):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
@@ -160,12 +160,17 @@ def simd_width() -> int | None:
     return width
 
 
+def _cpu_width() -> int | None:
+  """`simd_width()` when JAX computes on the CPU, else None (GPUs and TPUs keep XLA's ops)."""
+  return simd_width() if jax.default_backend() == "cpu" else None
+
+
 def _require() -> None:
   if simd_width() is None:
     raise NativeBuildError("the native kernels are not available (see the warning above); use the XLA path")
 
 
-def _local(a: jax.Array, v: jax.Array, shift_a: bool, target: str = TARGET) -> jax.Array:
+def _local(a: jax.Array, v: jax.Array, shift_a: bool, target: str = KERNEL_GRAD) -> jax.Array:
   out = jax.ShapeDtypeStruct((3, 3, a.shape[-1], v.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call(target, out)(a, v, shift_a=shift_a)
 
@@ -175,78 +180,64 @@ def _batch_axes(sharding) -> object:
   return spec[0] if spec else None
 
 
-def _partitioned(shift_a: bool):
-  """The custom call, split over the batch's mesh axes and all-reduced."""
+def _over_batch(fn, sharding_rule: str, reduce: bool = False):
+  """`fn` as an op split over the first operand's batch axes (dimension 0) under a mesh.
 
-  @custom_partitioning
-  def call(a, v):
-    return _local(a, v, shift_a)
-
-  def partition(mesh, arg_shapes, result_shape):
-    del result_shape
-    axes = _batch_axes(arg_shapes[0].sharding)
-    batch = NamedSharding(mesh, P(axes, None, None, None))
-
-    def lower(a, v):
-      dk = _local(a, v, shift_a)
-      return jax.lax.psum(dk, axes) if axes is not None else dk
-
-    return mesh, lower, NamedSharding(mesh, P()), (batch, batch)
-
-  def infer(mesh, arg_shapes, result_shape):
-    del arg_shapes, result_shape
-    return NamedSharding(mesh, P())
-
-  call.def_partition(partition, infer_sharding_from_operands=infer,
-                     sharding_rule="b h w c, b h w o -> i j c o", reduction_factors=("b",),
-                     need_replication_factors=("h", "w"))
-  return call
-
-
-_CALLS = {True: _partitioned(True), False: _partitioned(False)}
-
-
-def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
-  """Kernel gradient (3, 3, c, o) in float32 of a 3x3 SAME conv of x (b, h, w, c) with output gradient g.
-
-  None when the native kernel is unavailable or neither c nor o fits its SIMD width.
+  Every operand is split on dimension 0 and replicated otherwise. Without `reduce` each
+  device's results are its own images' (split the same way); with it, `fn` sums over the
+  batch, so each device's result is a partial sum, all-reduced into a replicated result.
   """
-  if x.ndim != 4 or g.shape[:3] != x.shape[:3]:
-    raise ValueError(f"kernel_grad: x {x.shape} and g {g.shape} must be NHWC of the same (b, h, w)")
-  width = simd_width()
-  if width is None:
-    return None
-  x, g = x.astype(jnp.float32), g.astype(jnp.float32)
-  if g.shape[-1] % width == 0:
-    return _CALLS[True](x, g)
-  if x.shape[-1] % width == 0:
-    return _CALLS[False](g, x).transpose(0, 1, 3, 2)
-  return None
-
-
-def _batch_local(fn, sharding_rule: str):
-  """`fn` as an op that runs on each device's own images: every operand and result is
-  split over the first operand's batch axes (dimension 0) and replicated otherwise."""
   op = custom_partitioning(fn)
 
   def spec(mesh, axes, ndim):
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
+  def results(mesh, axes, result_shape):
+    if reduce:
+      return jax.tree.map(lambda r: NamedSharding(mesh, P()), result_shape)
+    return jax.tree.map(lambda r: spec(mesh, axes, len(r.shape)), result_shape)
+
   def partition(mesh, arg_shapes, result_shape):
     axes = _batch_axes(arg_shapes[0].sharding)
     args = tuple(spec(mesh, axes, len(a.shape)) for a in arg_shapes)
-    results = jax.tree.map(lambda r: spec(mesh, axes, len(r.shape)), result_shape)
-    return mesh, fn, results, args
+    lower = fn
+    if reduce and axes is not None:
+      lower = lambda *a: jax.tree.map(lambda r: jax.lax.psum(r, axes), fn(*a))  # noqa: E731
+    return mesh, lower, results(mesh, axes, result_shape), args
 
   def infer(mesh, arg_shapes, result_shape):
-    axes = _batch_axes(arg_shapes[0].sharding)
-    return jax.tree.map(lambda r: spec(mesh, axes, len(r.shape)), result_shape)
+    return results(mesh, _batch_axes(arg_shapes[0].sharding), result_shape)
 
   factors = sharding_rule.replace(",", " ").replace("->", " ").split()
   others = [f for i, f in enumerate(factors) if f != "b" and f not in factors[:i]]  # in order of appearance
   op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule,
-                   need_replication_factors=tuple(others))
+                   reduction_factors=("b",) if reduce else (), need_replication_factors=tuple(others))
   return op
+
+
+def _kernel_grad_call(shift_a: bool):
+  return _over_batch(lambda a, v: _local(a, v, shift_a), "b h w c, b h w o -> i j c o", reduce=True)
+
+
+_KERNEL_GRAD_CALLS = {True: _kernel_grad_call(True), False: _kernel_grad_call(False)}
+
+
+def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
+  """Kernel gradient (3, 3, c, o) in float32 of a 3x3 SAME conv of x (b, h, w, c) with output gradient g.
+
+  None when the native kernel is unavailable (or not on a CPU) or neither c nor o fits its SIMD width.
+  """
+  if x.ndim != 4 or g.shape[:3] != x.shape[:3]:
+    raise ValueError(f"kernel_grad: x {x.shape} and g {g.shape} must be NHWC of the same (b, h, w)")
+  width = _cpu_width()
+  if width is None:
+    return None
+  x, g = x.astype(jnp.float32), g.astype(jnp.float32)
+  if g.shape[-1] % width == 0:
+    return _KERNEL_GRAD_CALLS[True](x, g)
+  if x.shape[-1] % width == 0:
+    return _KERNEL_GRAD_CALLS[False](g, x).transpose(0, 1, 3, 2)
+  return None
 
 
 def _norm_fwd_call(groups: int, silu: bool):
@@ -254,7 +245,7 @@ def _norm_fwd_call(groups: int, silu: bool):
     bc = jax.ShapeDtypeStruct(a.shape, jnp.float32)
     return tuple(jax.ffi.ffi_call(NORM_FWD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), bc, bc))(
         x, a, b, groups=np.int64(groups), silu=silu))
-  return _batch_local(fn, "b h w c, b c, b c -> b h w c, b c, b c")
+  return _over_batch(fn, "b h w c, b c, b c -> b h w c, b c, b c")
 
 
 def _norm_bwd_call(groups: int, silu: bool):
@@ -262,7 +253,7 @@ def _norm_bwd_call(groups: int, silu: bool):
     bc = jax.ShapeDtypeStruct(a.shape, jnp.float32)
     return tuple(jax.ffi.ffi_call(NORM_BWD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), bc, bc))(
         x, a, b, mean, inv, dy, groups=np.int64(groups), silu=silu))
-  return _batch_local(fn, "b h w c, b c, b c, b c, b c, b h w c -> b h w c, b c, b c")
+  return _over_batch(fn, "b h w c, b c, b c, b c, b c, b h w c -> b h w c, b c, b c")
 
 
 @functools.lru_cache(maxsize=None)
@@ -271,8 +262,8 @@ def _norm_calls(groups: int, silu: bool):
 
 
 def norm_fits(x: jax.Array, groups: int) -> bool:
-  """Whether the native GroupNorm kernels take x (float32 NHWC, channels a multiple of the SIMD width)."""
-  width = simd_width()
+  """Whether the native GroupNorm kernels take x (on a CPU; float32 NHWC, channels a SIMD multiple)."""
+  width = _cpu_width()
   return (width is not None and x.ndim == 4 and x.dtype == jnp.float32 and x.shape[-1] % width == 0
           and x.shape[-1] % groups == 0)
 
@@ -291,8 +282,8 @@ def group_norm_act_bwd(x, a, b, mean, inv, dy, groups: int, silu: bool):
 
 
 def attention_fits(qkv: jax.Array) -> bool:
-  """Whether the native attention kernels take qkv [B, N, 3, heads, d] (float32, N and d SIMD multiples)."""
-  width = simd_width()
+  """Whether the native attention kernels take qkv [B, N, 3, heads, d] (on a CPU; float32, N, d SIMD multiples)."""
+  width = _cpu_width()
   return (width is not None and qkv.ndim == 5 and qkv.shape[2] == 3 and qkv.dtype == jnp.float32
           and qkv.shape[1] % width == 0 and qkv.shape[-1] % width == 0)
 
@@ -307,8 +298,8 @@ def _attn_bwd(qkv, lse, dout):
   return jax.ffi.ffi_call(ATTN_BWD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(qkv, lse, dout)
 
 
-_ATTN_FWD_CALL = _batch_local(_attn_fwd, "b n t h d -> b n h d, b h n")
-_ATTN_BWD_CALL = _batch_local(_attn_bwd, "b n t h d, b h n, b n h d -> b n t h d")
+_ATTN_FWD_CALL = _over_batch(_attn_fwd, "b n t h d -> b n h d, b h n")
+_ATTN_BWD_CALL = _over_batch(_attn_bwd, "b n t h d, b h n, b n h d -> b n t h d")
 
 
 def attention_fwd(qkv: jax.Array) -> tuple[jax.Array, jax.Array]:

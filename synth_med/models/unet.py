@@ -97,13 +97,8 @@ def _px(v: jax.Array) -> jax.Array:
   return v[:, None, None, :]
 
 
-def _native_norm(x: jax.Array, groups: int) -> bool:
-  """Whether this norm runs as `native_ops`' C++ kernels (CPUs, float32, channels a SIMD multiple)."""
-  return jax.default_backend() == "cpu" and native_ops.norm_fits(x, groups)
-
-
 def _group_norm_act_fwd(x, a, b, groups, silu):
-  if _native_norm(x, groups):
+  if native_ops.norm_fits(x, groups):
     y, mean, inv = native_ops.group_norm_act_fwd(x, a, b, groups, silu)
     return y, (x, a, b, mean, inv)
   xf = x.astype(jnp.float32)
@@ -116,7 +111,7 @@ def _group_norm_act_fwd(x, a, b, groups, silu):
 
 def _group_norm_act_bwd(groups, silu, res, dy):
   x, a, b, mean, inv = res
-  if _native_norm(x, groups):
+  if native_ops.norm_fits(x, groups):
     dx, da, db = native_ops.group_norm_act_bwd(x, a, b, mean, inv, dy, groups, silu)
     return dx, da.astype(a.dtype), db.astype(b.dtype)
   _, h, w, c = x.shape
@@ -323,7 +318,7 @@ class Attention(nn.Module):
                           "model_channels * channel_mult.")
     y = Norm(name="norm")(x).reshape(b, h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
-    if jax.default_backend() == "cpu" and native_ops.attention_fits(qkv):
+    if native_ops.attention_fits(qkv):
       out = attend_qkv(qkv).reshape(b, h * w, c)
     else:
       out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)

@@ -24,8 +24,7 @@
 namespace ffi = xla::ffi;
 using namespace synth_med;
 
-// dk[i, j, m, n] = sum_{b, y, x} A[b, y + ai, x + aj, m] V[b, y + vi, x + vj, n], where the
-// shifted operand (A if shift_a, else V) is offset by (i - 1, j - 1) and is zero outside.
+// dk (see the top of this file) for A [B, H, W, M] and V [B, H, W, N], N a multiple of VL.
 static void kernel_grad(const float* A, const float* V, float* dk, int64_t B, int64_t H, int64_t W,
                         int64_t M, int64_t N, bool shift_a) {
   std::memset(dk, 0, sizeof(float) * 9 * M * N);
@@ -36,6 +35,10 @@ static void kernel_grad(const float* A, const float* V, float* dk, int64_t B, in
   chunk = std::min(chunk, rows);
   std::vector<Segment> seg_store(chunk);
   Segment* segs = seg_store.data();
+  // The unshifted operand is read at (y, x), the shifted one at (y + i - 1, x + j - 1).
+  const float* un = shift_a ? V : A;
+  const float* sh = shift_a ? A : V;
+  const int64_t cu = shift_a ? N : M, cs = shift_a ? M : N;
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t r1 = std::min(rows, r0 + chunk);
     for (int i = 0; i < 3; ++i) {
@@ -45,9 +48,6 @@ static void kernel_grad(const float* A, const float* V, float* dk, int64_t B, in
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t b = r / H, y = r % H, ys = y + i - 1;
           if (ys < 0 || ys >= H) continue;
-          const float* un = (shift_a ? V : A);
-          const float* sh = (shift_a ? A : V);
-          const int64_t cu = shift_a ? N : M, cs = shift_a ? M : N;
           const float* pu = un + ((b * H + y) * W + x0) * cu;
           const float* ps = sh + ((b * H + ys) * W + x0 + j - 1) * cs;
           segs[nseg++] = shift_a ? Segment{ps, pu, x1 - x0} : Segment{pu, ps, x1 - x0};
