@@ -1,7 +1,10 @@
 """Native C++ CPU kernels for the UNet's hottest ops, as XLA FFI custom calls built on first use.
 
-Three ops, sources in `native/` (one `.so`):
+Four ops, sources in `native/` (one `.so`):
 
+- `conv3x3(x, kernel, flip)`: the 3x3 'SAME' stride-1 convolution, and (`flip`) its input
+  gradient, each image copied once into a zero-bordered scratch and accumulated in register
+  tiles of outer products over the 9 taps (about 15 % over XLA's, 6x on the 3-channel input conv);
 - `kernel_grad(x, g)`: the 3x3 convolution's kernel gradient (3, 3, c, o), reading both
   NHWC operands in place and accumulating register tiles of outer products (2-2.5x XLA's
   own path, 10x on the 32 -> 3 output conv);
@@ -51,7 +54,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = ("conv_kernel_grad.cc", "group_norm_act.cc", "attention.cc")
+SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "group_norm_act.cc", "attention.cc")
+CONV = "synth_med_conv3x3"
 KERNEL_GRAD = "synth_med_conv3x3_kernel_grad"
 NORM_FWD, NORM_BWD = "synth_med_group_norm_act_fwd", "synth_med_group_norm_act_bwd"
 ATTN_FWD, ATTN_BWD = "synth_med_attention_fwd", "synth_med_attention_bwd"
@@ -147,7 +151,7 @@ def simd_width() -> int | None:
     if enabled():
       try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        for name, fn in ((KERNEL_GRAD, lib.SynthMedKernelGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
+        for name, fn in ((CONV, lib.SynthMedConv3x3), (KERNEL_GRAD, lib.SynthMedKernelGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
                          (NORM_BWD, lib.SynthMedGroupNormActBwd), (ATTN_FWD, lib.SynthMedAttentionFwd),
                          (ATTN_BWD, lib.SynthMedAttentionBwd)):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
@@ -181,13 +185,16 @@ def _batch_axes(sharding) -> object:
 
 
 def _over_batch(fn, sharding_rule: str, reduce: bool = False):
-  """`fn` as an op split over the first operand's batch axes (dimension 0) under a mesh.
+  """`fn` as an op split over the batch (dimension 0 of the operands whose first factor is `b`) under a mesh.
 
-  Every operand is split on dimension 0 and replicated otherwise. Without `reduce` each
-  device's results are its own images' (split the same way); with it, `fn` sums over the
+  Operands whose first factor in `sharding_rule` is `b` are split on dimension 0 and
+  replicated otherwise; the others (a convolution's kernel) are replicated. Without `reduce`
+  each device's results are its own images' (split the same way); with it, `fn` sums over the
   batch, so each device's result is a partial sum, all-reduced into a replicated result.
   """
   op = custom_partitioning(fn)
+  lhs = sharding_rule.split("->")[0]
+  batched = [operand.split()[0] == "b" for operand in lhs.split(",")]
 
   def spec(mesh, axes, ndim):
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
@@ -199,7 +206,7 @@ def _over_batch(fn, sharding_rule: str, reduce: bool = False):
 
   def partition(mesh, arg_shapes, result_shape):
     axes = _batch_axes(arg_shapes[0].sharding)
-    args = tuple(spec(mesh, axes, len(a.shape)) for a in arg_shapes)
+    args = tuple(spec(mesh, axes if split else None, len(a.shape)) for a, split in zip(arg_shapes, batched))
     lower = fn
     if reduce and axes is not None:
       lower = lambda *a: jax.tree.map(lambda r: jax.lax.psum(r, axes), fn(*a))  # noqa: E731
@@ -213,6 +220,33 @@ def _over_batch(fn, sharding_rule: str, reduce: bool = False):
   op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule,
                    reduction_factors=("b",) if reduce else (), need_replication_factors=tuple(others))
   return op
+
+
+def _conv_call(flip: bool):
+  def fn(x, kernel):
+    n = kernel.shape[2] if flip else kernel.shape[3]
+    return jax.ffi.ffi_call(CONV, jax.ShapeDtypeStruct(x.shape[:3] + (n,), jnp.float32))(x, kernel, flip=flip)
+  return _over_batch(fn, "b h w m, i j n m -> b h w n" if flip else "b h w m, i j m n -> b h w n")
+
+
+_CONV_CALLS = {False: _conv_call(False), True: _conv_call(True)}
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Array | None:
+  """The 3x3 SAME stride-1 convolution of x (b, h, w, m) with kernel (3, 3, m, n), in float32.
+
+  With `flip` the kernel is (3, 3, n, m) and is used spatially flipped with its channel axes
+  swapped: the input gradient of a convolution with that kernel, x being the output gradient.
+  None when the native kernel is unavailable (or not on a CPU), the operands are not float32,
+  or n does not fit its SIMD width.
+  """
+  n = kernel.shape[2] if flip else kernel.shape[3]
+  if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[3 if flip else 2] != x.shape[-1]:
+    raise ValueError(f"conv3x3: x {x.shape} and kernel {kernel.shape} do not match (flip={flip})")
+  width = _cpu_width()
+  if width is None or n % width or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    return None
+  return _CONV_CALLS[flip](x, kernel)
 
 
 def _kernel_grad_call(shift_a: bool):
