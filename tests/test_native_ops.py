@@ -1,4 +1,4 @@
-"""The native (C++ FFI) kernel gradient of the 3x3 convolution: values, sharding, build and fallback."""
+"""The native (C++ FFI) CPU kernels: convolution, kernel gradient, GroupNorm and attention; values, sharding, build, fallback."""
 from __future__ import annotations
 
 import json
@@ -39,13 +39,37 @@ def test_native_kernel_grad_matches_autodiff(shape):
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
 
 
+def _xla_conv_input_grad(g, k):
+  """XLA's own input gradient of its own convolution, for output gradient g: an independent reference."""
+  x0 = jnp.zeros(g.shape[:3] + (k.shape[2],))
+  return jax.vjp(lambda x: unet._conv(x, k), x0)[1](g)[0]
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 32),     # the input conv: 3 channels in
+                                   (3, 6, 9, 48, 32),    # rows of 9 pixels: a full and a one-pixel tile
+                                   (2, 1, 4, 16, 16),    # one-row images: only the middle taps see data
+                                   (2, 12, 20, 32, 48),  # 48 outputs: two vectors, then one
+                                   (2, 4, 4, 128, 64)])
+def test_native_conv3x3_and_its_input_gradient_match_xla(shape):
+  assert native_ops.simd_width() in (8, 16)
+  b, h, w, c, o = shape
+  kx, kk, kg = jax.random.split(jax.random.PRNGKey(sum(shape)), 3)
+  x, k, g = jax.random.normal(kx, (b, h, w, c)), jax.random.normal(kk, (3, 3, c, o)), jax.random.normal(kg, (b, h, w, o))
+  close = lambda got, ref: np.testing.assert_allclose(  # noqa: E731
+      np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-5 * float(jnp.abs(ref).max()))
+  close(jax.jit(native_ops.conv3x3)(x, k), unet._conv(x, k))
+  if c % native_ops.simd_width() == 0:
+    close(jax.jit(lambda g, k: native_ops.conv3x3(g, k, flip=True))(g, k), _xla_conv_input_grad(g, k))
+
+
 @needs_compiler
 def test_conv3x3_gradients_use_the_native_kernel_and_match():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 32)) * 0.1
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
   hlo = jax.jit(jax.grad(loss(unet.conv3x3), (0, 1))).lower(x, k).as_text()
-  assert native_ops.KERNEL_GRAD in hlo
+  assert native_ops.KERNEL_GRAD in hlo and native_ops.CONV in hlo and "conv_general_dilated" not in hlo
   got = jax.grad(loss(unet.conv3x3), (0, 1))(x, k)
   ref = jax.grad(loss(unet._conv), (0, 1))(x, k)
   for a, r in zip(got, ref):
@@ -55,6 +79,10 @@ def test_conv3x3_gradients_use_the_native_kernel_and_match():
 def test_channels_that_fit_no_simd_width_fall_back(monkeypatch):
   monkeypatch.setitem(native_ops._state, "width", 16)
   assert native_ops.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5))) is None
+  assert native_ops.conv3x3(jnp.zeros((1, 4, 4, 32)), jnp.zeros((3, 3, 32, 3))) is None  # the output conv
+  assert native_ops.conv3x3(jnp.zeros((1, 4, 4, 16), jnp.bfloat16), jnp.zeros((3, 3, 16, 16), jnp.bfloat16)) is None
+  with pytest.raises(ValueError, match="do not match"):
+    native_ops.conv3x3(jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 16, 16)))
   with pytest.raises(ValueError, match="same"):
     native_ops.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 5, 16)))
 
@@ -143,7 +171,7 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
   lib = ctypes.cdll.LoadLibrary(str(native_ops.build(extra_flags=("-mno-avx512f",))))
   assert lib.synth_med_simd_width() == 8
-  for name in ("KernelGrad", "GroupNormActFwd", "GroupNormActBwd", "AttentionFwd", "AttentionBwd"):
+  for name in ("Conv3x3", "KernelGrad", "GroupNormActFwd", "GroupNormActBwd", "AttentionFwd", "AttentionBwd"):
     jax.ffi.register_ffi_target(f"avx2_{name}", jax.ffi.pycapsule(getattr(lib, f"SynthMed{name}")), platform="cpu")
   close = lambda got, ref: np.testing.assert_allclose(  # noqa: E731
       np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
@@ -151,6 +179,12 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
 
   x, g = jax.random.normal(ks[0], (3, 6, 9, 13)), jax.random.normal(ks[1], (3, 6, 9, 24))
   close(native_ops._local(x, g, True, target="avx2_KernelGrad"), _autodiff_kernel_grad(x, g))
+  k = jax.random.normal(ks[2], (3, 3, 13, 24))
+  close(jax.ffi.ffi_call("avx2_Conv3x3", jax.ShapeDtypeStruct(g.shape, jnp.float32))(x, k, flip=False),
+        unet._conv(x, k))
+  k = jax.random.normal(ks[3], (3, 3, 24, 8))
+  close(jax.ffi.ffi_call("avx2_Conv3x3", jax.ShapeDtypeStruct(g.shape, jnp.float32))(
+      g[..., :8], k, flip=True), _xla_conv_input_grad(g[..., :8], k))
 
   x = 2.0 * jax.random.normal(ks[2], (2, 5, 7, 24)) + 1.0  # 24 channels: 3 vectors of 8, groups of 6
   a, b = 1 + 0.3 * jax.random.normal(ks[3], (2, 24)), 0.3 * jax.random.normal(ks[4], (2, 24))
@@ -215,25 +249,32 @@ shard = NamedSharding(mesh, P("data"))
 x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 8, 32))
 a, b = 1 + 0.1 * jax.random.normal(jax.random.PRNGKey(1), (16, 32)), jnp.zeros((16, 32))
 qkv = jax.random.normal(jax.random.PRNGKey(2), (16, 32, 3, 2, 16))
-def f(x, a, b, qkv):
-  return jnp.sum(unet.group_norm_act(x, a, b, 8, True) ** 2) + jnp.sum(unet.attend_qkv(qkv) ** 2)
-g = jax.jit(jax.grad(f, range(4)))
-args = (x, a, b, qkv)
-sharded = [jax.device_put(v, shard) for v in args]
+k = 0.1 * jax.random.normal(jax.random.PRNGKey(3), (3, 3, 32, 16))
+def f(x, a, b, qkv, k):
+  return (jnp.sum(unet.group_norm_act(x, a, b, 8, True) ** 2) + jnp.sum(unet.attend_qkv(qkv) ** 2)
+          + jnp.sum(jnp.sin(unet.conv3x3(x, k))))
+g = jax.jit(jax.grad(f, range(5)))
+args = (x, a, b, qkv, k)
+sharded = [jax.device_put(v, shard) for v in args[:4]] + [jax.device_put(k, NamedSharding(mesh, P()))]
 hlo = g.lower(*sharded).compile().as_text()
 one, eight = g(*args), g(*sharded)
 print("RESULT" + json.dumps({{"err": max(float(jnp.abs(u - v).max()) for u, v in zip(one, eight)),
       "all_gather": "all-gather" in hlo, "local_norm": "f32[2,4,8,32]" in hlo, "local_attn": "f32[2,32,3,2,16]" in hlo,
+      "local_conv": [ln.split("=")[1].split("custom-call")[0].strip() for ln in hlo.splitlines()
+                     if "custom_call_target=\\"" + native_ops.CONV + "\\"" in ln],
       "shardings": [str(v.sharding.spec) for v in eight]}}))
 """
 
 
 @needs_compiler
-def test_eight_device_mesh_runs_norm_and_attention_per_device():
+def test_eight_device_mesh_runs_norm_attention_and_conv_per_device():
   out, _ = _run(_EIGHT_DEVICES, _EIGHT_ATTN)
   assert out["err"] < 1e-4
   assert not out["all_gather"] and out["local_norm"] and out["local_attn"]
-  assert all("data" in s for s in out["shardings"])  # gradients stay split over the batch
+  # the convolution and its input gradient, each on the device's 2 images with the whole kernel
+  assert sorted(out["local_conv"]) == ["f32[2,4,8,16]{3,2,1,0}", "f32[2,4,8,32]{3,2,1,0}"], out["local_conv"]
+  assert all("data" in s for s in out["shardings"][:4])  # gradients stay split over the batch
+  assert out["shardings"][4] in ("P()", "PartitionSpec()")  # the kernel gradient is summed over every device
 
 
 @needs_compiler
