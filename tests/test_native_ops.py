@@ -64,6 +64,36 @@ def test_native_conv3x3_and_its_input_gradient_match_xla(shape):
 
 
 @needs_compiler
+@pytest.mark.parametrize("shapes", [((2, 5, 7), 24, 32),   # skip 1x1 conv: n fits the SIMD width
+                                    ((3, 20), 32, 12),     # only m fits: the transposed call
+                                    ((2, 9), 16, 48)])     # attention's qkv: (batch, tokens)
+def test_native_dense_kernel_grad_matches_a_matmul(shapes):
+  lead, m, n = shapes
+  x = jax.random.normal(jax.random.PRNGKey(m), lead + (m,))
+  g = jax.random.normal(jax.random.PRNGKey(n), lead + (n,))
+  got = jax.jit(native_ops.dense_kernel_grad)(x, g)
+  ref = np.asarray(x).reshape(-1, m).T @ np.asarray(g).reshape(-1, n)
+  assert got is not None and got.shape == (m, n)
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_pixel_dense_is_nn_dense_with_the_same_parameters_and_gradients():
+  from flax import linen as nn
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16))
+  ours, theirs = unet.PixelDense(32), nn.Dense(32)
+  params = theirs.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, params)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+  loss = lambda layer: lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))  # noqa: E731
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(theirs), (0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  hlo = jax.jit(jax.grad(loss(ours))).lower(params, x).as_text()
+  assert (native_ops.DENSE_GRAD in hlo) == (native_ops.simd_width() is not None)
+
+
+@needs_compiler
 def test_conv3x3_gradients_use_the_native_kernel_and_match():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 32)) * 0.1
@@ -79,6 +109,9 @@ def test_conv3x3_gradients_use_the_native_kernel_and_match():
 def test_channels_that_fit_no_simd_width_fall_back(monkeypatch):
   monkeypatch.setitem(native_ops._state, "width", 16)
   assert native_ops.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5))) is None
+  assert native_ops.dense_kernel_grad(jnp.zeros((1, 4, 3)), jnp.zeros((1, 4, 5))) is None
+  with pytest.raises(ValueError, match="agree"):
+    native_ops.dense_kernel_grad(jnp.zeros((1, 4, 3)), jnp.zeros((1, 5, 16)))
   assert native_ops.conv3x3(jnp.zeros((1, 4, 4, 32)), jnp.zeros((3, 3, 32, 3))) is None  # the output conv
   assert native_ops.conv3x3(jnp.zeros((1, 4, 4, 16), jnp.bfloat16), jnp.zeros((3, 3, 16, 16), jnp.bfloat16)) is None
   with pytest.raises(ValueError, match="do not match"):
@@ -144,22 +177,26 @@ from synth_med.models import native_ops, unet
 mesh = Mesh(np.array(jax.devices()), ("data",))
 x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 32)); g = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 3))
 shard = NamedSharding(mesh, P("data"))
-f = jax.jit(native_ops.kernel_grad)
 xs, gs = jax.device_put(x, shard), jax.device_put(g, shard)
-hlo = f.lower(xs, gs).compile().as_text()
-local = [ln for ln in hlo.splitlines() if native_ops.KERNEL_GRAD in ln]
-one = native_ops.kernel_grad(x, g)
-print("RESULT" + json.dumps({{"err": float(jnp.abs(f(xs, gs) - one).max()), "scale": float(jnp.abs(one).max()),
-      "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo, "local": local[0] if local else ""}}))
+out = {{}}
+for name, op, target in (("conv", native_ops.kernel_grad, native_ops.KERNEL_GRAD),
+                         ("dense", native_ops.dense_kernel_grad, native_ops.DENSE_GRAD)):
+  f = jax.jit(op)
+  hlo = f.lower(xs, gs).compile().as_text()
+  local = [ln for ln in hlo.splitlines() if target in ln]
+  one = op(x, g)
+  out[name] = {{"err": float(jnp.abs(f(xs, gs) - one).max()), "scale": float(jnp.abs(one).max()),
+               "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo, "local": local[0] if local else ""}}
+print("RESULT" + json.dumps(out))
 """
 
 
 @needs_compiler
 def test_eight_device_mesh_splits_the_batch_and_all_reduces():
-  out, _ = _run(_EIGHT_DEVICES, _EIGHT)
-  assert out["err"] < 1e-4 * out["scale"]
-  assert not out["all_gather"] and out["all_reduce"]
-  assert "f32[2,8,8," in out["local"]  # each device runs the custom call on its 2 images
+  for name, out in _run(_EIGHT_DEVICES, _EIGHT)[0].items():
+    assert out["err"] < 1e-4 * out["scale"], name
+    assert not out["all_gather"] and out["all_reduce"], name
+    assert "f32[2,8,8," in out["local"], name  # each device runs the custom call on its 2 images
 
 
 @needs_compiler
@@ -171,7 +208,7 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
   lib = ctypes.cdll.LoadLibrary(str(native_ops.build(extra_flags=("-mno-avx512f",))))
   assert lib.synth_med_simd_width() == 8
-  for name in ("Conv3x3", "KernelGrad", "GroupNormActFwd", "GroupNormActBwd", "AttentionFwd", "AttentionBwd"):
+  for name in ("Conv3x3", "KernelGrad", "DenseGrad", "GroupNormActFwd", "GroupNormActBwd", "AttentionFwd", "AttentionBwd"):
     jax.ffi.register_ffi_target(f"avx2_{name}", jax.ffi.pycapsule(getattr(lib, f"SynthMed{name}")), platform="cpu")
   close = lambda got, ref: np.testing.assert_allclose(  # noqa: E731
       np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
@@ -179,6 +216,8 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
 
   x, g = jax.random.normal(ks[0], (3, 6, 9, 13)), jax.random.normal(ks[1], (3, 6, 9, 24))
   close(native_ops._local(x, g, True, target="avx2_KernelGrad"), _autodiff_kernel_grad(x, g))
+  close(jax.ffi.ffi_call("avx2_DenseGrad", jax.ShapeDtypeStruct((13, 24), jnp.float32))(x, g),
+        np.asarray(x).reshape(-1, 13).T @ np.asarray(g).reshape(-1, 24))
   k = jax.random.normal(ks[2], (3, 3, 13, 24))
   close(jax.ffi.ffi_call("avx2_Conv3x3", jax.ShapeDtypeStruct(g.shape, jnp.float32))(x, k, flip=False),
         unet._conv(x, k))

@@ -1,6 +1,6 @@
 """Native C++ CPU kernels for the UNet's hottest ops, as XLA FFI custom calls built on first use.
 
-Four ops, sources in `native/` (one `.so`):
+Five ops, sources in `native/` (one `.so`):
 
 - `conv3x3(x, kernel, flip)`: the 3x3 'SAME' stride-1 convolution, and (`flip`) its input
   gradient, each image copied once into a zero-bordered scratch and accumulated in register
@@ -8,6 +8,9 @@ Four ops, sources in `native/` (one `.so`):
 - `kernel_grad(x, g)`: the 3x3 convolution's kernel gradient (3, 3, c, o), reading both
   NHWC operands in place and accumulating register tiles of outer products (2-2.5x XLA's
   own path, 10x on the 32 -> 3 output conv);
+- `dense_kernel_grad(x, g)`: the kernel gradient of a dense layer applied at every pixel (the
+  UNet's 1x1 skip convolutions and attention projections), read in place where XLA first
+  copies an operand into a transposed layout;
 - `group_norm_act_fwd` / `_bwd`: GroupNorm -> per-(image, channel) affine -> SiLU, image by
   image in cache (`unet.group_norm_act`'s maths);
 - `attention_fwd` / `_bwd`: softmax(q k^T / sqrt(d)) v on packed qkv [B, N, 3, heads, d],
@@ -57,6 +60,7 @@ NATIVE_DIR = Path(__file__).with_name("native")
 SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "group_norm_act.cc", "attention.cc")
 CONV = "synth_med_conv3x3"
 KERNEL_GRAD = "synth_med_conv3x3_kernel_grad"
+DENSE_GRAD = "synth_med_dense_kernel_grad"
 NORM_FWD, NORM_BWD = "synth_med_group_norm_act_fwd", "synth_med_group_norm_act_bwd"
 ATTN_FWD, ATTN_BWD = "synth_med_attention_fwd", "synth_med_attention_bwd"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
@@ -151,7 +155,8 @@ def simd_width() -> int | None:
     if enabled():
       try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        for name, fn in ((CONV, lib.SynthMedConv3x3), (KERNEL_GRAD, lib.SynthMedKernelGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
+        for name, fn in ((CONV, lib.SynthMedConv3x3), (KERNEL_GRAD, lib.SynthMedKernelGrad),
+                         (DENSE_GRAD, lib.SynthMedDenseGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
                          (NORM_BWD, lib.SynthMedGroupNormActBwd), (ATTN_FWD, lib.SynthMedAttentionFwd),
                          (ATTN_BWD, lib.SynthMedAttentionBwd)):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
@@ -271,6 +276,34 @@ def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
     return _KERNEL_GRAD_CALLS[True](x, g)
   if x.shape[-1] % width == 0:
     return _KERNEL_GRAD_CALLS[False](g, x).transpose(0, 1, 3, 2)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_grad_call(rank: int):
+  pixels = " ".join(f"p{i}" for i in range(rank - 2))
+
+  def fn(x, g):
+    return jax.ffi.ffi_call(DENSE_GRAD, jax.ShapeDtypeStruct((x.shape[-1], g.shape[-1]), jnp.float32))(x, g)
+  return _over_batch(fn, f"b {pixels} m, b {pixels} n -> m n", reduce=True)
+
+
+def dense_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
+  """Kernel gradient (m, n) in float32 of a dense layer x (..., m) @ kernel, given its output gradient g (..., n).
+
+  The sum over every leading (batch, pixel) position, both operands read in place. None when
+  the native kernel is unavailable (or not on a CPU) or neither m nor n fits its SIMD width.
+  """
+  if x.ndim < 2 or g.shape[:-1] != x.shape[:-1]:
+    raise ValueError(f"dense_kernel_grad: x {x.shape} and g {g.shape} must agree but in their last axis")
+  width = _cpu_width()
+  if width is None:
+    return None
+  x, g = x.astype(jnp.float32), g.astype(jnp.float32)
+  if g.shape[-1] % width == 0:
+    return _dense_grad_call(x.ndim)(x, g)
+  if x.shape[-1] % width == 0:
+    return _dense_grad_call(x.ndim)(g, x).T
   return None
 
 

@@ -232,6 +232,49 @@ class Conv3x3(nn.Module):
     return backend_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+@jax.custom_vjp
+def pixel_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (..., m) @ kernel (m, n): a dense layer at every pixel (a 1x1 convolution).
+
+  Its kernel gradient sums x ⊗ g over every leading position; on a CPU with the native kernels
+  that is `native_ops.dense_kernel_grad`, which reads both operands in place (XLA first copies
+  one of them into a transposed [channels, pixels] layout). Elsewhere it is XLA's matmul.
+  """
+  return jnp.dot(x, kernel)
+
+
+def _pixel_dense_fwd(x, kernel):
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _pixel_dense_bwd(res, g):
+  x, kernel = res
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  dk = native_ops.dense_kernel_grad(x, g)
+  if dk is None:
+    lead = tuple(range(x.ndim - 1))
+    dk = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+pixel_dense.defvjp(_pixel_dense_fwd, _pixel_dense_bwd)
+
+
+class PixelDense(nn.Module):
+  """nn.Dense(features) with the same parameters, on `pixel_dense` on CPUs (XLA's dot elsewhere)."""
+  features: int
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = pixel_dense(x, kernel) if jax.default_backend() == "cpu" else jnp.dot(x, kernel)
+    return y + bias.astype(self.dtype)
+
+
 def _upsample(x: jax.Array) -> jax.Array:
   """Nearest-neighbour 2x upsampling as a broadcast (jax.image.resize's gather has a scatter-add gradient)."""
   b, h, w, c = x.shape
@@ -271,7 +314,7 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, init=nn.initializers.zeros, name="out_conv")(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Dense(self.out_channels, dtype=self.dtype, name="skip")(x)
+      x = PixelDense(self.out_channels, self.dtype, name="skip")(x)
     return x + h
 
 
@@ -326,12 +369,12 @@ class Attention(nn.Module):
                           f"{self.num_head_channels} channels; choose num_head_channels dividing "
                           "model_channels * channel_mult.")
     y = Norm(name="norm")(x).reshape(b, h * w, c)
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
+    qkv = PixelDense(3 * c, self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
     if native_ops.attention_fits(qkv):
       out = attend_qkv(qkv).reshape(b, h * w, c)
     else:
       out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)
-    out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
+    out = PixelDense(c, self.dtype, nn.initializers.zeros, name="proj_out")(out)
     return x + out.reshape(b, h, w, c)
 
 
