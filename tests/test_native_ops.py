@@ -75,6 +75,12 @@ def test_native_dense_kernel_grad_matches_a_matmul(shapes):
   ref = np.asarray(x).reshape(-1, m).T @ np.asarray(g).reshape(-1, n)
   assert got is not None and got.shape == (m, n)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+  kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (m, n)))
+  if n % native_ops.simd_width() == 0:  # the product itself
+    np.testing.assert_allclose(native_ops.dense(x, kernel), np.asarray(x) @ kernel, rtol=1e-4, atol=1e-4)
+  if m % native_ops.simd_width() == 0:  # the input gradient, g @ kernel.T
+    np.testing.assert_allclose(native_ops.dense(g, kernel, transpose_kernel=True), np.asarray(g) @ kernel.T,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_pixel_dense_is_nn_dense_with_the_same_parameters_and_gradients():
@@ -90,7 +96,8 @@ def test_pixel_dense_is_nn_dense_with_the_same_parameters_and_gradients():
                   jax.tree.leaves(jax.grad(loss(theirs), (0, 1))(params, x))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   hlo = jax.jit(jax.grad(loss(ours))).lower(params, x).as_text()
-  assert (native_ops.DENSE_GRAD in hlo) == (native_ops.simd_width() is not None)
+  native = native_ops.simd_width() is not None
+  assert (native_ops.DENSE_GRAD in hlo) == native and (f"@{native_ops.DENSE}(" in hlo) == native
 
 
 @needs_compiler
@@ -110,6 +117,9 @@ def test_channels_that_fit_no_simd_width_fall_back(monkeypatch):
   monkeypatch.setitem(native_ops._state, "width", 16)
   assert native_ops.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5))) is None
   assert native_ops.dense_kernel_grad(jnp.zeros((1, 4, 3)), jnp.zeros((1, 4, 5))) is None
+  assert native_ops.dense(jnp.zeros((1, 4, 16)), jnp.zeros((16, 5))) is None
+  with pytest.raises(ValueError, match="do not match"):
+    native_ops.dense(jnp.zeros((1, 4, 16)), jnp.zeros((16, 32)), transpose_kernel=True)
   with pytest.raises(ValueError, match="agree"):
     native_ops.dense_kernel_grad(jnp.zeros((1, 4, 3)), jnp.zeros((1, 5, 16)))
   assert native_ops.conv3x3(jnp.zeros((1, 4, 4, 32)), jnp.zeros((3, 3, 32, 3))) is None  # the output conv
@@ -208,7 +218,7 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
   lib = ctypes.cdll.LoadLibrary(str(native_ops.build(extra_flags=("-mno-avx512f",))))
   assert lib.synth_med_simd_width() == 8
-  for name in ("Conv3x3", "KernelGrad", "DenseGrad", "GroupNormActFwd", "GroupNormActBwd", "AttentionFwd", "AttentionBwd"):
+  for name in ("Conv3x3", "KernelGrad", "Dense", "DenseGrad", "GroupNormActFwd", "GroupNormActBwd", "AttentionFwd", "AttentionBwd"):
     jax.ffi.register_ffi_target(f"avx2_{name}", jax.ffi.pycapsule(getattr(lib, f"SynthMed{name}")), platform="cpu")
   close = lambda got, ref: np.testing.assert_allclose(  # noqa: E731
       np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
@@ -218,6 +228,9 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   close(native_ops._local(x, g, True, target="avx2_KernelGrad"), _autodiff_kernel_grad(x, g))
   close(jax.ffi.ffi_call("avx2_DenseGrad", jax.ShapeDtypeStruct((13, 24), jnp.float32))(x, g),
         np.asarray(x).reshape(-1, 13).T @ np.asarray(g).reshape(-1, 24))
+  w = jax.random.normal(ks[4], (24, 13))  # 24 outputs: a 6-row group and 3 vectors of 8
+  close(jax.ffi.ffi_call("avx2_Dense", jax.ShapeDtypeStruct(g.shape, jnp.float32))(x, w, transpose_kernel=True),
+        np.asarray(x) @ np.asarray(w).T)
   k = jax.random.normal(ks[2], (3, 3, 13, 24))
   close(jax.ffi.ffi_call("avx2_Conv3x3", jax.ShapeDtypeStruct(g.shape, jnp.float32))(x, k, flip=False),
         unet._conv(x, k))

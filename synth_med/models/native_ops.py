@@ -1,6 +1,6 @@
 """Native C++ CPU kernels for the UNet's hottest ops, as XLA FFI custom calls built on first use.
 
-Five ops, sources in `native/` (one `.so`):
+Six ops, sources in `native/` (one `.so`):
 
 - `conv3x3(x, kernel, flip)`: the 3x3 'SAME' stride-1 convolution, and (`flip`) its input
   gradient, each image copied once into a zero-bordered scratch and accumulated in register
@@ -8,9 +8,10 @@ Five ops, sources in `native/` (one `.so`):
 - `kernel_grad(x, g)`: the 3x3 convolution's kernel gradient (3, 3, c, o), reading both
   NHWC operands in place and accumulating register tiles of outer products (2-2.5x XLA's
   own path, 10x on the 32 -> 3 output conv);
-- `dense_kernel_grad(x, g)`: the kernel gradient of a dense layer applied at every pixel (the
-  UNet's 1x1 skip convolutions and attention projections), read in place where XLA first
-  copies an operand into a transposed layout;
+- `dense(x, kernel, transpose_kernel)` and `dense_kernel_grad(x, g)`: a dense layer applied at
+  every pixel (the UNet's 1x1 skip convolutions and attention projections), its input gradient
+  and its kernel gradient, read in place (for the kernel gradient XLA first copies an operand
+  into a transposed layout);
 - `group_norm_act_fwd` / `_bwd`: GroupNorm -> per-(image, channel) affine -> SiLU, image by
   image in cache (`unet.group_norm_act`'s maths);
 - `attention_fwd` / `_bwd`: softmax(q k^T / sqrt(d)) v on packed qkv [B, N, 3, heads, d],
@@ -57,10 +58,10 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "group_norm_act.cc", "attention.cc")
+SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "dense.cc", "group_norm_act.cc", "attention.cc")
 CONV = "synth_med_conv3x3"
 KERNEL_GRAD = "synth_med_conv3x3_kernel_grad"
-DENSE_GRAD = "synth_med_dense_kernel_grad"
+DENSE, DENSE_GRAD = "synth_med_dense", "synth_med_dense_kernel_grad"
 NORM_FWD, NORM_BWD = "synth_med_group_norm_act_fwd", "synth_med_group_norm_act_bwd"
 ATTN_FWD, ATTN_BWD = "synth_med_attention_fwd", "synth_med_attention_bwd"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
@@ -156,7 +157,7 @@ def simd_width() -> int | None:
       try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         for name, fn in ((CONV, lib.SynthMedConv3x3), (KERNEL_GRAD, lib.SynthMedKernelGrad),
-                         (DENSE_GRAD, lib.SynthMedDenseGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
+                         (DENSE, lib.SynthMedDense), (DENSE_GRAD, lib.SynthMedDenseGrad), (NORM_FWD, lib.SynthMedGroupNormActFwd),
                          (NORM_BWD, lib.SynthMedGroupNormActBwd), (ATTN_FWD, lib.SynthMedAttentionFwd),
                          (ATTN_BWD, lib.SynthMedAttentionBwd)):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
@@ -277,6 +278,34 @@ def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
   if x.shape[-1] % width == 0:
     return _KERNEL_GRAD_CALLS[False](g, x).transpose(0, 1, 3, 2)
   return None
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_call(rank: int, transpose_kernel: bool):
+  pixels = " ".join(f"p{i}" for i in range(rank - 2))
+
+  def fn(x, kernel):
+    n = kernel.shape[0] if transpose_kernel else kernel.shape[1]
+    return jax.ffi.ffi_call(DENSE, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))(
+        x, kernel, transpose_kernel=transpose_kernel)
+  kernel_factors = "n m" if transpose_kernel else "m n"
+  return _over_batch(fn, f"b {pixels} m, {kernel_factors} -> b {pixels} n")
+
+
+def dense(x: jax.Array, kernel: jax.Array, transpose_kernel: bool = False) -> jax.Array | None:
+  """x (..., m) @ kernel (m, n) in float32, or with `transpose_kernel` x @ kernel.T for kernel (n, m).
+
+  The transposed form is the input gradient of a dense layer with that kernel, x being the
+  output gradient. None when the native kernel is unavailable (or not on a CPU), the operands
+  are not float32, or n does not fit its SIMD width.
+  """
+  m, n = kernel.shape[::-1] if transpose_kernel else kernel.shape
+  if x.ndim < 2 or kernel.ndim != 2 or x.shape[-1] != m:
+    raise ValueError(f"dense: x {x.shape} and kernel {kernel.shape} do not match (transpose_kernel={transpose_kernel})")
+  width = _cpu_width()
+  if width is None or n % width or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    return None
+  return _dense_call(x.ndim, transpose_kernel)(x, kernel)
 
 
 @functools.lru_cache(maxsize=None)

@@ -236,20 +236,28 @@ class Conv3x3(nn.Module):
 def pixel_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x (..., m) @ kernel (m, n): a dense layer at every pixel (a 1x1 convolution).
 
-  Its kernel gradient sums x ⊗ g over every leading position; on a CPU with the native kernels
-  that is `native_ops.dense_kernel_grad`, which reads both operands in place (XLA first copies
-  one of them into a transposed [channels, pixels] layout). Elsewhere it is XLA's matmul.
+  On a CPU with the native kernels the product and its input gradient are `native_ops.dense`
+  and the kernel gradient `native_ops.dense_kernel_grad`, which reads both operands in place
+  (XLA first copies one of them into a transposed [channels, pixels] layout). Where they do not
+  apply (output channels not a SIMD multiple, not float32), XLA's matmuls.
   """
-  return jnp.dot(x, kernel)
+  return _native_or_xla_dense(x, kernel)
+
+
+def _native_or_xla_dense(x: jax.Array, kernel: jax.Array, transpose_kernel: bool = False) -> jax.Array:
+  out = native_ops.dense(x, kernel, transpose_kernel)
+  if out is not None:
+    return out
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1 if transpose_kernel else 0,)), ((), ())))
 
 
 def _pixel_dense_fwd(x, kernel):
-  return jnp.dot(x, kernel), (x, kernel)
+  return _native_or_xla_dense(x, kernel), (x, kernel)
 
 
 def _pixel_dense_bwd(res, g):
   x, kernel = res
-  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  dx = _native_or_xla_dense(g, kernel, transpose_kernel=True)
   dk = native_ops.dense_kernel_grad(x, g)
   if dk is None:
     lead = tuple(range(x.ndim - 1))

@@ -13,38 +13,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "outer_product.h"
+#include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using namespace synth_med;
 
 namespace {
-
-// C [M x Nc] = A [M x K] B [K x Nc], A read through strides, Nc a multiple of VL.
-void gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64_t a_rs, int64_t a_ks,
-          const float* b, int64_t b_ks, float* c, int64_t c_rs) {
-  const Segment run{a, b, K};
-#if defined(__AVX512F__)
-  // Four vectors wide where the columns allow: 6 x 4 accumulators load fewer broadcasts per FMA.
-  if (Nc % (4 * VL) == 0 && M >= 6) {
-    const int64_t m6 = M / 6 * 6;
-    for (int64_t m = 0; m < m6; m += 6)
-      for (int64_t n = 0; n < Nc; n += 4 * VL)
-        tile<6, 4, false>(&run, 1, m * a_rs, n, a_rs, a_ks, b_ks, c + m * c_rs + n, c_rs);
-    if (M > m6) gemm(M - m6, Nc, K, a + m6 * a_rs, a_rs, a_ks, b, b_ks, c + m6 * c_rs, c_rs);
-    return;
-  }
-#endif
-  tiled_product<false>(M, Nc, &run, 1, a_rs, a_ks, b_ks, c, c_rs);
-}
-
-void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_rs, float* dst) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t t = 0; t < cols; ++t) dst[t * rows + i] = src[i * src_rs + t];
-}
 
 float hmax(vf v) {
   float m = v[0];
@@ -83,7 +60,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> qkvb, ffi::ResultBuffer<ffi::F32> outb,
   if (auto e = dims_of(qkvb, &D); e.failure()) return e;
   const int64_t N = D.N, d = D.d, H = D.H, ls = 3 * H * d, lo = H * d;
   const float scale = 1.0f / std::sqrt(float(d));
-  std::vector<float> S(N * N), kt(d * N);
+  float* S = scratch(0, N * N);
+  float* kt = scratch(1, d * N);
   for (int64_t b = 0; b < D.B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const float* q = qkvb.typed_data() + b * N * ls + h * d;
@@ -91,9 +69,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> qkvb, ffi::ResultBuffer<ffi::F32> outb,
       const float* v = q + 2 * H * d;
       float* out = outb->typed_data() + b * N * lo + h * d;
       float* lse = lseb->typed_data() + (b * H + h) * N;
-      scores(q, k, D, ls, scale, kt.data(), S.data());
+      scores(q, k, D, ls, scale, kt, S);
       for (int64_t i = 0; i < N; ++i) {
-        float* row = S.data() + i * N;
+        float* row = S + i * N;
         vf mx = load(row);
         for (int64_t j = VL; j < N; j += VL) { const vf x = load(row + j); mx = x > mx ? x : mx; }
         const float m = hmax(mx);
@@ -108,7 +86,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> qkvb, ffi::ResultBuffer<ffi::F32> outb,
         for (int64_t j = 0; j < N; j += VL) store(row + j, load(row + j) * inv);
         lse[i] = m + std::log(s);
       }
-      gemm(N, d, N, S.data(), N, 1, v, ls, out, lo);
+      gemm(N, d, N, S, N, 1, v, ls, out, lo);
     }
   }
   return ffi::Error::Success();
@@ -120,7 +98,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> qkvb, ffi::Buffer<ffi::F32> lseb, ffi:
   if (auto e = dims_of(qkvb, &D); e.failure()) return e;
   const int64_t N = D.N, d = D.d, H = D.H, ls = 3 * H * d, lo = H * d;
   const float scale = 1.0f / std::sqrt(float(d));
-  std::vector<float> P(N * N), dP(N * N), t(d * N);
+  float* P = scratch(0, N * N);
+  float* dP = scratch(2, N * N);
+  float* t = scratch(1, d * N);
   for (int64_t b = 0; b < D.B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const float* q = qkvb.typed_data() + b * N * ls + h * d;
@@ -131,25 +111,25 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> qkvb, ffi::Buffer<ffi::F32> lseb, ffi:
       float* dq = dqkvb->typed_data() + b * N * ls + h * d;
       float* dk = dq + H * d;
       float* dv = dq + 2 * H * d;
-      scores(q, k, D, ls, scale, t.data(), P.data());
+      scores(q, k, D, ls, scale, t, P);
       for (int64_t i = 0; i < N; ++i) {
-        float* row = P.data() + i * N;
+        float* row = P + i * N;
         const vf l = splat(lse[i]);
         for (int64_t j = 0; j < N; j += VL) store(row + j, vexp(load(row + j) - l));
       }
-      gemm(N, d, N, P.data(), 1, N, dout, lo, dv, ls);           // dv = P^T dout
-      transpose(v, N, d, ls, t.data());
-      gemm(N, N, d, dout, lo, 1, t.data(), N, dP.data(), N);      // dP = dout v^T
+      gemm(N, d, N, P, 1, N, dout, lo, dv, ls);           // dv = P^T dout
+      transpose(v, N, d, ls, t);
+      gemm(N, N, d, dout, lo, 1, t, N, dP, N);      // dP = dout v^T
       for (int64_t i = 0; i < N; ++i) {
-        const float* p = P.data() + i * N;
-        float* g = dP.data() + i * N;
+        const float* p = P + i * N;
+        float* g = dP + i * N;
         vf acc = {};
         for (int64_t j = 0; j < N; j += VL) acc += load(p + j) * load(g + j);
         const vf D_i = splat(hsum(acc)), vs = splat(scale);
         for (int64_t j = 0; j < N; j += VL) store(g + j, vs * load(p + j) * (load(g + j) - D_i));
       }
-      gemm(N, d, N, dP.data(), N, 1, k, ls, dq, ls);              // dq = dS k
-      gemm(N, d, N, dP.data(), 1, N, q, ls, dk, ls);              // dk = dS^T q
+      gemm(N, d, N, dP, N, 1, k, ls, dq, ls);              // dq = dS k
+      gemm(N, d, N, dP, 1, N, q, ls, dk, ls);              // dk = dS^T q
     }
   }
   return ffi::Error::Success();

@@ -15,9 +15,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 
 #include "outer_product.h"
+#include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -25,34 +25,13 @@ using namespace synth_med;
 
 namespace {
 
-// A thread's reusable 64-byte-aligned scratch (each XLA CPU device runs its thunks on one
-// thread): no page faults per call, and vector loads of the transposed kernel never straddle
-// cache lines.
-float* scratch(int slot, int64_t n) {
-  struct Buf { float* p = nullptr; int64_t n = 0; ~Buf() { std::free(p); } };
-  thread_local Buf bufs[2];
-  Buf& b = bufs[slot];
-  if (b.n < n) {
-    std::free(b.p);
-    b.p = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64));
-    b.n = n;
-  }
-  return b.p;
-}
-
 void conv3x3(const float* in, const float* kernel, float* out, int64_t B, int64_t H, int64_t W, int64_t M,
              int64_t N, bool flip) {
   // The kernel as [tap][m][n], n contiguous.
   const float* k = kernel;
   if (flip) {
     float* kt = scratch(0, 9 * M * N);
-    constexpr int64_t T = 16;  // transposed in T x T blocks, so both sides stay in cache lines
-    for (int t = 0; t < 9; ++t)
-      for (int64_t n0 = 0; n0 < N; n0 += T)
-        for (int64_t m0 = 0; m0 < M; m0 += T)
-          for (int64_t n = n0; n < std::min(N, n0 + T); ++n)
-            for (int64_t m = m0; m < std::min(M, m0 + T); ++m)
-              kt[(t * M + m) * N + n] = kernel[((8 - t) * N + n) * M + m];
+    for (int t = 0; t < 9; ++t) transpose(kernel + (8 - t) * N * M, N, M, M, kt + t * M * N);
     k = kt;
   }
   const int64_t Wp = W + 2;

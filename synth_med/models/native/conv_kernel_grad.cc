@@ -60,45 +60,6 @@ static void kernel_grad(const float* A, const float* V, float* dk, int64_t B, in
   }
 }
 
-// dk[m, n] = sum over rows p of A[p, m] V[p, n], N a multiple of VL: the kernel gradient of a
-// dense layer applied at every pixel (a 1x1 convolution), read in place. XLA's CPU backend
-// first copies one operand into a transposed [channels, pixels] layout for its matmul.
-static void dense_grad(const float* A, const float* V, float* dk, int64_t P, int64_t M, int64_t N) {
-  std::memset(dk, 0, sizeof(float) * M * N);
-  // Rows per chunk: keep a chunk of both operands in L2 while every tile of dk passes over it.
-  const int64_t chunk = std::max<int64_t>(1, (512 * 1024) / ((M + N) * 4));
-  for (int64_t p0 = 0; p0 < P; p0 += chunk) {
-    const Segment seg{A + p0 * M, V + p0 * N, std::min(chunk, P - p0)};
-    tiled_product<true>(M, N, &seg, 1, 1, M, N, dk, N);
-  }
-}
-
-static ffi::Error DenseGradImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> dk) {
-  auto da = a.dimensions(), dv = v.dimensions();
-  if (da.size() < 2 || da.size() != dv.size())
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dense_grad: operands must have one rank of at least 2");
-  int64_t P = 1;
-  for (size_t i = 0; i + 1 < da.size(); ++i) {
-    if (da[i] != dv[i])
-      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dense_grad: operands must agree but in their last axis");
-    P *= da[i];
-  }
-  const int64_t M = da[da.size() - 1], N = dv[dv.size() - 1];
-  auto dd = dk->dimensions();
-  if (dd.size() != 2 || dd[0] != M || dd[1] != N)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dense_grad: result must be (channels of a, channels of v)");
-  if (N % VL != 0)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dense_grad: v's channels must be a multiple of the SIMD width");
-  dense_grad(a.typed_data(), v.typed_data(), dk->typed_data(), P, M, N);
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedDenseGrad, DenseGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
 static ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> v,
                                  ffi::ResultBuffer<ffi::F32> dk, bool shift_a) {
   auto da = a.dimensions(), dv = v.dimensions();

@@ -1,4 +1,4 @@
-// The register-tiled kernel both conv_kernel_grad.cc and attention.cc are built on: a tile of
+// The register-tiled kernel every native op but the norm is built on: a tile of
 // R x (NV * VL) outputs accumulated in registers as a sum of outer products, one scalar of `a`
 // broadcast against one row of `b` vectors per step. The sum runs over segments (runs of
 // steps: the conv kernel gradient's image-row pieces; attention's one run per product).
@@ -79,6 +79,36 @@ inline void tiled_product(int64_t M, int64_t Nc, const Segment* segs, int nseg, 
     for (; n < Nc; n += VL)
       tile_rows<1, ACC>(rows, segs, nseg, m * a_rs, n, a_rs, a_ks, b_ks, c + m * c_rs + n, c_rs);
   }
+}
+
+// C [M x Nc] = A [M x K] B [K x Nc], A read through strides, Nc a multiple of VL.
+inline void gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64_t a_rs, int64_t a_ks,
+                 const float* b, int64_t b_ks, float* c, int64_t c_rs) {
+  const Segment run{a, b, K};
+#if defined(__AVX512F__)
+  // Four vectors wide where the columns allow: 6 x 4 accumulators load fewer broadcasts per FMA.
+  if (Nc % (4 * VL) == 0 && M >= 6) {
+    const int64_t m6 = M / 6 * 6;
+    for (int64_t m = 0; m < m6; m += 6)
+      for (int64_t n = 0; n < Nc; n += 4 * VL)
+        tile<6, 4, false>(&run, 1, m * a_rs, n, a_rs, a_ks, b_ks, c + m * c_rs + n, c_rs);
+    if (M > m6) gemm(M - m6, Nc, K, a + m6 * a_rs, a_rs, a_ks, b, b_ks, c + m6 * c_rs, c_rs);
+    return;
+  }
+#endif
+  tiled_product<false>(M, Nc, &run, 1, a_rs, a_ks, b_ks, c, c_rs);
+}
+
+// dst [cols x rows] = src [rows x cols]^T, src's rows src_rs apart: a `b` operand in the layout
+// the tiles read. In 16 x 16 blocks, so reads and writes both stay within cache lines.
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_rs, float* dst) {
+  constexpr int64_t T = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += T)
+    for (int64_t t0 = 0; t0 < cols; t0 += T) {
+      const int64_t i1 = i0 + T < rows ? i0 + T : rows, t1 = t0 + T < cols ? t0 + T : cols;
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t t = t0; t < t1; ++t) dst[t * rows + i] = src[i * src_rs + t];
+    }
 }
 
 }  // namespace synth_med
