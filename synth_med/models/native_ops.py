@@ -30,9 +30,10 @@ flags, the jax version and the CPU's model and feature flags; it is written to a
 name and renamed, so processes building at once never load a partial file. Each kernel is
 single-threaded: the project runs one XLA device per core (`cpu_devices`).
 
-Under a device mesh each op is partitioned over the batch (`custom_partitioning`): the norm
-and attention run on each device's own images; the kernel gradient sums each device's images
-and all-reduces, as XLA does for its own matmul over the batch. `custom_partitioning` has no
+Under a device mesh each op is partitioned over the batch (`custom_partitioning`): the
+convolutions, dense layers, norm and attention run on each device's own images with the
+whole (replicated) kernel; the kernel gradients sum each device's images and all-reduce, as
+XLA does for its own matmul over the batch. `custom_partitioning` has no
 batching rule, so a model using these ops cannot be `jax.vmap`ped (JAX raises "Batching rule
 for 'custom_partitioning' not implemented"); set `SYNTH_MED_NATIVE_KERNELS=0` for that.
 Nothing in synth_med vmaps a model. Speed figures are in `bench/README.md`.
