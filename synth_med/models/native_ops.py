@@ -108,7 +108,7 @@ def library_path(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
   texts = [p.read_text() for p in sorted(NATIVE_DIR.glob("*")) if p.suffix in (".cc", ".h")]
   key = hashlib.sha256("\0".join([*texts, cxx, *FLAGS, *extra_flags, jax.__version__,
                                   _cpu_fingerprint()]).encode())
-  return cache_dir() / f"conv_kernel_grad-{key.hexdigest()[:16]}.so"
+  return cache_dir() / f"synth_med_native-{key.hexdigest()[:16]}.so"
 
 
 def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:

@@ -62,6 +62,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> qkvb, ffi::ResultBuffer<ffi::F32> outb,
   const float scale = 1.0f / std::sqrt(float(d));
   float* S = scratch(0, N * N);
   float* kt = scratch(1, d * N);
+  if (!S || !kt) return out_of_memory();
   for (int64_t b = 0; b < D.B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const float* q = qkvb.typed_data() + b * N * ls + h * d;
@@ -101,6 +102,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> qkvb, ffi::Buffer<ffi::F32> lseb, ffi:
   float* P = scratch(0, N * N);
   float* dP = scratch(2, N * N);
   float* t = scratch(1, d * N);
+  if (!P || !dP || !t) return out_of_memory();
   for (int64_t b = 0; b < D.B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const float* q = qkvb.typed_data() + b * N * ls + h * d;

@@ -25,17 +25,20 @@ using namespace synth_med;
 
 namespace {
 
-void conv3x3(const float* in, const float* kernel, float* out, int64_t B, int64_t H, int64_t W, int64_t M,
+// False when its scratch cannot be had.
+bool conv3x3(const float* in, const float* kernel, float* out, int64_t B, int64_t H, int64_t W, int64_t M,
              int64_t N, bool flip) {
   // The kernel as [tap][m][n], n contiguous.
   const float* k = kernel;
   if (flip) {
     float* kt = scratch(0, 9 * M * N);
+    if (!kt) return false;
     for (int t = 0; t < 9; ++t) transpose(kernel + (8 - t) * N * M, N, M, M, kt + t * M * N);
     k = kt;
   }
   const int64_t Wp = W + 2;
   float* pad = scratch(1, (H + 2) * Wp * M);
+  if (!pad) return false;
   std::memset(pad, 0, sizeof(float) * (H + 2) * Wp * M);  // the border stays zero
   Segment segs[9];
   for (int64_t b = 0; b < B; ++b) {
@@ -56,6 +59,7 @@ void conv3x3(const float* in, const float* kernel, float* out, int64_t B, int64_
       }
     }
   }
+  return true;
 }
 
 ffi::Error Conv3x3Impl(ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> out,
@@ -70,7 +74,8 @@ ffi::Error Conv3x3Impl(ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> kernel, f
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv3x3: result must be (b, h, w, output channels)");
   if (N % VL != 0)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv3x3: output channels must be a multiple of the SIMD width");
-  conv3x3(in.typed_data(), kernel.typed_data(), out->typed_data(), di[0], di[1], di[2], M, N, flip);
+  if (!conv3x3(in.typed_data(), kernel.typed_data(), out->typed_data(), di[0], di[1], di[2], M, N, flip))
+    return out_of_memory();
   return ffi::Error::Success();
 }
 

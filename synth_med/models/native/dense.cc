@@ -46,6 +46,7 @@ ffi::Error DenseImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi:
   const float* k = kernel.typed_data();
   if (transpose_kernel) {
     float* kt = scratch(0, M * N);
+    if (!kt) return out_of_memory();
     transpose(k, N, M, M, kt);
     k = kt;
   }

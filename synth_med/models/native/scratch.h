@@ -7,11 +7,14 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "xla/ffi/api/ffi.h"
+
 namespace synth_med {
 
 constexpr int kScratchSlots = 4;
 
 // At least n floats in slot `slot` (< kScratchSlots) of this thread; the contents are undefined.
+// nullptr when the memory cannot be had (the caller returns `out_of_memory()`).
 inline float* scratch(int slot, int64_t n) {
   struct Buf {
     float* p = nullptr;
@@ -23,9 +26,13 @@ inline float* scratch(int slot, int64_t n) {
   if (b.n < n) {
     std::free(b.p);
     b.p = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64));
-    b.n = n;
+    b.n = b.p ? n : 0;
   }
   return b.p;
+}
+
+inline xla::ffi::Error out_of_memory() {
+  return xla::ffi::Error(xla::ffi::ErrorCode::kResourceExhausted, "synth_med native kernel: out of memory for its scratch");
 }
 
 }  // namespace synth_med
