@@ -270,14 +270,21 @@ def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
   """
   if x.ndim != 4 or g.shape[:3] != x.shape[:3]:
     raise ValueError(f"kernel_grad: x {x.shape} and g {g.shape} must be NHWC of the same (b, h, w)")
+  return _outer_product_sum(x, g, _KERNEL_GRAD_CALLS[True], _KERNEL_GRAD_CALLS[False])
+
+
+def _outer_product_sum(x: jax.Array, g: jax.Array, call, swapped_call=None) -> jax.Array | None:
+  """A kernel gradient (a sum of x ⊗ g over positions) in float32: call(x, g), whose vectors run
+  along g's channels, or where only x's channels fit the SIMD width, swapped_call(g, x) with its
+  last two axes swapped back. None when neither fits or the native kernels are unavailable."""
   width = _cpu_width()
   if width is None:
     return None
   x, g = x.astype(jnp.float32), g.astype(jnp.float32)
   if g.shape[-1] % width == 0:
-    return _KERNEL_GRAD_CALLS[True](x, g)
+    return call(x, g)
   if x.shape[-1] % width == 0:
-    return _KERNEL_GRAD_CALLS[False](g, x).transpose(0, 1, 3, 2)
+    return jnp.swapaxes((swapped_call or call)(g, x), -1, -2)
   return None
 
 
@@ -326,15 +333,7 @@ def dense_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
   """
   if x.ndim < 2 or g.shape[:-1] != x.shape[:-1]:
     raise ValueError(f"dense_kernel_grad: x {x.shape} and g {g.shape} must agree but in their last axis")
-  width = _cpu_width()
-  if width is None:
-    return None
-  x, g = x.astype(jnp.float32), g.astype(jnp.float32)
-  if g.shape[-1] % width == 0:
-    return _dense_grad_call(x.ndim)(x, g)
-  if x.shape[-1] % width == 0:
-    return _dense_grad_call(x.ndim)(g, x).T
-  return None
+  return _outer_product_sum(x, g, _dense_grad_call(x.ndim))
 
 
 def _norm_fwd_call(groups: int, silu: bool):

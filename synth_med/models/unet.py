@@ -219,17 +219,34 @@ def backend_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return conv3x3(x, kernel) if jax.default_backend() == "cpu" else _conv(x, kernel)
 
 
-class Conv3x3(nn.Module):
-  """nn.Conv(features, (3, 3), padding='SAME') with the same parameters, on `conv3x3`."""
+class _KernelAndBias(nn.Module):
+  """A float32 `kernel` of `kernel_shape(in_channels)` and a zero-initialised `bias`, as Flax's
+  layers name them (checkpoints are interchangeable), applied by `product` in `dtype`."""
   features: int
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
 
+  def kernel_shape(self, in_channels: int) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  def product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param("kernel", self.kernel_init, self.kernel_shape(x.shape[-1]), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return backend_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return self.product(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class Conv3x3(_KernelAndBias):
+  """nn.Conv(features, (3, 3), padding='SAME') with the same parameters, on `conv3x3`."""
+
+  def kernel_shape(self, in_channels: int) -> tuple[int, ...]:
+    return (3, 3, in_channels, self.features)
+
+  def product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return backend_conv3x3(x, kernel)
 
 
 @jax.custom_vjp
@@ -268,19 +285,14 @@ def _pixel_dense_bwd(res, g):
 pixel_dense.defvjp(_pixel_dense_fwd, _pixel_dense_bwd)
 
 
-class PixelDense(nn.Module):
+class PixelDense(_KernelAndBias):
   """nn.Dense(features) with the same parameters, on `pixel_dense` on CPUs (XLA's dot elsewhere)."""
-  features: int
-  dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = pixel_dense(x, kernel) if jax.default_backend() == "cpu" else jnp.dot(x, kernel)
-    return y + bias.astype(self.dtype)
+  def kernel_shape(self, in_channels: int) -> tuple[int, ...]:
+    return (in_channels, self.features)
+
+  def product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return pixel_dense(x, kernel) if jax.default_backend() == "cpu" else jnp.dot(x, kernel)
 
 
 def _upsample(x: jax.Array) -> jax.Array:
