@@ -220,33 +220,25 @@ def backend_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class _KernelAndBias(nn.Module):
-  """A float32 `kernel` of `kernel_shape(in_channels)` and a zero-initialised `bias`, as Flax's
-  layers name them (checkpoints are interchangeable), applied by `product` in `dtype`."""
+  """The fields of a layer with a float32 `kernel` and a zero-initialised `bias`, named as
+  Flax's layers name them (checkpoints are interchangeable), computed in `dtype`."""
   features: int
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
 
-  def kernel_shape(self, in_channels: int) -> tuple[int, ...]:
-    raise NotImplementedError
-
-  def product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    raise NotImplementedError
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, self.kernel_shape(x.shape[-1]), jnp.float32)
+  def _apply(self, x: jax.Array, kernel_shape: tuple[int, ...], product) -> jax.Array:
+    """product(x, kernel) + bias; call from a subclass's compact `__call__`."""
+    kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return self.product(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return product(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 class Conv3x3(_KernelAndBias):
   """nn.Conv(features, (3, 3), padding='SAME') with the same parameters, on `conv3x3`."""
 
-  def kernel_shape(self, in_channels: int) -> tuple[int, ...]:
-    return (3, 3, in_channels, self.features)
-
-  def product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return backend_conv3x3(x, kernel)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self._apply(x, (3, 3, x.shape[-1], self.features), backend_conv3x3)
 
 
 @jax.custom_vjp
@@ -288,11 +280,10 @@ pixel_dense.defvjp(_pixel_dense_fwd, _pixel_dense_bwd)
 class PixelDense(_KernelAndBias):
   """nn.Dense(features) with the same parameters, on `pixel_dense` on CPUs (XLA's dot elsewhere)."""
 
-  def kernel_shape(self, in_channels: int) -> tuple[int, ...]:
-    return (in_channels, self.features)
-
-  def product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return pixel_dense(x, kernel) if jax.default_backend() == "cpu" else jnp.dot(x, kernel)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    product = pixel_dense if jax.default_backend() == "cpu" else jnp.dot
+    return self._apply(x, (x.shape[-1], self.features), product)
 
 
 def _upsample(x: jax.Array) -> jax.Array:
