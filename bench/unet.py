@@ -54,8 +54,10 @@ def _warm(params: int, runners: dict) -> dict:
   return {"params": params, "runners": runners}
 
 
-def build_ours(size: str, batch: int, res: int) -> dict:
-  """Our train step, denoising step and DDIM-50 sampler at `size`, compiled and warm."""
+def build_ours(size: str, batch: int, res: int, precision: str = "float32") -> dict:
+  """Our train step, denoising step and DDIM-50 sampler at `size`, compiled and warm.
+
+  precision 'bfloat16' is the model's matmul_precision: bfloat16 products, float32 sums."""
   import jax
   import optax
 
@@ -70,7 +72,8 @@ def build_ours(size: str, batch: int, res: int) -> dict:
 
   ch, mult, nrb, attn, head = SIZES[size]
   model = unet.Model(out_channels=3, model_channels=ch, channel_mult=mult, num_res_blocks=nrb,
-                     attention_resolutions=attn, num_head_channels=head, use_scale_shift_norm=True)
+                     attention_resolutions=attn, num_head_channels=head, use_scale_shift_norm=True,
+                     matmul_precision=precision)
   sched = make_schedule("linear", 1000)
   spec = ConditioningSpec("softmax", 0)
   task = DiffusionTask(model, sched, spec, 0.0)

@@ -247,6 +247,9 @@ def unet_config(model_channels: int, channel_mult: tuple[int, ...], num_res_bloc
       "use_scale_shift_norm": True,
       "resblock_updown": False,
       "dtype": "float32",  # float32 | bfloat16 (compute dtype; params stay float32)
+      # float32 | bfloat16: the 3x3 convolutions' products on bfloat16-rounded operands, summed
+      # in float32 (AMX tiles on recent Xeons, about 4x; see README "Precision").
+      "matmul_precision": "float32",
   })
 
 

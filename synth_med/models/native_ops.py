@@ -59,8 +59,9 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "dense.cc", "group_norm_act.cc", "attention.cc")
+SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "dense.cc", "group_norm_act.cc", "attention.cc", "conv3x3_amx.cc")
 CONV = "synth_med_conv3x3"
+CONV_BF16, KERNEL_GRAD_BF16 = "synth_med_conv3x3_bf16", "synth_med_conv3x3_kernel_grad_bf16"
 KERNEL_GRAD = "synth_med_conv3x3_kernel_grad"
 DENSE, DENSE_GRAD = "synth_med_dense", "synth_med_dense_kernel_grad"
 NORM_FWD, NORM_BWD = "synth_med_group_norm_act_fwd", "synth_med_group_norm_act_bwd"
@@ -163,12 +164,22 @@ def simd_width() -> int | None:
                          (ATTN_BWD, lib.SynthMedAttentionBwd)):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
         width = int(lib.synth_med_simd_width())
+        _state["amx"] = bool(lib.synth_med_amx_available())
+        if _state["amx"]:
+          for name, fn in ((CONV_BF16, lib.SynthMedConv3x3Bf16), (KERNEL_GRAD_BF16, lib.SynthMedKernelGradBf16)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
         _state["lib"] = lib
       except (NativeBuildError, OSError, AttributeError) as e:
         logging.warning("synth_med: the native CPU kernels are off, using XLA's paths (%s). "
                         "Set %s=0 to skip the attempt.", e, _ENV_SWITCH)
     _state["width"] = width
     return width
+
+
+def amx_available() -> bool:
+  """Whether the bfloat16-product convolutions run on AMX tiles here: the native kernels are
+  built, the CPU has AMX (Intel Sapphire Rapids or later), and the OS grants the tile state."""
+  return simd_width() is not None and bool(_state.get("amx"))
 
 
 def _cpu_width() -> int | None:
@@ -254,6 +265,53 @@ def conv3x3(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Array | 
   if width is None or n % width or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     return None
   return _CONV_CALLS[flip](x, kernel)
+
+
+def _conv_bf16_call(flip: bool):
+  def fn(x, kernel):
+    n = kernel.shape[2] if flip else kernel.shape[3]
+    return jax.ffi.ffi_call(CONV_BF16, jax.ShapeDtypeStruct(x.shape[:3] + (n,), jnp.float32))(x, kernel, flip=flip)
+  return _over_batch(fn, "b h w m, i j n m -> b h w n" if flip else "b h w m, i j m n -> b h w n")
+
+
+# Below this many input channels a 32-channel AMX step is mostly padding (the 3-channel input
+# conv runs at half the float32 kernel's speed); the callers then use the float32 kernels on
+# bfloat16-rounded operands, the same maths.
+_AMX_MIN_CHANNELS = 16
+_CONV_BF16_CALLS = {False: _conv_bf16_call(False), True: _conv_bf16_call(True)}
+_KERNEL_GRAD_BF16_CALL = _over_batch(
+    lambda x, g: jax.ffi.ffi_call(KERNEL_GRAD_BF16, jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]),
+                                                                         jnp.float32))(x, g),
+    "b h w c, b h w o -> i j c o", reduce=True)
+
+
+def conv3x3_bf16(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Array | None:
+  """`conv3x3` with bfloat16 products: both operands rounded to bfloat16, sums in float32, on AMX.
+
+  None where the AMX kernel does not apply: no AMX (`amx_available`), not float32, output
+  channels not a multiple of 16, or fewer than 16 input channels.
+  """
+  n = kernel.shape[2] if flip else kernel.shape[3]
+  if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[3 if flip else 2] != x.shape[-1]:
+    raise ValueError(f"conv3x3_bf16: x {x.shape} and kernel {kernel.shape} do not match (flip={flip})")
+  if (jax.default_backend() != "cpu" or not amx_available() or n % 16 or x.shape[-1] < _AMX_MIN_CHANNELS
+      or x.dtype != jnp.float32 or kernel.dtype != jnp.float32):
+    return None
+  return _CONV_BF16_CALLS[flip](x, kernel)
+
+
+def kernel_grad_bf16(x: jax.Array, g: jax.Array) -> jax.Array | None:
+  """`kernel_grad` with bfloat16 products (x and g rounded to bfloat16, sums in float32), on AMX.
+
+  None where the AMX kernel does not apply: no AMX, not float32, g's channels not a multiple of
+  16, or x with fewer than 16 channels.
+  """
+  if x.ndim != 4 or g.shape[:3] != x.shape[:3]:
+    raise ValueError(f"kernel_grad_bf16: x {x.shape} and g {g.shape} must be NHWC of the same (b, h, w)")
+  if (jax.default_backend() != "cpu" or not amx_available() or g.shape[-1] % 16 or x.shape[-1] < _AMX_MIN_CHANNELS
+      or x.dtype != jnp.float32 or g.dtype != jnp.float32):
+    return None
+  return _KERNEL_GRAD_BF16_CALL(x, g)
 
 
 def _kernel_grad_call(shift_a: bool):
