@@ -59,9 +59,10 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "dense.cc", "group_norm_act.cc", "attention.cc", "conv3x3_amx.cc")
+SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "dense.cc", "group_norm_act.cc", "attention.cc", "amx_products.cc")
 CONV = "synth_med_conv3x3"
 CONV_BF16, KERNEL_GRAD_BF16 = "synth_med_conv3x3_bf16", "synth_med_conv3x3_kernel_grad_bf16"
+DENSE_BF16, DENSE_GRAD_BF16 = "synth_med_dense_bf16", "synth_med_dense_kernel_grad_bf16"
 KERNEL_GRAD = "synth_med_conv3x3_kernel_grad"
 DENSE, DENSE_GRAD = "synth_med_dense", "synth_med_dense_kernel_grad"
 NORM_FWD, NORM_BWD = "synth_med_group_norm_act_fwd", "synth_med_group_norm_act_bwd"
@@ -166,7 +167,8 @@ def simd_width() -> int | None:
         width = int(lib.synth_med_simd_width())
         _state["amx"] = bool(lib.synth_med_amx_available())
         if _state["amx"]:
-          for name, fn in ((CONV_BF16, lib.SynthMedConv3x3Bf16), (KERNEL_GRAD_BF16, lib.SynthMedKernelGradBf16)):
+          for name, fn in ((CONV_BF16, lib.SynthMedConv3x3Bf16), (KERNEL_GRAD_BF16, lib.SynthMedKernelGradBf16),
+                           (DENSE_BF16, lib.SynthMedDenseBf16), (DENSE_GRAD_BF16, lib.SynthMedDenseGradBf16)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
         _state["lib"] = lib
       except (NativeBuildError, OSError, AttributeError) as e:
@@ -240,10 +242,10 @@ def _over_batch(fn, sharding_rule: str, reduce: bool = False):
   return op
 
 
-def _conv_call(flip: bool):
+def _conv_call(flip: bool, target: str = CONV):
   def fn(x, kernel):
     n = kernel.shape[2] if flip else kernel.shape[3]
-    return jax.ffi.ffi_call(CONV, jax.ShapeDtypeStruct(x.shape[:3] + (n,), jnp.float32))(x, kernel, flip=flip)
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape[:3] + (n,), jnp.float32))(x, kernel, flip=flip)
   return _over_batch(fn, "b h w m, i j n m -> b h w n" if flip else "b h w m, i j m n -> b h w n")
 
 
@@ -267,18 +269,11 @@ def conv3x3(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Array | 
   return _CONV_CALLS[flip](x, kernel)
 
 
-def _conv_bf16_call(flip: bool):
-  def fn(x, kernel):
-    n = kernel.shape[2] if flip else kernel.shape[3]
-    return jax.ffi.ffi_call(CONV_BF16, jax.ShapeDtypeStruct(x.shape[:3] + (n,), jnp.float32))(x, kernel, flip=flip)
-  return _over_batch(fn, "b h w m, i j n m -> b h w n" if flip else "b h w m, i j m n -> b h w n")
-
-
 # Below this many input channels a 32-channel AMX step is mostly padding (the 3-channel input
 # conv runs at half the float32 kernel's speed); the callers then use the float32 kernels on
 # bfloat16-rounded operands, the same maths.
 _AMX_MIN_CHANNELS = 16
-_CONV_BF16_CALLS = {False: _conv_bf16_call(False), True: _conv_bf16_call(True)}
+_CONV_BF16_CALLS = {False: _conv_call(False, CONV_BF16), True: _conv_call(True, CONV_BF16)}
 _KERNEL_GRAD_BF16_CALL = _over_batch(
     lambda x, g: jax.ffi.ffi_call(KERNEL_GRAD_BF16, jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]),
                                                                          jnp.float32))(x, g),
@@ -294,8 +289,7 @@ def conv3x3_bf16(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Arr
   n = kernel.shape[2] if flip else kernel.shape[3]
   if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[3 if flip else 2] != x.shape[-1]:
     raise ValueError(f"conv3x3_bf16: x {x.shape} and kernel {kernel.shape} do not match (flip={flip})")
-  if (jax.default_backend() != "cpu" or not amx_available() or n % 16 or x.shape[-1] < _AMX_MIN_CHANNELS
-      or x.dtype != jnp.float32 or kernel.dtype != jnp.float32):
+  if not _amx_fits(x, kernel, n):
     return None
   return _CONV_BF16_CALLS[flip](x, kernel)
 
@@ -308,8 +302,7 @@ def kernel_grad_bf16(x: jax.Array, g: jax.Array) -> jax.Array | None:
   """
   if x.ndim != 4 or g.shape[:3] != x.shape[:3]:
     raise ValueError(f"kernel_grad_bf16: x {x.shape} and g {g.shape} must be NHWC of the same (b, h, w)")
-  if (jax.default_backend() != "cpu" or not amx_available() or g.shape[-1] % 16 or x.shape[-1] < _AMX_MIN_CHANNELS
-      or x.dtype != jnp.float32 or g.dtype != jnp.float32):
+  if not _amx_fits(x, g, g.shape[-1]):
     return None
   return _KERNEL_GRAD_BF16_CALL(x, g)
 
@@ -347,12 +340,12 @@ def _outer_product_sum(x: jax.Array, g: jax.Array, call, swapped_call=None) -> j
 
 
 @functools.lru_cache(maxsize=None)
-def _dense_call(rank: int, transpose_kernel: bool):
+def _dense_call(rank: int, transpose_kernel: bool, target: str = DENSE):
   pixels = " ".join(f"p{i}" for i in range(rank - 2))
 
   def fn(x, kernel):
     n = kernel.shape[0] if transpose_kernel else kernel.shape[1]
-    return jax.ffi.ffi_call(DENSE, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))(
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))(
         x, kernel, transpose_kernel=transpose_kernel)
   kernel_factors = "n m" if transpose_kernel else "m n"
   return _over_batch(fn, f"b {pixels} m, {kernel_factors} -> b {pixels} n")
@@ -375,11 +368,11 @@ def dense(x: jax.Array, kernel: jax.Array, transpose_kernel: bool = False) -> ja
 
 
 @functools.lru_cache(maxsize=None)
-def _dense_grad_call(rank: int):
+def _dense_grad_call(rank: int, target: str = DENSE_GRAD):
   pixels = " ".join(f"p{i}" for i in range(rank - 2))
 
   def fn(x, g):
-    return jax.ffi.ffi_call(DENSE_GRAD, jax.ShapeDtypeStruct((x.shape[-1], g.shape[-1]), jnp.float32))(x, g)
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[-1], g.shape[-1]), jnp.float32))(x, g)
   return _over_batch(fn, f"b {pixels} m, b {pixels} n -> m n", reduce=True)
 
 
@@ -392,6 +385,35 @@ def dense_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
   if x.ndim < 2 or g.shape[:-1] != x.shape[:-1]:
     raise ValueError(f"dense_kernel_grad: x {x.shape} and g {g.shape} must agree but in their last axis")
   return _outer_product_sum(x, g, _dense_grad_call(x.ndim))
+
+
+def _amx_fits(x: jax.Array, other: jax.Array, n: int) -> bool:
+  """Whether the AMX kernels take x (m channels) with `other` (a kernel or an output gradient)
+  giving n output channels: on a CPU with AMX, float32, n a multiple of 16, m at least 16."""
+  return (jax.default_backend() == "cpu" and amx_available() and n % 16 == 0 and x.shape[-1] >= _AMX_MIN_CHANNELS
+          and x.dtype == jnp.float32 and other.dtype == jnp.float32)
+
+
+def dense_bf16(x: jax.Array, kernel: jax.Array, transpose_kernel: bool = False) -> jax.Array | None:
+  """`dense` with bfloat16 products (operands rounded to bfloat16, sums in float32), on AMX.
+
+  None where the AMX kernel does not apply (see `conv3x3_bf16`).
+  """
+  m, n = kernel.shape[::-1] if transpose_kernel else kernel.shape
+  if x.ndim < 2 or kernel.ndim != 2 or x.shape[-1] != m:
+    raise ValueError(f"dense_bf16: x {x.shape} and kernel {kernel.shape} do not match (transpose_kernel={transpose_kernel})")
+  if not _amx_fits(x, kernel, n):
+    return None
+  return _dense_call(x.ndim, transpose_kernel, DENSE_BF16)(x, kernel)
+
+
+def dense_kernel_grad_bf16(x: jax.Array, g: jax.Array) -> jax.Array | None:
+  """`dense_kernel_grad` with bfloat16 products, on AMX; None where the AMX kernel does not apply."""
+  if x.ndim < 2 or g.shape[:-1] != x.shape[:-1]:
+    raise ValueError(f"dense_kernel_grad_bf16: x {x.shape} and g {g.shape} must agree but in their last axis")
+  if not _amx_fits(x, g, g.shape[-1]):
+    return None
+  return _dense_grad_call(x.ndim, DENSE_GRAD_BF16)(x, g)
 
 
 def _norm_fwd_call(groups: int, silu: bool):

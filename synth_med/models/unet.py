@@ -202,13 +202,16 @@ def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
   return dk.reshape(3, c, 3, o).transpose(2, 0, 1, 3)
 
 
+def _conv_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """The 3x3 convolution's kernel gradient in float32: native where it applies, else `_kernel_grad`."""
+  dk = native_ops.kernel_grad(x, g)
+  return _kernel_grad(x, g) if dk is None else dk
+
+
 def _conv3x3_bwd(res, g):
   x, kernel = res
   dx = _native_or_xla_conv(g, kernel, flip=True)
-  dk = native_ops.kernel_grad(x, g)
-  if dk is None:
-    dk = _kernel_grad(x, g)
-  return dx, dk.astype(kernel.dtype)
+  return dx, _conv_kernel_grad(x, g).astype(kernel.dtype)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
@@ -218,54 +221,60 @@ def _round_bf16(a: jax.Array) -> jax.Array:
   return a.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-@jax.custom_vjp
-def conv3x3_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`conv3x3` with bfloat16 products: x, the kernel and (backward) the output gradient are
-  rounded to bfloat16, products and sums are float32 (jax's 'bfloat16' matmul precision, the
-  TPU's default for float32 convolutions); the result and gradients are float32.
+def _with_bf16_products(product, product_amx, kernel_grad, kernel_grad_amx):
+  """A linear layer's product(x, kernel) with bfloat16 products and float32 sums, and its VJP.
 
-  On a CPU with AMX tiles (Intel Sapphire Rapids or later) all three convolutions are
-  `native_ops`' AMX kernels, about 4x the float32 kernels. Elsewhere the same maths runs as the
-  float32 `conv3x3` of the rounded operands.
+  x, the kernel and (backward) the output gradient are rounded to bfloat16; every product of
+  two bfloat16 values is exact in float32 and the sums are float32 (jax's 'bfloat16' matmul
+  precision, the TPU's default for float32 matmuls); the result and gradients are float32.
+  `product_amx(x, k, transposed)` and `kernel_grad_amx(x, g)` are the AMX kernels (None where
+  they do not apply); `product(x, k, transposed)` and `kernel_grad(x, g)` the float32 ones,
+  which then run on the rounded operands: the same maths.
   """
-  return _bf16_conv(x, kernel).astype(x.dtype)
+  def apply(x, kernel, transposed=False):
+    out = product_amx(x, kernel, transposed)
+    return out if out is not None else product(_round_bf16(x), _round_bf16(kernel), transposed)
 
+  @jax.custom_vjp
+  def layer(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return apply(x.astype(jnp.float32), kernel.astype(jnp.float32)).astype(x.dtype)
 
-def _bf16_conv(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Array:
-  out = native_ops.conv3x3_bf16(x, kernel, flip)
-  if out is not None:
-    return out
-  return _native_or_xla_conv(_round_bf16(x), _round_bf16(kernel), flip)
+  def fwd(x, kernel):
+    return layer(x, kernel), (x, kernel)
 
-
-def _conv3x3_bf16_fwd(x, kernel):
-  return conv3x3_bf16(x, kernel), (x, kernel)
-
-
-def _conv3x3_bf16_bwd(res, g):
-  x, kernel = res
-  g = g.astype(jnp.float32)
-  dx = _bf16_conv(g, kernel.astype(jnp.float32), flip=True)
-  dk = native_ops.kernel_grad_bf16(x.astype(jnp.float32), g)
-  if dk is None:
-    rx, rg = _round_bf16(x), _round_bf16(g)
-    dk = native_ops.kernel_grad(rx, rg)
+  def bwd(res, g):
+    x, kernel = res
+    x32, g = x.astype(jnp.float32), g.astype(jnp.float32)
+    dx = apply(g, kernel.astype(jnp.float32), True)
+    dk = kernel_grad_amx(x32, g)
     if dk is None:
-      dk = _kernel_grad(rx, rg)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+      dk = kernel_grad(_round_bf16(x32), _round_bf16(g))
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+  layer.defvjp(fwd, bwd)
+  return layer
 
 
-conv3x3_bf16.defvjp(_conv3x3_bf16_fwd, _conv3x3_bf16_bwd)
+# The 3x3 convolution with bfloat16 products (see `_with_bf16_products`): on a CPU with AMX tiles
+# (Intel Sapphire Rapids or later) all three of its convolutions are `native_ops`' AMX kernels,
+# about 4x the float32 kernels.
+conv3x3_bf16 = _with_bf16_products(_native_or_xla_conv, native_ops.conv3x3_bf16, _conv_kernel_grad,
+                                   native_ops.kernel_grad_bf16)
+
 
 PRECISIONS = ("float32", "bfloat16")
+
+
+def _check_precision(precision: str) -> None:
+  if precision not in PRECISIONS:
+    raise SynthMedError(f"model.matmul_precision={precision!r}; choose one of {list(PRECISIONS)}.")
 
 
 def backend_conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "float32") -> jax.Array:
   """`conv3x3` (or with precision 'bfloat16' `conv3x3_bf16`) on CPUs. Elsewhere XLA's own
   convolution (its kernel gradient there is cuDNN's), with 'bfloat16' on operands cast to
   bfloat16 and a float32 result."""
-  if precision not in PRECISIONS:
-    raise SynthMedError(f"matmul precision {precision!r}; choose one of {list(PRECISIONS)}.")
+  _check_precision(precision)
   if jax.default_backend() == "cpu":
     return conv3x3_bf16(x, kernel) if precision == "bfloat16" else conv3x3(x, kernel)
   if precision == "bfloat16":
@@ -324,25 +333,43 @@ def _pixel_dense_fwd(x, kernel):
   return _native_or_xla_dense(x, kernel), (x, kernel)
 
 
-def _pixel_dense_bwd(res, g):
-  x, kernel = res
-  dx = _native_or_xla_dense(g, kernel, transpose_kernel=True)
+def _dense_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """A per-pixel dense layer's kernel gradient in float32: native where it applies, else XLA's dot."""
   dk = native_ops.dense_kernel_grad(x, g)
   if dk is None:
     lead = tuple(range(x.ndim - 1))
     dk = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  return dk
+
+
+def _pixel_dense_bwd(res, g):
+  x, kernel = res
+  dx = _native_or_xla_dense(g, kernel, transpose_kernel=True)
+  return dx.astype(x.dtype), _dense_kernel_grad(x, g).astype(kernel.dtype)
 
 
 pixel_dense.defvjp(_pixel_dense_fwd, _pixel_dense_bwd)
 
+# `pixel_dense` with bfloat16 products (see `_with_bf16_products`), on AMX where it applies.
+pixel_dense_bf16 = _with_bf16_products(_native_or_xla_dense, native_ops.dense_bf16, _dense_kernel_grad,
+                                       native_ops.dense_kernel_grad_bf16)
+
+
+def _bf16_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x @ kernel on bfloat16 operands with a float32 result (accelerators' 'bfloat16' precision)."""
+  return jnp.dot(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32).astype(x.dtype)
+
 
 class PixelDense(_KernelAndBias):
-  """nn.Dense(features) with the same parameters, on `pixel_dense` on CPUs (XLA's dot elsewhere)."""
+  """nn.Dense(features) with the same parameters, on `pixel_dense` (or `pixel_dense_bf16` with
+  precision 'bfloat16') on CPUs, XLA's dot elsewhere."""
+  precision: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    product = pixel_dense if jax.default_backend() == "cpu" else jnp.dot
+    _check_precision(self.precision)
+    cpu, bf16 = jax.default_backend() == "cpu", self.precision == "bfloat16"
+    product = (pixel_dense_bf16 if bf16 else pixel_dense) if cpu else (_bf16_dot if bf16 else jnp.dot)
     return self._apply(x, (x.shape[-1], self.features), product)
 
 
@@ -386,7 +413,7 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, init=nn.initializers.zeros, name="out_conv")(h)
     if x.shape[-1] != self.out_channels:
-      x = PixelDense(self.out_channels, self.dtype, name="skip")(x)
+      x = PixelDense(self.out_channels, self.dtype, precision=self.matmul_precision, name="skip")(x)
     return x + h
 
 
@@ -431,6 +458,7 @@ class Attention(nn.Module):
   """Multi-head self-attention over the spatial positions (heads of `num_head_channels`)."""
   num_head_channels: int = 64
   dtype: Any = jnp.float32
+  matmul_precision: str = "float32"  # of the qkv and output projections
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -441,12 +469,12 @@ class Attention(nn.Module):
                           f"{self.num_head_channels} channels; choose num_head_channels dividing "
                           "model_channels * channel_mult.")
     y = Norm(name="norm")(x).reshape(b, h * w, c)
-    qkv = PixelDense(3 * c, self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
+    qkv = PixelDense(3 * c, self.dtype, precision=self.matmul_precision, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
     if native_ops.attention_fits(qkv):
       out = attend_qkv(qkv).reshape(b, h * w, c)
     else:
       out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)
-    out = PixelDense(c, self.dtype, nn.initializers.zeros, name="proj_out")(out)
+    out = PixelDense(c, self.dtype, nn.initializers.zeros, self.matmul_precision, name="proj_out")(out)
     return x + out.reshape(b, h, w, c)
 
 
@@ -462,8 +490,9 @@ class Model(nn.Module):
   use_scale_shift_norm: bool = True
   resblock_updown: bool = False
   dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators); params stay float32
-  # 'bfloat16': the 3x3 convolutions' products round their operands to bfloat16 and sum in
-  # float32 (`conv3x3_bf16`; AMX tiles on recent Xeons); activations stay in `dtype`.
+  # 'bfloat16': the 3x3 convolutions' and per-pixel dense layers' products round their operands
+  # to bfloat16 and sum in float32 (`conv3x3_bf16`, `pixel_dense_bf16`: AMX tiles on recent
+  # Xeons); activations, norms, attention scores and parameters stay as they are.
   matmul_precision: str = "float32"
 
   @nn.compact
@@ -481,8 +510,7 @@ class Model(nn.Module):
     emb = emb.astype(self.dtype)
     if low_res is not None:
       x = jnp.concatenate([x, low_res.astype(x.dtype)], axis=-1)
-    if self.matmul_precision not in PRECISIONS:
-      raise SynthMedError(f"model.matmul_precision={self.matmul_precision!r}; choose one of {list(PRECISIONS)}.")
+    _check_precision(self.matmul_precision)
     res_block = lambda c, **kw: ResBlock(c, self.dropout, self.use_scale_shift_norm,  # noqa: E731
                                          dtype=self.dtype, matmul_precision=self.matmul_precision, **kw)
     conv = functools.partial(Conv3x3, dtype=self.dtype, precision=self.matmul_precision)
@@ -492,7 +520,7 @@ class Model(nn.Module):
       for _ in range(self.num_res_blocks):
         h = res_block(mult * ch)(h, emb, train)
         if ds in self.attention_resolutions:
-          h = Attention(self.num_head_channels, self.dtype)(h)
+          h = Attention(self.num_head_channels, self.dtype, self.matmul_precision)(h)
         skips.append(h)
       if level != len(self.channel_mult) - 1:
         if self.resblock_updown:
@@ -502,14 +530,14 @@ class Model(nn.Module):
         ds *= 2
         skips.append(h)
     h = res_block(h.shape[-1])(h, emb, train)
-    h = Attention(self.num_head_channels, self.dtype)(h)
+    h = Attention(self.num_head_channels, self.dtype, self.matmul_precision)(h)
     h = res_block(h.shape[-1])(h, emb, train)
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = res_block(mult * ch)(h, emb, train)
         if ds in self.attention_resolutions:
-          h = Attention(self.num_head_channels, self.dtype)(h)
+          h = Attention(self.num_head_channels, self.dtype, self.matmul_precision)(h)
         if level and i == self.num_res_blocks:
           if self.resblock_updown:
             h = res_block(mult * ch, up=True)(h, emb, train)

@@ -1,0 +1,486 @@
+// Convolutions and dense layers with bfloat16 products and float32 sums, on the AMX tile units
+// of Intel Xeons (Sapphire Rapids and later), as XLA FFI custom calls for the CPU:
+//
+//   conv3x3_bf16(x, kernel, flip)    the 3x3 'SAME' stride-1 convolution (NHWC, HWIO), or
+//                                    (flip) its input gradient, as conv3x3.cc;
+//   kernel_grad_bf16(x, g)           its kernel gradient (3, 3, M, N), as conv_kernel_grad.cc;
+//   dense_bf16(x, kernel, transpose) a dense layer at every position (or its input gradient);
+//   dense_grad_bf16(x, g)            its kernel gradient (M, N), as dense.cc.
+//
+// Each operand is rounded to bfloat16 (to nearest, ties to even) as it is copied into scratch;
+// a product of two bfloat16 values is exact in float32, so the results equal float32 products
+// of the rounded operands up to the order of the sums (jax's 'bfloat16' matmul precision).
+//
+// One engine serves all four. A "frame" holds an image's pixels in bfloat16, rows of W + 2b
+// pixels with b zero pixels of border all round (b = 1 for the 3x3 convolution, 0 for the dense
+// layer), each pixel Mp channels (M rounded up to 32, the padding zero). Output positions are
+// numbered in the frame's width, p = y (W + 2b) + x, so each tap (i, j) of 16 consecutive
+// positions reads 16 consecutive frame pixels i (W + 2b) + j further on: one tile load of one
+// stride, whatever the image width. The 2b positions per row that fall in the border are
+// computed and dropped.
+//
+// Forward: 32 positions x 32 output channels are 4 float32 accumulator tiles (16 x 16); each step
+// over (tap, 32 input channels) loads two 16 x 32 tiles of positions and two of the kernel
+// (pairs of input channels interleaved, as TDPBF16PS reads them) and issues 4 TDPBF16PS. The
+// kernel gradient sums over positions instead: dk[tap] (M x N) += x^T (channels x positions,
+// shifted by the tap) times g (positions x N, pairs of positions interleaved).
+//
+// Compiled only where the build targets AMX (-march=native on such a CPU); elsewhere this file
+// defines `synth_med_amx_available` alone, returning 0, and synth_med uses its float32 kernels
+// on rounded operands (the same maths).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+
+#include "scratch.h"
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace ffi = xla::ffi;
+using namespace synth_med;
+
+namespace {
+
+constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an extended state component
+constexpr long kXfeatureXtiledata = 18;     // the AMX tile data
+
+// Linux hands a process the AMX tile state only when asked; true once it has.
+bool amx_permitted() {
+  static std::once_flag once;
+  static bool ok = false;
+  std::call_once(once, [] { ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0; });
+  return ok;
+}
+
+// Every tile 16 rows of 64 bytes: 16 x 16 float32 accumulators, or 16 x 32 bfloat16 operands.
+void configure_tiles() {
+  struct __attribute__((packed)) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+// float32 -> bfloat16, rounding to nearest with ties to even (NaNs stay NaNs).
+inline uint16_t bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// n values of s rounded into d (AVX512-BF16's conversion where the CPU has it: the same
+// rounding, but subnormal inputs become zero).
+inline void to_bf16(const float* s, uint16_t* d, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 32 <= n; i += 32)
+    _mm512_storeu_si512(d + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + i + 16), _mm512_loadu_ps(s + i)));
+#endif
+  for (; i < n; ++i) d[i] = bf16(s[i]);
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// A scratch of n bfloat16 values (see scratch.h).
+inline uint16_t* scratch_bf16(int slot, int64_t n) { return reinterpret_cast<uint16_t*>(scratch(slot, (n + 1) / 2)); }
+
+// The geometry of one image in a frame (see the top of the file).
+struct Frame {
+  int64_t H, W, border, Wp;
+  int64_t P;       // computed positions, H * Wp
+  int64_t pixels;  // frame pixels any tap of a computed position reads (32-position runs)
+  int ntaps;
+  int64_t offs[9];
+
+  static Frame conv(int64_t H, int64_t W) {
+    Frame f{H, W, 1, W + 2, H * (W + 2), 0, 9, {}};
+    for (int t = 0; t < 9; ++t) f.offs[t] = (t / 3) * f.Wp + t % 3;
+    f.pixels = round_up(f.P, 32) + 2 * f.Wp + 2;
+    return f;
+  }
+  static Frame dense(int64_t P) { return Frame{1, P, 0, P, P, round_up(P, 32), 1, {0}}; }
+
+  int64_t pixel(int64_t y, int64_t x) const { return (y + border) * Wp + x + border; }
+};
+
+// The kernel as tiles [tap][32 input channels][16 output channels]: row r holds input channels
+// (2r, 2r + 1) of the 32, interleaved, for each of the 16 output channels; K(t, m, n) gives a value.
+template <typename K>
+void pack_kernel(int ntaps, int64_t M, int64_t N, K value, uint16_t* kb) {
+  const int64_t Mp = round_up(M, 32), KC = Mp / 32, NB = N / 16;
+  for (int t = 0; t < ntaps; ++t)
+    for (int64_t m = 0; m < Mp; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t kc = m / 32, r = (m % 32) / 2, e = m % 2, nb = n / 16, c = n % 16;
+        kb[((t * KC + kc) * NB + nb) * 512 + r * 32 + c * 2 + e] = m < M ? bf16(value(t, m, n)) : 0;
+      }
+}
+
+// An image (H x W x M float32) into its frame (Mp channels), the interior only.
+void copy_into_frame(const float* src, const Frame& f, int64_t M, int64_t Mp, uint16_t* frame) {
+  for (int64_t y = 0; y < f.H; ++y) {
+    if (M == Mp) {  // a row is contiguous in both
+      to_bf16(src + y * f.W * M, frame + f.pixel(y, 0) * Mp, f.W * M);
+      continue;
+    }
+    for (int64_t x = 0; x < f.W; ++x) to_bf16(src + (y * f.W + x) * M, frame + f.pixel(y, x) * Mp, M);
+  }
+}
+
+// Accumulator tiles 0-3 = the 16-position runs starting at frame positions p0 and p1 (tiles
+// 4, 5) times output channels nb0 and nb0 + 1 (two) of the packed kernel (tiles 6, 7).
+inline void accumulate_runs(const uint16_t* frame, const Frame& f, int64_t Mp, const uint16_t* kb, int64_t NB,
+                            int64_t nb0, bool two, int64_t p0, int64_t p1) {
+  const int64_t KC = Mp / 32, a_stride = Mp * 2;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int t = 0; t < f.ntaps; ++t) {
+    const uint16_t* a0 = frame + (p0 + f.offs[t]) * Mp;
+    const uint16_t* a1 = frame + (p1 + f.offs[t]) * Mp;
+    const uint16_t* k = kb + (t * KC * NB + nb0) * 512;
+    for (int64_t kc = 0; kc < KC; ++kc, a0 += 32, a1 += 32, k += NB * 512) {
+      _tile_loadd(4, a0, a_stride);
+      _tile_loadd(5, a1, a_stride);
+      _tile_loadd(6, k, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      if (two) {
+        _tile_loadd(7, k + 512, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+}
+
+// dst (H x W x N float32) = the frame's image convolved with the packed kernel.
+void forward(const uint16_t* frame, const Frame& f, int64_t Mp, const uint16_t* kb, int64_t N, float* dst,
+             float* tmp) {
+  const int64_t NB = N / 16, c_stride = N * 4;
+  if (f.W >= 16) {
+    // Runs of 16 positions within a row (the last one of a row shifted left to end at its end,
+    // recomputing a few), two at a time; the tiles go straight to dst.
+    const int64_t per_row = (f.W + 15) / 16, runs = f.H * per_row;
+    auto start = [&](int64_t r, int64_t* y, int64_t* x) {
+      *y = r / per_row;
+      *x = std::min((r % per_row) * 16, f.W - 16);
+    };
+    for (int64_t r = 0; r < runs; r += 2) {
+      int64_t y0, x0, y1, x1;
+      start(r, &y0, &x0);
+      start(std::min(r + 1, runs - 1), &y1, &x1);
+      float* d0 = dst + (y0 * f.W + x0) * N;
+      float* d1 = dst + (y1 * f.W + x1) * N;
+      for (int64_t nb0 = 0; nb0 < NB; nb0 += 2) {
+        const bool two = nb0 + 1 < NB;
+        accumulate_runs(frame, f, Mp, kb, NB, nb0, two, y0 * f.Wp + x0, y1 * f.Wp + x1);
+        _tile_stored(0, d0 + nb0 * 16, c_stride);
+        _tile_stored(2, d1 + nb0 * 16, c_stride);
+        if (two) {
+          _tile_stored(1, d0 + nb0 * 16 + 16, c_stride);
+          _tile_stored(3, d1 + nb0 * 16 + 16, c_stride);
+        }
+      }
+    }
+    return;
+  }
+  // Narrow images: 32 consecutive frame positions at a time, across rows, through tmp (32
+  // positions x 32 channels), dropping the positions in the border.
+  for (int64_t p0 = 0; p0 < f.P; p0 += 32) {
+    for (int64_t nb0 = 0; nb0 < NB; nb0 += 2) {
+      const bool two = nb0 + 1 < NB;
+      accumulate_runs(frame, f, Mp, kb, NB, nb0, two, p0, p0 + 16);
+      _tile_stored(0, tmp, 128);
+      _tile_stored(2, tmp + 16 * 32, 128);
+      if (two) {
+        _tile_stored(1, tmp + 16, 128);
+        _tile_stored(3, tmp + 16 * 32 + 16, 128);
+      }
+      const int64_t cols = two ? 32 : 16;
+      for (int64_t r = 0; r < 32 && p0 + r < f.P; ++r) {
+        const int64_t y = (p0 + r) / f.Wp, x = (p0 + r) % f.Wp;
+        if (x < f.W) std::memcpy(dst + (y * f.W + x) * N + nb0 * 16, tmp + r * 32, sizeof(float) * cols);
+      }
+    }
+  }
+}
+
+// Convolutions (or dense layers) of `batch` images of shape `f`, kernel value(t, m, n).
+template <typename K>
+bool apply(const float* in, float* out, int64_t batch, const Frame& f, int64_t M, int64_t N, K value) {
+  const int64_t Mp = round_up(M, 32);
+  uint16_t* kb = scratch_bf16(0, f.ntaps * Mp * N);
+  uint16_t* frame = scratch_bf16(1, f.pixels * Mp);
+  float* tmp = scratch(2, 32 * 32);
+  if (!kb || !frame || !tmp) return false;
+  pack_kernel(f.ntaps, M, N, value, kb);
+  std::memset(frame, 0, sizeof(uint16_t) * f.pixels * Mp);  // the border and padding channels stay zero
+  configure_tiles();
+  for (int64_t b = 0; b < batch; ++b) {
+    copy_into_frame(in + b * f.H * f.W * M, f, M, Mp, frame);
+    forward(frame, f, Mp, kb, N, out + b * f.H * f.W * N, tmp);
+  }
+  _tile_release();
+  return true;
+}
+
+// acc[tap] (Mp x N) += sum over the image's positions p of x[p + tap] (x^T: xt, rows of Q) g[p]
+// (gv: pairs of positions interleaved).
+void accumulate_kernel_grad(const uint16_t* xt, int64_t Q, int64_t Mp, const Frame& f, const uint16_t* gv,
+                            int64_t N, float* acc) {
+  const int64_t NB = N / 16, P32 = round_up(f.P, 32), c_stride = N * 4;
+  for (int t = 0; t < f.ntaps; ++t) {
+    for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+      for (int64_t nb0 = 0; nb0 < NB; nb0 += 2) {
+        const bool two = nb0 + 1 < NB;
+        float* c = acc + (t * Mp + m0) * N + nb0 * 16;
+        _tile_loadd(0, c, c_stride);
+        _tile_loadd(2, c + 16 * N, c_stride);
+        if (two) {
+          _tile_loadd(1, c + 16, c_stride);
+          _tile_loadd(3, c + 16 * N + 16, c_stride);
+        }
+        const uint16_t* a = xt + m0 * Q + f.offs[t];
+        const uint16_t* v = gv + nb0 * 32;
+        for (int64_t p0 = 0; p0 < P32; p0 += 32, a += 32, v += 16 * N * 2) {
+          _tile_loadd(4, a, Q * 2);
+          _tile_loadd(5, a + 16 * Q, Q * 2);
+          _tile_loadd(6, v, N * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two) {
+            _tile_loadd(7, v + 32, N * 4);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c, c_stride);
+        _tile_stored(2, c + 16 * N, c_stride);
+        if (two) {
+          _tile_stored(1, c + 16, c_stride);
+          _tile_stored(3, c + 16 * N + 16, c_stride);
+        }
+      }
+    }
+  }
+}
+
+// dst[m * dst_rs + i] = bf16(src[i * M + m]) for i < n, m < M: n pixels' channels transposed.
+inline void transpose_into(const float* src, int64_t n, int64_t M, uint16_t* dst, int64_t dst_rs) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(int(M)));
+  for (; i + 32 <= n; i += 32)
+    for (int64_t m = 0; m < M; ++m) {
+      const float* s = src + i * M + m;
+      const __m512 lo = _mm512_i32gather_ps(idx, s, 4), hi = _mm512_i32gather_ps(idx, s + 16 * M, 4);
+      _mm512_storeu_si512(dst + m * dst_rs + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+#endif
+  for (; i < n; ++i)
+    for (int64_t m = 0; m < M; ++m) dst[m * dst_rs + i] = bf16(src[i * M + m]);
+}
+
+// gv[p / 2][n][p % 2] = bf16(g)[position p, n] for the image's positions p (frame numbering);
+// the border's positions are left as they are (zero).
+void interleave_pairs(const float* g, const Frame& f, int64_t N, uint16_t* gv) {
+  auto row = [&](int64_t p) -> const float* {
+    const int64_t y = p / f.Wp, x = p % f.Wp;
+    return p < f.P && x < f.W ? g + (y * f.W + x) * N : nullptr;
+  };
+  for (int64_t p = 0; p < f.P; p += 2) {
+    const float* a = row(p);
+    const float* b = row(p + 1);
+    if (!a && !b) continue;
+    uint16_t* d = gv + p * N;
+    int64_t n = 0;
+#if defined(__AVX512BF16__)
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (; n + 16 <= N; n += 16) {
+      const __m512 va = a ? _mm512_loadu_ps(a + n) : _mm512_setzero_ps();
+      const __m512 vb = b ? _mm512_loadu_ps(b + n) : _mm512_setzero_ps();
+      _mm512_storeu_si512(d + n * 2, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(vb, va)));
+    }
+#endif
+    for (; n < N; ++n) {
+      d[n * 2] = a ? bf16(a[n]) : 0;
+      d[n * 2 + 1] = b ? bf16(b[n]) : 0;
+    }
+  }
+}
+
+// dk[t, m, n] = sum over images and positions of bf16(x)[p + tap t, m] * bf16(g)[p, n].
+bool kernel_grad(const float* x, const float* g, float* dk, int64_t batch, const Frame& f, int64_t M, int64_t N) {
+  const int64_t Mp = round_up(M, 32), P32 = round_up(f.P, 32);
+  const int64_t Q = round_up(f.pixels, 32);
+  uint16_t* xt = scratch_bf16(0, Mp * Q);
+  uint16_t* gv = scratch_bf16(1, P32 * N);  // [P32 / 2][N][2]
+  float* acc = scratch(2, f.ntaps * Mp * N);
+  if (!xt || !gv || !acc) return false;
+  std::memset(xt, 0, sizeof(uint16_t) * Mp * Q);
+  std::memset(gv, 0, sizeof(uint16_t) * P32 * N);  // positions in the border and past P stay zero
+  std::memset(acc, 0, sizeof(float) * f.ntaps * Mp * N);
+  configure_tiles();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xs = x + b * f.H * f.W * M;
+    for (int64_t y = 0; y < f.H; ++y) transpose_into(xs + y * f.W * M, f.W, M, xt + f.pixel(y, 0), Q);
+    interleave_pairs(g + b * f.H * f.W * N, f, N, gv);
+    accumulate_kernel_grad(xt, Q, Mp, f, gv, N, acc);
+  }
+  _tile_release();
+  for (int t = 0; t < f.ntaps; ++t) std::memcpy(dk + t * M * N, acc + t * Mp * N, sizeof(float) * M * N);
+  return true;
+}
+
+// Dense layers run over chunks of at most this many positions (a chunk's bfloat16 copy in L2).
+constexpr int64_t kDenseChunk = 1024;
+
+template <typename K>
+bool dense(const float* x, float* y, int64_t P, int64_t M, int64_t N, K value) {
+  const int64_t full = P / kDenseChunk;
+  if (full && !apply(x, y, full, Frame::dense(kDenseChunk), M, N, value)) return false;
+  const int64_t rest = P - full * kDenseChunk;
+  return !rest || apply(x + full * kDenseChunk * M, y + full * kDenseChunk * N, 1, Frame::dense(rest), M, N, value);
+}
+
+bool dense_grad(const float* x, const float* g, float* dk, int64_t P, int64_t M, int64_t N, float* part) {
+  std::memset(dk, 0, sizeof(float) * M * N);
+  for (int64_t p0 = 0; p0 < P; p0 += kDenseChunk) {
+    const int64_t n = std::min(kDenseChunk, P - p0);
+    if (!kernel_grad(x + p0 * M, g + p0 * N, part, 1, Frame::dense(n), M, N)) return false;
+    for (int64_t i = 0; i < M * N; ++i) dk[i] += part[i];
+  }
+  return true;
+}
+
+ffi::Error invalid(const char* what) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, what); }
+
+ffi::Error unavailable() {
+  return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                    "synth_med AMX kernels: the OS did not grant this process the AMX tile state");
+}
+
+ffi::Error Conv3x3Impl(ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> out,
+                       bool flip) {
+  auto di = in.dimensions(), dk = kernel.dimensions(), dout = out->dimensions();
+  if (di.size() != 4 || dk.size() != 4 || dk[0] != 3 || dk[1] != 3)
+    return invalid("conv3x3_bf16: input must be NHWC and the kernel (3, 3, ., .)");
+  const int64_t M = di[3], N = flip ? dk[2] : dk[3];
+  if ((flip ? dk[3] : dk[2]) != M) return invalid("conv3x3_bf16: kernel channels do not match the input's");
+  if (dout.size() != 4 || dout[0] != di[0] || dout[1] != di[1] || dout[2] != di[2] || dout[3] != N)
+    return invalid("conv3x3_bf16: result must be (b, h, w, output channels)");
+  if (N % 16 != 0) return invalid("conv3x3_bf16: output channels must be a multiple of 16");
+  if (!amx_permitted()) return unavailable();
+  const float* k = kernel.typed_data();
+  // flip: the kernel operand is (3, 3, N, M), used spatially flipped with its channel axes swapped.
+  auto value = [k, M, N, flip](int t, int64_t m, int64_t n) {
+    return flip ? k[((8 - t) * N + n) * M + m] : k[(t * M + m) * N + n];
+  };
+  if (!apply(in.typed_data(), out->typed_data(), di[0], Frame::conv(di[1], di[2]), M, N, value))
+    return out_of_memory();
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk) {
+  auto dx = x.dimensions(), dg = g.dimensions(), dd = dk->dimensions();
+  if (dx.size() != 4 || dg.size() != 4 || dx[0] != dg[0] || dx[1] != dg[1] || dx[2] != dg[2])
+    return invalid("kernel_grad_bf16: operands must be NHWC of one shape but channels");
+  if (dd.size() != 4 || dd[0] != 3 || dd[1] != 3 || dd[2] != dx[3] || dd[3] != dg[3])
+    return invalid("kernel_grad_bf16: result must be (3, 3, channels of x, channels of g)");
+  if (dg[3] % 16 != 0) return invalid("kernel_grad_bf16: g's channels must be a multiple of 16");
+  if (!amx_permitted()) return unavailable();
+  if (!kernel_grad(x.typed_data(), g.typed_data(), dk->typed_data(), dx[0], Frame::conv(dx[1], dx[2]), dx[3], dg[3]))
+    return out_of_memory();
+  return ffi::Error::Success();
+}
+
+// Positions (the product of every axis but the last) when a and v agree on them, else -1.
+int64_t positions(ffi::Span<const int64_t> da, ffi::Span<const int64_t> dv) {
+  if (da.size() < 2 || da.size() != dv.size()) return -1;
+  int64_t P = 1;
+  for (size_t i = 0; i + 1 < da.size(); ++i) {
+    if (da[i] != dv[i]) return -1;
+    P *= da[i];
+  }
+  return P;
+}
+
+ffi::Error DenseImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                     bool transpose_kernel) {
+  auto dx = x.dimensions(), dk = kernel.dimensions(), dy = y->dimensions();
+  const int64_t P = positions(dx, dy);
+  if (P < 0 || dk.size() != 2) return invalid("dense_bf16: x and the result must agree but in their last axis, the kernel be 2-D");
+  const int64_t M = dx[dx.size() - 1], N = dy[dy.size() - 1];
+  if (dk[0] != (transpose_kernel ? N : M) || dk[1] != (transpose_kernel ? M : N))
+    return invalid("dense_bf16: the kernel's shape does not match x and the result");
+  if (N % 16 != 0) return invalid("dense_bf16: output channels must be a multiple of 16");
+  if (!amx_permitted()) return unavailable();
+  const float* k = kernel.typed_data();
+  auto value = [k, M, N, transpose_kernel](int, int64_t m, int64_t n) {
+    return transpose_kernel ? k[n * M + m] : k[m * N + n];
+  };
+  if (!dense(x.typed_data(), y->typed_data(), P, M, N, value)) return out_of_memory();
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk) {
+  auto dx = x.dimensions(), dg = g.dimensions(), dd = dk->dimensions();
+  const int64_t P = positions(dx, dg);
+  if (P < 0) return invalid("dense_grad_bf16: operands must agree but in their last axis");
+  const int64_t M = dx[dx.size() - 1], N = dg[dg.size() - 1];
+  if (dd.size() != 2 || dd[0] != M || dd[1] != N) return invalid("dense_grad_bf16: result must be (channels of x, channels of g)");
+  if (N % 16 != 0) return invalid("dense_grad_bf16: g's channels must be a multiple of 16");
+  if (!amx_permitted()) return unavailable();
+  float* part = scratch(3, M * N);
+  if (!part || !dense_grad(x.typed_data(), g.typed_data(), dk->typed_data(), P, M, N, part)) return out_of_memory();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedConv3x3Bf16, Conv3x3Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("flip"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedKernelGradBf16, KernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedDenseBf16, DenseImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_kernel"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedDenseGradBf16, DenseGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// 1 when the AMX kernels are compiled in and the OS grants this process the tile state.
+extern "C" int synth_med_amx_available() { return amx_permitted() ? 1 : 0; }
+
+#else
+
+extern "C" int synth_med_amx_available() { return 0; }
+
+#endif
