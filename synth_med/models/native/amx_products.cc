@@ -58,15 +58,16 @@ bool amx_permitted() {
 }
 
 // Every tile 16 rows of 64 bytes: 16 x 16 float32 accumulators, or 16 x 32 bfloat16 operands.
-void configure_tiles() {
-  struct __attribute__((packed)) {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-  } cfg;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  _tile_loadconfig(&cfg);
-}
+// The 64-byte configuration: palette 1; bytes per row (16-bit) of tiles 0-7; rows of tiles
+// 0-7; the rest zero. A constant in memory: GCC does not see LDTILECFG read a local's bytes and
+// may drop the stores that zero them.
+alignas(64) const uint8_t kTileConfig[64] = {
+    1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0};
+
+void configure_tiles() { _tile_loadconfig(kTileConfig); }
 
 // float32 -> bfloat16, rounding to nearest with ties to even (NaNs stay NaNs).
 inline uint16_t bf16(float f) {
@@ -87,52 +88,96 @@ inline void to_bf16(const float* s, uint16_t* d, int64_t n) {
   for (; i < n; ++i) d[i] = bf16(s[i]);
 }
 
+// d[2c + e] = bf16 of (e ? b : a)[c * stride] for c < n: two rows interleaved, as TDPBF16PS
+// reads pairs (of input channels in a kernel tile, of positions in an output-gradient tile);
+// a null row is zeros.
+inline void interleave_rows(const float* a, const float* b, uint16_t* d, int64_t n, int64_t stride = 1) {
+  int64_t c = 0;
+#if defined(__AVX512BF16__)
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(int(stride)));
+  auto load = [&](const float* p) {
+    if (!p) return _mm512_setzero_ps();
+    return stride == 1 ? _mm512_loadu_ps(p) : _mm512_i32gather_ps(lanes, p, 4);
+  };
+  for (; c + 16 <= n; c += 16) {
+    const __m512 va = load(a ? a + c * stride : nullptr), vb = load(b ? b + c * stride : nullptr);
+    _mm512_storeu_si512(d + c * 2, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(vb, va)));
+  }
+#endif
+  for (; c < n; ++c) {
+    d[c * 2] = a ? bf16(a[c * stride]) : 0;
+    d[c * 2 + 1] = b ? bf16(b[c * stride]) : 0;
+  }
+}
+
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // A scratch of n bfloat16 values (see scratch.h).
 inline uint16_t* scratch_bf16(int slot, int64_t n) { return reinterpret_cast<uint16_t*>(scratch(slot, (n + 1) / 2)); }
 
-// The geometry of one image in a frame (see the top of the file).
+// The geometry of a frame of n images stacked (see the top of the file): each image's rows
+// follow the previous image's, with one shared zero row between them.
 struct Frame {
-  int64_t H, W, border, Wp;
-  int64_t P;       // computed positions, H * Wp
+  int64_t n, H, W, border, Wp;
+  int64_t rows;    // frame rows per image: H + border
+  int64_t P;       // computed positions, n * rows * Wp
   int64_t pixels;  // frame pixels any tap of a computed position reads (32-position runs)
   int ntaps;
   int64_t offs[9];
 
-  static Frame conv(int64_t H, int64_t W) {
-    Frame f{H, W, 1, W + 2, H * (W + 2), 0, 9, {}};
+  static Frame conv(int64_t n, int64_t H, int64_t W) {
+    Frame f{n, H, W, 1, W + 2, H + 1, n * (H + 1) * (W + 2), 0, 9, {}};
     for (int t = 0; t < 9; ++t) f.offs[t] = (t / 3) * f.Wp + t % 3;
     f.pixels = round_up(f.P, 32) + 2 * f.Wp + 2;
     return f;
   }
-  static Frame dense(int64_t P) { return Frame{1, P, 0, P, P, round_up(P, 32), 1, {0}}; }
+  static Frame dense(int64_t P) { return Frame{1, 1, P, 0, P, 1, P, round_up(P, 32), 1, {0}}; }
 
-  int64_t pixel(int64_t y, int64_t x) const { return (y + border) * Wp + x + border; }
+  // Frame pixel of image j's pixel (y, x), and output position of its output (y, x).
+  int64_t pixel(int64_t j, int64_t y, int64_t x) const { return (j * rows + y + border) * Wp + x + border; }
+  int64_t position(int64_t j, int64_t y, int64_t x) const { return (j * rows + y) * Wp + x; }
+  // Index (j H + y) W + x of position p's output among the n images, or -1 in a border.
+  int64_t index(int64_t p) const {
+    const int64_t r = p / Wp, x = p % Wp, y = r % rows;
+    return p < P && x < W && y < H ? ((r / rows) * H + y) * W + x : -1;
+  }
 };
 
-// The kernel as tiles [tap][32 input channels][16 output channels]: row r holds input channels
-// (2r, 2r + 1) of the 32, interleaved, for each of the 16 output channels; K(t, m, n) gives a value.
-template <typename K>
-void pack_kernel(int ntaps, int64_t M, int64_t N, K value, uint16_t* kb) {
-  const int64_t Mp = round_up(M, 32), KC = Mp / 32, NB = N / 16;
-  for (int t = 0; t < ntaps; ++t)
-    for (int64_t m = 0; m < Mp; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t kc = m / 32, r = (m % 32) / 2, e = m % 2, nb = n / 16, c = n % 16;
-        kb[((t * KC + kc) * NB + nb) * 512 + r * 32 + c * 2 + e] = m < M ? bf16(value(t, m, n)) : 0;
-      }
+// Images per frame: as many as keep `bytes_per_image` each within `budget` bytes, at least one.
+inline int64_t images_per_frame(int64_t batch, int64_t bytes_per_image, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(batch, budget / std::max<int64_t>(1, bytes_per_image)));
 }
 
-// An image (H x W x M float32) into its frame (Mp channels), the interior only.
-void copy_into_frame(const float* src, const Frame& f, int64_t M, int64_t Mp, uint16_t* frame) {
-  for (int64_t y = 0; y < f.H; ++y) {
-    if (M == Mp) {  // a row is contiguous in both
-      to_bf16(src + y * f.W * M, frame + f.pixel(y, 0) * Mp, f.W * M);
-      continue;
+// The kernel as tiles [tap][32 input channels][16 output channels]: row r holds input channels
+// (2r, 2r + 1) of the 32, interleaved, for each of the 16 output channels. Weight (m, n) of tap
+// t is w[t * w_ts + m * w_ms + n * w_ns] (the rows past M are zero).
+void pack_kernel(const float* w, int ntaps, int64_t w_ts, int64_t w_ms, int64_t w_ns, int64_t M, int64_t N,
+                 uint16_t* kb) {
+  const int64_t Mp = round_up(M, 32), KC = Mp / 32, NB = N / 16;
+  for (int t = 0; t < ntaps; ++t)
+    for (int64_t m = 0; m < Mp; m += 2) {
+      const float* a = m < M ? w + t * w_ts + m * w_ms : nullptr;
+      const float* b = m + 1 < M ? w + t * w_ts + (m + 1) * w_ms : nullptr;
+      uint16_t* d = kb + (t * KC + m / 32) * NB * 512 + (m % 32) / 2 * 32;
+      for (int64_t nb = 0; nb < NB; ++nb)
+        interleave_rows(a ? a + nb * 16 * w_ns : nullptr, b ? b + nb * 16 * w_ns : nullptr, d + nb * 512, 16, w_ns);
     }
-    for (int64_t x = 0; x < f.W; ++x) to_bf16(src + (y * f.W + x) * M, frame + f.pixel(y, x) * Mp, M);
-  }
+}
+
+// The frame's n images (n x H x W x M float32) into it (Mp channels), the interiors only.
+void copy_into_frame(const float* src, const Frame& f, int64_t M, int64_t Mp, uint16_t* frame) {
+  for (int64_t j = 0; j < f.n; ++j)
+    for (int64_t y = 0; y < f.H; ++y) {
+      const float* row = src + (j * f.H + y) * f.W * M;
+      if (M == Mp) {  // a row is contiguous in both
+        to_bf16(row, frame + f.pixel(j, y, 0) * Mp, f.W * M);
+        continue;
+      }
+      for (int64_t x = 0; x < f.W; ++x) to_bf16(row + x * M, frame + f.pixel(j, y, x) * Mp, M);
+    }
 }
 
 // Accumulator tiles 0-3 = the 16-position runs starting at frame positions p0 and p1 (tiles
@@ -163,27 +208,27 @@ inline void accumulate_runs(const uint16_t* frame, const Frame& f, int64_t Mp, c
   }
 }
 
-// dst (H x W x N float32) = the frame's image convolved with the packed kernel.
+// dst (n x H x W x N float32) = the frame's images convolved with the packed kernel.
 void forward(const uint16_t* frame, const Frame& f, int64_t Mp, const uint16_t* kb, int64_t N, float* dst,
              float* tmp) {
   const int64_t NB = N / 16, c_stride = N * 4;
   if (f.W >= 16) {
     // Runs of 16 positions within a row (the last one of a row shifted left to end at its end,
     // recomputing a few), two at a time; the tiles go straight to dst.
-    const int64_t per_row = (f.W + 15) / 16, runs = f.H * per_row;
-    auto start = [&](int64_t r, int64_t* y, int64_t* x) {
-      *y = r / per_row;
-      *x = std::min((r % per_row) * 16, f.W - 16);
+    const int64_t per_row = (f.W + 15) / 16, runs = f.n * f.H * per_row;
+    auto start = [&](int64_t r, int64_t* p, float** d) {
+      const int64_t row = r / per_row, j = row / f.H, y = row % f.H, x = std::min((r % per_row) * 16, f.W - 16);
+      *p = f.position(j, y, x);
+      *d = dst + (row * f.W + x) * N;
     };
     for (int64_t r = 0; r < runs; r += 2) {
-      int64_t y0, x0, y1, x1;
-      start(r, &y0, &x0);
-      start(std::min(r + 1, runs - 1), &y1, &x1);
-      float* d0 = dst + (y0 * f.W + x0) * N;
-      float* d1 = dst + (y1 * f.W + x1) * N;
+      int64_t p0, p1;
+      float *d0, *d1;
+      start(r, &p0, &d0);
+      start(std::min(r + 1, runs - 1), &p1, &d1);
       for (int64_t nb0 = 0; nb0 < NB; nb0 += 2) {
         const bool two = nb0 + 1 < NB;
-        accumulate_runs(frame, f, Mp, kb, NB, nb0, two, y0 * f.Wp + x0, y1 * f.Wp + x1);
+        accumulate_runs(frame, f, Mp, kb, NB, nb0, two, p0, p1);
         _tile_stored(0, d0 + nb0 * 16, c_stride);
         _tile_stored(2, d1 + nb0 * 16, c_stride);
         if (two) {
@@ -194,8 +239,8 @@ void forward(const uint16_t* frame, const Frame& f, int64_t Mp, const uint16_t* 
     }
     return;
   }
-  // Narrow images: 32 consecutive frame positions at a time, across rows, through tmp (32
-  // positions x 32 channels), dropping the positions in the border.
+  // Narrow images: 32 consecutive frame positions at a time, across rows and images, through
+  // tmp (32 positions x 32 channels), dropping the positions in the borders.
   for (int64_t p0 = 0; p0 < f.P; p0 += 32) {
     for (int64_t nb0 = 0; nb0 < NB; nb0 += 2) {
       const bool two = nb0 + 1 < NB;
@@ -207,28 +252,47 @@ void forward(const uint16_t* frame, const Frame& f, int64_t Mp, const uint16_t* 
         _tile_stored(3, tmp + 16 * 32 + 16, 128);
       }
       const int64_t cols = two ? 32 : 16;
-      for (int64_t r = 0; r < 32 && p0 + r < f.P; ++r) {
-        const int64_t y = (p0 + r) / f.Wp, x = (p0 + r) % f.Wp;
-        if (x < f.W) std::memcpy(dst + (y * f.W + x) * N + nb0 * 16, tmp + r * 32, sizeof(float) * cols);
+      for (int64_t r = 0; r < 32; ++r) {
+        const int64_t i = f.index(p0 + r);
+        if (i >= 0) std::memcpy(dst + i * N + nb0 * 16, tmp + r * 32, sizeof(float) * cols);
       }
     }
   }
 }
 
-// Convolutions (or dense layers) of `batch` images of shape `f`, kernel value(t, m, n).
-template <typename K>
-bool apply(const float* in, float* out, int64_t batch, const Frame& f, int64_t M, int64_t N, K value) {
+// The packed kernel (see pack_kernel) of `ntaps` taps of weights k: (M x N) each, or with
+// `transposed` (N x M) each, transposed and taken in reverse tap order (the input gradient's).
+// Null when the scratch cannot be had.
+const uint16_t* packed_kernel(const float* k, int ntaps, bool transposed, int64_t M, int64_t N) {
+  uint16_t* kb = scratch_bf16(0, ntaps * round_up(M, 32) * N);
+  if (!kb) return nullptr;
+  if (transposed)  // tap t is stored tap ntaps - 1 - t, (n, m) at k[n * M + m]
+    pack_kernel(k + (ntaps - 1) * M * N, ntaps, -M * N, 1, M, M, N, kb);
+  else
+    pack_kernel(k, ntaps, M * N, N, 1, M, N, kb);
+  return kb;
+}
+
+// Frames' worth of bytes the forward keeps in cache (of a core's 2 MB L2).
+constexpr int64_t kFrameBytes = 512 * 1024;
+
+// Convolutions (or dense layers) of `batch` images of `image_pixels` pixels with the packed
+// kernel kb, stacked in frames (`frame_of(n)`: the frame of n images).
+template <typename MakeFrame>
+bool apply(const float* in, float* out, int64_t batch, int64_t image_pixels, MakeFrame frame_of, int64_t M, int64_t N,
+           const uint16_t* kb) {
   const int64_t Mp = round_up(M, 32);
-  uint16_t* kb = scratch_bf16(0, f.ntaps * Mp * N);
-  uint16_t* frame = scratch_bf16(1, f.pixels * Mp);
+  const int64_t G = images_per_frame(batch, frame_of(1).pixels * Mp * 2, kFrameBytes);
+  const Frame full = frame_of(G);
+  uint16_t* frame = scratch_bf16(1, full.pixels * Mp);
   float* tmp = scratch(2, 32 * 32);
-  if (!kb || !frame || !tmp) return false;
-  pack_kernel(f.ntaps, M, N, value, kb);
-  std::memset(frame, 0, sizeof(uint16_t) * f.pixels * Mp);  // the border and padding channels stay zero
+  if (!frame || !tmp) return false;
+  std::memset(frame, 0, sizeof(uint16_t) * full.pixels * Mp);  // the borders and padding channels stay zero
   configure_tiles();
-  for (int64_t b = 0; b < batch; ++b) {
-    copy_into_frame(in + b * f.H * f.W * M, f, M, Mp, frame);
-    forward(frame, f, Mp, kb, N, out + b * f.H * f.W * N, tmp);
+  for (int64_t b = 0; b < batch; b += G) {
+    const Frame f = frame_of(std::min(G, batch - b));
+    copy_into_frame(in + b * image_pixels * M, f, M, Mp, frame);
+    forward(frame, f, Mp, kb, N, out + b * image_pixels * N, tmp);
   }
   _tile_release();
   return true;
@@ -292,77 +356,79 @@ inline void transpose_into(const float* src, int64_t n, int64_t M, uint16_t* dst
     for (int64_t m = 0; m < M; ++m) dst[m * dst_rs + i] = bf16(src[i * M + m]);
 }
 
-// gv[p / 2][n][p % 2] = bf16(g)[position p, n] for the image's positions p (frame numbering);
-// the border's positions are left as they are (zero).
+// gv[p / 2][n][p % 2] = bf16(g)[position p, n] for the frame's positions p; the positions in
+// the borders are left as they are (zero).
 void interleave_pairs(const float* g, const Frame& f, int64_t N, uint16_t* gv) {
-  auto row = [&](int64_t p) -> const float* {
-    const int64_t y = p / f.Wp, x = p % f.Wp;
-    return p < f.P && x < f.W ? g + (y * f.W + x) * N : nullptr;
-  };
   for (int64_t p = 0; p < f.P; p += 2) {
-    const float* a = row(p);
-    const float* b = row(p + 1);
-    if (!a && !b) continue;
-    uint16_t* d = gv + p * N;
-    int64_t n = 0;
-#if defined(__AVX512BF16__)
-    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (; n + 16 <= N; n += 16) {
-      const __m512 va = a ? _mm512_loadu_ps(a + n) : _mm512_setzero_ps();
-      const __m512 vb = b ? _mm512_loadu_ps(b + n) : _mm512_setzero_ps();
-      _mm512_storeu_si512(d + n * 2, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(vb, va)));
-    }
-#endif
-    for (; n < N; ++n) {
-      d[n * 2] = a ? bf16(a[n]) : 0;
-      d[n * 2 + 1] = b ? bf16(b[n]) : 0;
-    }
+    const int64_t ia = f.index(p), ib = f.index(p + 1);
+    if (ia >= 0 || ib >= 0) interleave_rows(ia >= 0 ? g + ia * N : nullptr, ib >= 0 ? g + ib * N : nullptr, gv + p * N, N);
   }
 }
 
-// dk[t, m, n] = sum over images and positions of bf16(x)[p + tap t, m] * bf16(g)[p, n].
-bool kernel_grad(const float* x, const float* g, float* dk, int64_t batch, const Frame& f, int64_t M, int64_t N) {
-  const int64_t Mp = round_up(M, 32), P32 = round_up(f.P, 32);
-  const int64_t Q = round_up(f.pixels, 32);
+// Bytes of x^T and g the kernel gradient keeps in cache per frame.
+constexpr int64_t kGradFrameBytes = 1024 * 1024;
+
+// dk[t, m, n] = sum over images and positions of bf16(x)[p + tap t, m] * bf16(g)[p, n], for
+// `batch` images of `image_pixels` pixels stacked in frames of frame_of's kind.
+template <typename MakeFrame>
+bool kernel_grad(const float* x, const float* g, float* dk, int64_t batch, int64_t image_pixels, MakeFrame frame_of,
+                 int64_t M, int64_t N) {
+  const int64_t Mp = round_up(M, 32);
+  const Frame one = frame_of(1);
+  const int64_t G = images_per_frame(batch, one.pixels * (Mp + N) * 2, kGradFrameBytes);
+  const Frame full = frame_of(G);
+  const int64_t Q = round_up(full.pixels, 32), P32 = round_up(full.P, 32);
   uint16_t* xt = scratch_bf16(0, Mp * Q);
   uint16_t* gv = scratch_bf16(1, P32 * N);  // [P32 / 2][N][2]
-  float* acc = scratch(2, f.ntaps * Mp * N);
+  float* acc = scratch(2, one.ntaps * Mp * N);
   if (!xt || !gv || !acc) return false;
   std::memset(xt, 0, sizeof(uint16_t) * Mp * Q);
-  std::memset(gv, 0, sizeof(uint16_t) * P32 * N);  // positions in the border and past P stay zero
-  std::memset(acc, 0, sizeof(float) * f.ntaps * Mp * N);
+  std::memset(gv, 0, sizeof(uint16_t) * P32 * N);  // positions in the borders stay zero
+  std::memset(acc, 0, sizeof(float) * one.ntaps * Mp * N);
   configure_tiles();
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* xs = x + b * f.H * f.W * M;
-    for (int64_t y = 0; y < f.H; ++y) transpose_into(xs + y * f.W * M, f.W, M, xt + f.pixel(y, 0), Q);
-    interleave_pairs(g + b * f.H * f.W * N, f, N, gv);
+  for (int64_t b = 0; b < batch; b += G) {
+    const Frame f = frame_of(std::min(G, batch - b));
+    const float* xs = x + b * image_pixels * M;
+    for (int64_t j = 0; j < f.n; ++j)
+      for (int64_t y = 0; y < f.H; ++y) transpose_into(xs + (j * f.H + y) * f.W * M, f.W, M, xt + f.pixel(j, y, 0), Q);
+    // A smaller last frame: its positions past P read g as zero (the larger frame wrote them).
+    std::memset(gv + f.P * N, 0, sizeof(uint16_t) * (round_up(f.P, 32) - f.P) * N);
+    interleave_pairs(g + b * image_pixels * N, f, N, gv);
     accumulate_kernel_grad(xt, Q, Mp, f, gv, N, acc);
   }
   _tile_release();
-  for (int t = 0; t < f.ntaps; ++t) std::memcpy(dk + t * M * N, acc + t * Mp * N, sizeof(float) * M * N);
+  for (int t = 0; t < one.ntaps; ++t) std::memcpy(dk + t * M * N, acc + t * Mp * N, sizeof(float) * M * N);
   return true;
 }
 
-// Dense layers run over chunks of at most this many positions (a chunk's bfloat16 copy in L2).
-constexpr int64_t kDenseChunk = 1024;
+// A dense layer's P positions, as "images" of kDenseRun positions (and one of the rest), so the
+// frames' budgets apply to it as to the convolution's images.
+constexpr int64_t kDenseRun = 256;
 
-template <typename K>
-bool dense(const float* x, float* y, int64_t P, int64_t M, int64_t N, K value) {
-  const int64_t full = P / kDenseChunk;
-  if (full && !apply(x, y, full, Frame::dense(kDenseChunk), M, N, value)) return false;
-  const int64_t rest = P - full * kDenseChunk;
-  return !rest || apply(x + full * kDenseChunk * M, y + full * kDenseChunk * N, 1, Frame::dense(rest), M, N, value);
+auto dense_frames(int64_t run) {
+  return [run](int64_t n) { return Frame::dense(n * run); };
+}
+
+bool dense(const float* x, float* y, int64_t P, int64_t M, int64_t N, const uint16_t* kb) {
+  const int64_t runs = P / kDenseRun, rest = P - runs * kDenseRun;
+  if (runs && !apply(x, y, runs, kDenseRun, dense_frames(kDenseRun), M, N, kb)) return false;
+  return !rest || apply(x + runs * kDenseRun * M, y + runs * kDenseRun * N, 1, rest, dense_frames(rest), M, N, kb);
 }
 
 bool dense_grad(const float* x, const float* g, float* dk, int64_t P, int64_t M, int64_t N, float* part) {
-  std::memset(dk, 0, sizeof(float) * M * N);
-  for (int64_t p0 = 0; p0 < P; p0 += kDenseChunk) {
-    const int64_t n = std::min(kDenseChunk, P - p0);
-    if (!kernel_grad(x + p0 * M, g + p0 * N, part, 1, Frame::dense(n), M, N)) return false;
-    for (int64_t i = 0; i < M * N; ++i) dk[i] += part[i];
-  }
+  const int64_t runs = P / kDenseRun, rest = P - runs * kDenseRun;
+  if (runs && !kernel_grad(x, g, dk, runs, kDenseRun, dense_frames(kDenseRun), M, N)) return false;
+  if (!runs) std::memset(dk, 0, sizeof(float) * M * N);
+  if (!rest) return true;
+  if (!kernel_grad(x + runs * kDenseRun * M, g + runs * kDenseRun * N, part, 1, rest, dense_frames(rest), M, N))
+    return false;
+  for (int64_t i = 0; i < M * N; ++i) dk[i] += part[i];
   return true;
+}
+
+// A 3x3 convolution's H x W images, stacked n to a frame.
+auto conv_frames(int64_t H, int64_t W) {
+  return [H, W](int64_t n) { return Frame::conv(n, H, W); };
 }
 
 ffi::Error invalid(const char* what) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, what); }
@@ -383,12 +449,9 @@ ffi::Error Conv3x3Impl(ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> kernel, f
     return invalid("conv3x3_bf16: result must be (b, h, w, output channels)");
   if (N % 16 != 0) return invalid("conv3x3_bf16: output channels must be a multiple of 16");
   if (!amx_permitted()) return unavailable();
-  const float* k = kernel.typed_data();
   // flip: the kernel operand is (3, 3, N, M), used spatially flipped with its channel axes swapped.
-  auto value = [k, M, N, flip](int t, int64_t m, int64_t n) {
-    return flip ? k[((8 - t) * N + n) * M + m] : k[(t * M + m) * N + n];
-  };
-  if (!apply(in.typed_data(), out->typed_data(), di[0], Frame::conv(di[1], di[2]), M, N, value))
+  const uint16_t* kb = packed_kernel(kernel.typed_data(), 9, flip, M, N);
+  if (!kb || !apply(in.typed_data(), out->typed_data(), di[0], di[1] * di[2], conv_frames(di[1], di[2]), M, N, kb))
     return out_of_memory();
   return ffi::Error::Success();
 }
@@ -401,7 +464,8 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi:
     return invalid("kernel_grad_bf16: result must be (3, 3, channels of x, channels of g)");
   if (dg[3] % 16 != 0) return invalid("kernel_grad_bf16: g's channels must be a multiple of 16");
   if (!amx_permitted()) return unavailable();
-  if (!kernel_grad(x.typed_data(), g.typed_data(), dk->typed_data(), dx[0], Frame::conv(dx[1], dx[2]), dx[3], dg[3]))
+  if (!kernel_grad(x.typed_data(), g.typed_data(), dk->typed_data(), dx[0], dx[1] * dx[2], conv_frames(dx[1], dx[2]),
+                   dx[3], dg[3]))
     return out_of_memory();
   return ffi::Error::Success();
 }
@@ -427,11 +491,8 @@ ffi::Error DenseImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi:
     return invalid("dense_bf16: the kernel's shape does not match x and the result");
   if (N % 16 != 0) return invalid("dense_bf16: output channels must be a multiple of 16");
   if (!amx_permitted()) return unavailable();
-  const float* k = kernel.typed_data();
-  auto value = [k, M, N, transpose_kernel](int, int64_t m, int64_t n) {
-    return transpose_kernel ? k[n * M + m] : k[m * N + n];
-  };
-  if (!dense(x.typed_data(), y->typed_data(), P, M, N, value)) return out_of_memory();
+  const uint16_t* kb = packed_kernel(kernel.typed_data(), 1, transpose_kernel, M, N);
+  if (!kb || !dense(x.typed_data(), y->typed_data(), P, M, N, kb)) return out_of_memory();
   return ffi::Error::Success();
 }
 

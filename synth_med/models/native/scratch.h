@@ -11,7 +11,7 @@
 
 namespace synth_med {
 
-constexpr int kScratchSlots = 4;
+constexpr int kScratchSlots = 6;
 
 // At least n floats in slot `slot` (< kScratchSlots) of this thread; the contents are undefined.
 // nullptr when the memory cannot be had (the caller returns `out_of_memory()`).
