@@ -10,6 +10,11 @@ theirs; the geometric mean over sizes; sample = full DDIM-50).
 
 Needs `pip install -r bench/requirements.txt` (torch CPU build, diffusers).
   python bench/unet.py [--sizes 1M,9M] [--batch 16] [--repeats 5] [--rounds 3]
+                       [--precision float32|bfloat16] [--diffusers-precision float32|bfloat16]
+By default both sides compute in float32. `--precision bfloat16` gives ours bfloat16 products with
+float32 sums (the model's matmul_precision) and theirs torch.autocast(bfloat16): PyTorch's own
+mixed precision, the matched comparison; `--diffusers-precision float32` times that mode of ours
+against their float32 instead.
 Both sides are built and compiled first; then each round times ours, then theirs, at every
 size, and a size's ratio is the median of its rounds' ratios.
 """
@@ -112,10 +117,21 @@ def build_ours(size: str, batch: int, res: int, precision: str = "float32") -> d
                           "ddim50": lambda: sample(params, idx, cond).block_until_ready()})
 
 
-def build_diffusers(size: str, batch: int, res: int) -> dict:
-  """diffusers' UNet2DModel train step, denoising step and DDIM-50 loop at `size`, warm."""
+def build_diffusers(size: str, batch: int, res: int, precision: str = "float32") -> dict:
+  """diffusers' UNet2DModel train step, denoising step and DDIM-50 loop at `size`, warm.
+
+  precision 'bfloat16' runs the forward passes under torch.autocast(bfloat16) (PyTorch's mixed
+  precision: matmuls and convolutions on bfloat16 operands through oneDNN, AMX where the CPU has
+  it); the parameters, the optimiser and the backward's accumulation stay float32."""
+  import contextlib
+
   import torch
   from diffusers import DDIMScheduler, UNet2DModel
+
+  def autocast():
+    if precision == "bfloat16":
+      return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
   torch.manual_seed(0)
   ch, mult, nrb, attn, head = SIZES[size]
@@ -138,15 +154,16 @@ def build_diffusers(size: str, batch: int, res: int) -> dict:
     model.train()
     tt = torch.randint(0, 1000, (batch,))
     noise = torch.randn_like(x0)
-    pred = model(x0 + noise, tt).sample
-    loss = torch.nn.functional.mse_loss(pred, noise)
+    with autocast():
+      pred = model(x0 + noise, tt).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
   def run_step():
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast():
       return model(x, t).sample
 
   def run_sample():
@@ -155,7 +172,9 @@ def build_diffusers(size: str, batch: int, res: int) -> dict:
       sched.set_timesteps(50)
       s = torch.randn(batch, 3, res, res)
       for tt in sched.timesteps:
-        s = sched.step(model(s, tt).sample, tt, s).prev_sample
+        with autocast():
+          eps = model(s, tt).sample
+        s = sched.step(eps.float(), tt, s).prev_sample
     return s
 
   return _warm(n_params, {"train": run_train, "step": run_step, "ddim50": run_sample})
@@ -171,6 +190,11 @@ def main() -> None:
                   help="time ours then theirs this many times over; ratios are the median of the rounds "
                        "(this shared machine drifts by 10-30 %% between minutes)")
   ap.add_argument("--only", choices=("both", "ours", "diffusers"), default="both")
+  ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                  help="ours: the UNet's matmul_precision (bfloat16 products of its convolutions and "
+                       "per-pixel dense layers, float32 sums; AMX kernels where the CPU has them)")
+  ap.add_argument("--diffusers-precision", choices=("float32", "bfloat16"), default=None,
+                  help="theirs: bfloat16 runs the forward passes under torch.autocast (default: as --precision)")
   ap.add_argument("--cpu-devices", type=int, default=0,
                   help="as the config key cpu_devices: split the CPU into this many XLA devices and "
                        "shard the batch over them (0: one single-threaded device per core, the "
@@ -189,8 +213,12 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
+  theirs_precision = args.diffusers_precision or args.precision
+  print(f"precision: ours {args.precision}, diffusers {theirs_precision}"
+        f"{' (torch.autocast)' if theirs_precision == 'bfloat16' else ''}", flush=True)
+  precision = {"ours": args.precision, "diffusers": theirs_precision}
   sizes = args.sizes.split(",")
-  built = {size: {name: build(size, args.batch, args.res)
+  built = {size: {name: build(size, args.batch, args.res, precision[name])
                   for name, build in (("ours", build_ours), ("diffusers", build_diffusers))
                   if args.only in ("both", name)} for size in sizes}
   # Each round times ours, then theirs, on an otherwise idle CPU (a second's pause lets each side's

@@ -94,6 +94,7 @@ def _validate_diffusion(config: Any) -> None:
 
   _choice(config, "model.name", MODELS)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
+  _choice(config, "model.matmul_precision", ("float32", "bfloat16"))
   _choice(config, "diffusion.schedule", NOISE_SCHEDULES)
   _choice(config, "diffusion.variance", VARIANCES)
   _choice(config, "sampler.name", SAMPLERS)

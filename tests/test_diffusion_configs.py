@@ -56,6 +56,11 @@ def test_histo_has_no_upsampler_and_bad_values_are_named():
     c.diffusion.drop_prob = 1.5
   with pytest.raises(SynthMedError, match="drop_prob"):
     configuration.validate(c)
+  c = load_config("derm_diffusion", "smoke")
+  with c.unlocked():
+    c.model.matmul_precision = "float16"
+  with pytest.raises(SynthMedError, match=r"model.matmul_precision='float16' is not valid; choose one of \['float32', 'bfloat16'\]"):
+    configuration.validate(c)
 
 
 def test_main_trains_base_and_upsampler_and_writes_grids(tmp_path):

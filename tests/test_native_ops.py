@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from synth_med.errors import SynthMedError
 from synth_med.models import native_ops, unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,7 +214,8 @@ def test_eight_device_mesh_splits_the_batch_and_all_reduces():
 @pytest.mark.skipif(native_ops.simd_width() != 16, reason="the AVX2 variant is the default build on this CPU")
 def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   """Machines without AVX-512 get the 8-float variant (other register tiles, 8-wide exp); check
-  all three ops of it here too, against XLA's paths, with channel counts that only 8 divides."""
+  all three ops of it here too, against XLA's paths, with channel counts that only 8 divides;
+  and, where the CPU has AMX, the bfloat16 kernels' scalar (non-AVX512-BF16) paths."""
   import ctypes
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
   lib = ctypes.cdll.LoadLibrary(str(native_ops.build(extra_flags=("-mno-avx512f",))))
@@ -260,6 +262,21 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
   close(out, ref_attend(qkv))
   dqkv = jax.ffi.ffi_call("avx2_AttentionBwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(qkv, lse, w)
   close(dqkv, jax.grad(lambda q: jnp.sum(ref_attend(q) * w))(qkv))
+
+  if lib.synth_med_amx_available():  # the AMX kernels' scalar rounding, interleaving and transposes
+    for name in ("Conv3x3Bf16", "KernelGradBf16", "DenseBf16", "DenseGradBf16"):
+      jax.ffi.register_ffi_target(f"avx2_{name}", jax.ffi.pycapsule(getattr(lib, f"SynthMed{name}")), platform="cpu")
+    x, g = jax.random.normal(ks[0], (3, 6, 17, 40)), jax.random.normal(ks[1], (3, 6, 17, 48))
+    k = jax.random.normal(ks[2], (3, 3, 40, 48))
+    _close_to(jax.ffi.ffi_call("avx2_Conv3x3Bf16", jax.ShapeDtypeStruct(g.shape, jnp.float32))(x, k, flip=False),
+              unet._conv(_bf16(x), _bf16(k)))
+    _close_to(jax.ffi.ffi_call("avx2_KernelGradBf16", jax.ShapeDtypeStruct(k.shape, jnp.float32))(x, g),
+              _autodiff_kernel_grad(_bf16(x), _bf16(g)))
+    w = jax.random.normal(ks[4], (48, 40))
+    _close_to(jax.ffi.ffi_call("avx2_DenseBf16", jax.ShapeDtypeStruct(g.shape, jnp.float32))(x, w, transpose_kernel=True),
+              jnp.matmul(_bf16(x), _bf16(w).T, precision=jax.lax.Precision.HIGHEST))
+    _close_to(jax.ffi.ffi_call("avx2_DenseGradBf16", jax.ShapeDtypeStruct((40, 48), jnp.float32))(x, g),
+              jnp.einsum("bhwm,bhwn->mn", _bf16(x), _bf16(g), precision=jax.lax.Precision.HIGHEST))
 
 
 @needs_compiler
@@ -338,3 +355,134 @@ def test_an_unwritable_cache_directory_builds_in_the_temp_dir(tmp_path, monkeypa
   (tmp_path / "tmp").mkdir()
   out = native_ops.build()
   assert out.exists() and out.parent.parent == tmp_path / "tmp"
+
+
+# bfloat16 products (the UNet's matmul_precision='bfloat16'): AMX kernels where the CPU has them.
+
+needs_amx = pytest.mark.skipif(native_ops.compiler() is None or not native_ops.amx_available(),
+                               reason="no AMX tiles on this CPU (or no compiler): the bfloat16 layers "
+                                      "use their float32 fallback, tested below")
+
+
+def _bf16(a):
+  return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _close_to(got, ref, rel=2e-6):
+  """Equal up to the order of float32 sums: |got - ref| <= rel * max|ref| (bfloat16 products are exact)."""
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=rel * float(jnp.abs(ref).max()))
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", [(2, 5, 7, 16, 16),     # narrow images: frames across rows and images
+                                   (9, 4, 4, 128, 32),    # 9 tiny images stacked in one frame
+                                   (2, 3, 17, 40, 48),    # 17 wide: a shifted last run; 40 channels padded to 64; 3 x 16 outputs
+                                   (3, 16, 16, 64, 128),
+                                   (5, 32, 32, 96, 16)])  # several frames, the last one smaller
+def test_amx_convolutions_equal_float32_convolutions_of_rounded_operands(shape):
+  b, h, w, c, o = shape
+  ks = jax.random.split(jax.random.PRNGKey(sum(shape)), 4)
+  x, k, g = jax.random.normal(ks[0], (b, h, w, c)), jax.random.normal(ks[1], (3, 3, c, o)), jax.random.normal(ks[2], (b, h, w, o))
+  _close_to(jax.jit(native_ops.conv3x3_bf16)(x, k), unet._conv(_bf16(x), _bf16(k)))
+  _close_to(native_ops.kernel_grad_bf16(x, g), _autodiff_kernel_grad(_bf16(x), _bf16(g)))
+  kt = jax.random.normal(ks[3], (3, 3, c, o))  # flip: the input gradient (c channels) of a conv from c to o
+  if c % 16 == 0:
+    _close_to(native_ops.conv3x3_bf16(g, kt, flip=True), _xla_conv_input_grad(_bf16(g), _bf16(kt)))
+  # and the rounding is real: float32 products differ
+  assert float(jnp.abs(native_ops.conv3x3_bf16(x, k) - unet._conv(x, k)).max()) > 1e-4
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", [(2, 100, 64, 48), (3, 1030, 128, 384), (1, 7, 32, 16)])
+def test_amx_dense_layers_equal_float32_products_of_rounded_operands(shape):
+  b, p, m, n = shape  # 3 x 1030 positions: 12 runs of 256 and a rest of 18
+  ks = jax.random.split(jax.random.PRNGKey(sum(shape)), 3)
+  x, w, g = jax.random.normal(ks[0], (b, p, m)), jax.random.normal(ks[1], (m, n)), jax.random.normal(ks[2], (b, p, n))
+  hi = jax.lax.Precision.HIGHEST
+  _close_to(native_ops.dense_bf16(x, w), jnp.matmul(_bf16(x), _bf16(w), precision=hi))
+  _close_to(native_ops.dense_bf16(g, w, transpose_kernel=True), jnp.matmul(_bf16(g), _bf16(w).T, precision=hi))
+  _close_to(native_ops.dense_kernel_grad_bf16(x, g), jnp.einsum("bpm,bpn->mn", _bf16(x), _bf16(g), precision=hi))
+
+
+def _bf16_layer_cases():
+  ks = jax.random.split(jax.random.PRNGKey(7), 4)
+  x, k = jax.random.normal(ks[0], (2, 8, 8, 32)), 0.1 * jax.random.normal(ks[1], (3, 3, 32, 48))
+  xd, wd = jax.random.normal(ks[2], (2, 40, 32)), 0.1 * jax.random.normal(ks[3], (32, 48))
+  dense_ref = lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+  return [("conv", unet.conv3x3_bf16, unet._conv, x, k), ("dense", unet.pixel_dense_bf16, dense_ref, xd, wd)]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_layers_and_their_gradients_are_float32_maths_on_rounded_operands(amx, monkeypatch):
+  """Value and VJP of conv3x3_bf16 / pixel_dense_bf16 against the hand-derived rule: the output
+  is ref(r(x), r(k)); dx = the product's transpose applied to r(g) with r(k); dk the same with
+  r(x) and r(g) (r = rounding to bfloat16). With amx=False the float32 fallback must agree."""
+  if amx and not native_ops.amx_available():
+    pytest.skip("no AMX tiles on this CPU")
+  if not amx:
+    monkeypatch.setattr(native_ops, "amx_available", lambda: False)
+  for name, layer, ref, x, k in _bf16_layer_cases():
+    y, vjp = jax.vjp(layer, x, k)
+    _close_to(y, ref(_bf16(x), _bf16(k)))
+    g = jnp.cos(y)
+    dx, dk = vjp(g)
+    # ref's float32 VJP at (r(x), r(k)) applied to r(g): the products the bfloat16 layer must make
+    rdx, rdk = jax.vjp(ref, _bf16(x), _bf16(k))[1](_bf16(g))
+    _close_to(dx, rdx)
+    _close_to(dk, rdk)
+    assert dx.dtype == dk.dtype == jnp.float32
+    hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(layer(x, k))), (0, 1))).lower(x, k).as_text()
+    targets = ((native_ops.CONV_BF16, native_ops.KERNEL_GRAD_BF16) if name == "conv"
+               else (native_ops.DENSE_BF16, native_ops.DENSE_GRAD_BF16))
+    assert all(t in hlo for t in targets) == amx, name
+
+
+def test_unet_matmul_precision_keeps_the_parameters_and_changes_only_the_rounding():
+  kw = dict(out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+            num_head_channels=32)
+  f32, bf16 = unet.Model(**kw), unet.Model(**kw, matmul_precision="bfloat16")
+  x, t = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3)), jnp.array([10, 700])
+  params = f32.init(jax.random.PRNGKey(1), x, t)
+  assert jax.tree.structure(params) == jax.tree.structure(bf16.init(jax.random.PRNGKey(1), x, t))
+  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)  # no zero layers
+  a, b = f32.apply(params, x, t), bf16.apply(params, x, t)
+  rel = float(jnp.abs(a - b).max() / jnp.abs(a).max())
+  assert 1e-5 < rel < 3e-2, rel  # bfloat16 has 8 bits of mantissa: ~0.4 % per product, averaged over sums
+  hlo = jax.jit(lambda p: bf16.apply(p, x, t)).lower(params).as_text()
+  if native_ops.amx_available():
+    assert native_ops.CONV_BF16 in hlo and native_ops.DENSE_BF16 in hlo
+  with pytest.raises(SynthMedError, match="matmul_precision='float16'"):
+    unet.Model(**kw, matmul_precision="float16").init(jax.random.PRNGKey(1), x, t)
+
+
+_EIGHT_BF16 = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from synth_med.models import native_ops, unet
+mesh = Mesh(np.array(jax.devices()), ("data",))
+shard, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 32)); k = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 16))
+w = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (32, 16))
+f = lambda x, k, w: jnp.sum(jnp.sin(unet.conv3x3_bf16(x, k))) + jnp.sum(jnp.sin(unet.pixel_dense_bf16(x, w)))
+g = jax.jit(jax.grad(f, range(3)))
+args = (jax.device_put(x, shard), jax.device_put(k, rep), jax.device_put(w, rep))
+hlo = g.lower(*args).compile().as_text()
+one, eight = g(x, k, w), g(*args)
+local = [ln.split("=")[1].split("custom-call")[0].strip() for ln in hlo.splitlines()
+         if "custom_call_target=\\"" + native_ops.CONV_BF16 + "\\"" in ln]
+print("RESULT" + json.dumps({{"amx": native_ops.amx_available(),
+      "err": max(float(jnp.abs(u - v).max() / jnp.abs(u).max()) for u, v in zip(one, eight)),
+      "all_gather": "all-gather" in hlo, "local_conv": local, "shardings": [str(v.sharding.spec) for v in eight]}}))
+"""
+
+
+@needs_amx
+def test_eight_device_mesh_runs_the_amx_layers_per_device():
+  out, _ = _run(_EIGHT_DEVICES, _EIGHT_BF16)
+  assert out["amx"] and out["err"] < 1e-5 and not out["all_gather"]
+  # the convolution and its input gradient, each on the device's 2 images with the whole kernel
+  assert sorted(out["local_conv"]) == ["f32[2,8,8,16]{3,2,1,0}", "f32[2,8,8,32]{3,2,1,0}"], out["local_conv"]
+  assert "data" in out["shardings"][0] and out["shardings"][1] in ("P()", "PartitionSpec()")
