@@ -1,6 +1,6 @@
 """Native C++ CPU kernels for the UNet's hottest ops, as XLA FFI custom calls built on first use.
 
-Six ops, sources in `native/` (one `.so`):
+The ops, sources in `native/` (one `.so`):
 
 - `conv3x3(x, kernel, flip)`: the 3x3 'SAME' stride-1 convolution, and (`flip`) its input
   gradient, each image copied once into a zero-bordered scratch and accumulated in register
@@ -17,6 +17,10 @@ Six ops, sources in `native/` (one `.so`):
 - `attention_fwd` / `_bwd`: softmax(q k^T / sqrt(d)) v on packed qkv [B, N, 3, heads, d],
   one N x N score matrix per (image, head) in cache, the backward recomputing the softmax
   from the saved log-sum-exp.
+- `conv3x3_bf16`, `kernel_grad_bf16`, `dense_bf16`, `dense_kernel_grad_bf16`: the
+  convolution's and dense layer's products with bfloat16 products and float32 sums on the AMX
+  tile units of Intel Xeons (Sapphire Rapids and later; `amx_available()`), for the UNet's
+  `matmul_precision='bfloat16'`: about 4x the float32 kernels (`native/amx_products.cc`).
 
 `unet` uses them on CPUs and keeps its pure-XLA paths where they do not apply:
 
