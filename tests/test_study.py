@@ -64,6 +64,16 @@ def test_bad_stage_names_alpha_and_methods_fail_clearly():
   with pytest.raises(SynthMedError, match=r"mix.alpha=1.5 must lie in \[0, 1\]"):
     configuration.validate(c)
   c = load_config("derm_cascade", "smoke")
+  with c.unlocked():  # a stage's key is named as the study names it
+    c.upsampler.model.matmul_precision = "fp16"
+  with pytest.raises(SynthMedError, match=r"--config.upsampler.model.matmul_precision='fp16' is not valid"):
+    configuration.validate(c)
+  c = load_config("derm_cascade", "smoke")
+  with c.unlocked():  # ... but the data keys the study shares keep their study name
+    c.data.label_policy = "bogus"
+  with pytest.raises(SynthMedError, match=r"^--config.data.label_policy='bogus' is not valid"):
+    configuration.validate(c)
+  c = load_config("derm_cascade", "smoke")
   with c.unlocked():
     c.method_names = "real,magic"
   with pytest.raises(SynthMedError, match=r"unknown methods \['magic'\]"):

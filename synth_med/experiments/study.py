@@ -103,6 +103,14 @@ def classifier_config(config: Any, workdir: str, method: str, seed: int,
   return c
 
 
+def _name_stage_key(message: str, part: str) -> str:
+  """A stage config's error with its key as the study names it: `--config.model.x` is
+  `--config.<part>.model.x`, except the keys the study shares (its data keys, the mesh)."""
+  key = message.split("--config.", 1)[1].split("=", 1)[0] if "--config." in message else ""
+  shared = key.startswith("mesh.") or (key.startswith("data.") and key.split(".")[1] in SHARED_DATA_KEYS)
+  return message if not key or shared else message.replace("--config.", f"--config.{part}.", 1)
+
+
 def validate(config: Any) -> None:
   """Checks the parts of a study config before any work (sub-configs are validated as stages)."""
   from synth_med import configuration
@@ -120,7 +128,10 @@ def validate(config: Any) -> None:
     if mode not in SYNTHETIC_MODES:
       raise SynthMedError(f"generate.modes has {mode!r}; choose from {list(SYNTHETIC_MODES)}.")
   for part in ("base", "upsampler") if has_up else ("base",):
-    configuration.validate(stage_config(config, part))
+    try:
+      configuration.validate(stage_config(config, part))
+    except SynthMedError as e:
+      raise SynthMedError(_name_stage_key(str(e), part)) from None
   for name in names:
     configuration.validate(classifier_config(config, "/tmp", name, 0))
   from synth_med.experiments.tuning import grid_points
