@@ -214,7 +214,10 @@ def main() -> None:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
   theirs_precision = args.diffusers_precision or args.precision
-  print(f"precision: ours {args.precision}, diffusers {theirs_precision}"
+  from synth_med.models import native_ops
+  amx = "" if args.precision == "float32" else (
+      " (AMX kernels)" if native_ops.amx_available() else " (no AMX here: float32 kernels on rounded operands)")
+  print(f"precision: ours {args.precision}{amx}, diffusers {theirs_precision}"
         f"{' (torch.autocast)' if theirs_precision == 'bfloat16' else ''}", flush=True)
   precision = {"ours": args.precision, "diffusers": theirs_precision}
   sizes = args.sizes.split(",")
