@@ -33,6 +33,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "positions.h"
 #include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -468,17 +469,6 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi:
                    dx[3], dg[3]))
     return out_of_memory();
   return ffi::Error::Success();
-}
-
-// Positions (the product of every axis but the last) when a and v agree on them, else -1.
-int64_t positions(ffi::Span<const int64_t> da, ffi::Span<const int64_t> dv) {
-  if (da.size() < 2 || da.size() != dv.size()) return -1;
-  int64_t P = 1;
-  for (size_t i = 0; i + 1 < da.size(); ++i) {
-    if (da[i] != dv[i]) return -1;
-    P *= da[i];
-  }
-  return P;
 }
 
 ffi::Error DenseImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
