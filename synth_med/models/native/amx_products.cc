@@ -33,7 +33,7 @@
 #include <cstring>
 #include <mutex>
 
-#include "positions.h"
+#include "ffi_common.h"
 #include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -502,30 +502,16 @@ ffi::Error DenseGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedConv3x3Bf16, Conv3x3Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("flip"));
+                              two_buffers_to_one().Attr<bool>("flip"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedKernelGradBf16, KernelGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              two_buffers_to_one());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedDenseBf16, DenseImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_kernel"));
+                              two_buffers_to_one().Attr<bool>("transpose_kernel"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedDenseGradBf16, DenseGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              two_buffers_to_one());
 
 // 1 when the AMX kernels are compiled in and the OS grants this process the tile state.
 extern "C" int synth_med_amx_available() { return amx_permitted() ? 1 : 0; }

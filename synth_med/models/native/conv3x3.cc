@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "ffi_common.h"
 #include "outer_product.h"
 #include "scratch.h"
 #include "xla/ffi/api/ffi.h"
@@ -82,8 +83,4 @@ ffi::Error Conv3x3Impl(ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> kernel, f
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedConv3x3, Conv3x3Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("flip"));
+                              two_buffers_to_one().Attr<bool>("flip"));

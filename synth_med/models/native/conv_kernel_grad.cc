@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ffi_common.h"
 #include "outer_product.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -75,10 +76,6 @@ static ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> 
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedKernelGrad, KernelGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("shift_a"));
+                              two_buffers_to_one().Attr<bool>("shift_a"));
 
 extern "C" int synth_med_simd_width() { return VL; }

@@ -12,8 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "ffi_common.h"
 #include "outer_product.h"
-#include "positions.h"
 #include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -75,15 +75,8 @@ ffi::Error DenseGradImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> v, ffi::
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedDense, DenseImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_kernel"));
+                              two_buffers_to_one().Attr<bool>("transpose_kernel"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedDenseGrad, DenseGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              two_buffers_to_one());
 

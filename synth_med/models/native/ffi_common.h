@@ -1,4 +1,4 @@
-// Shape helper shared by the dense-layer custom calls (dense.cc, amx_products.cc).
+// Helpers shared by the custom calls: a dense layer's positions, and the common binding.
 #pragma once
 #include <cstdint>
 
@@ -15,6 +15,14 @@ inline int64_t positions(xla::ffi::Span<const int64_t> da, xla::ffi::Span<const 
     P *= da[i];
   }
   return P;
+}
+
+// The binding of a handler taking two float32 buffers and returning one (the caller adds its
+// attributes): the convolutions, dense layers and their gradients.
+inline auto two_buffers_to_one() {
+  using xla::ffi::Buffer;
+  using xla::ffi::F32;
+  return xla::ffi::Ffi::Bind().Arg<Buffer<F32>>().Arg<Buffer<F32>>().Ret<Buffer<F32>>();
 }
 
 }  // namespace synth_med
