@@ -1,6 +1,7 @@
 """The native (C++ FFI) CPU kernels: convolution, kernel gradient, GroupNorm and attention; values, sharding, build, fallback."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -257,11 +258,14 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
 
   qkv, w = jax.random.normal(ks[6], (2, 24, 3, 2, 8)), jax.random.normal(ks[7], (2, 24, 2, 8))
   ref_attend = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
-  out, lse = jax.ffi.ffi_call("avx2_AttentionFwd", (jax.ShapeDtypeStruct((2, 24, 2, 8), jnp.float32),
-                                                    jax.ShapeDtypeStruct((2, 2, 24), jnp.float32)))(qkv)
+  attention = _ffi_attention("avx2_AttentionFwd", "avx2_AttentionBwd")
+  out, vjp = jax.vjp(lambda qkv: attention(qkv, native_ops.ATTN_FLOAT32), qkv)
   close(out, ref_attend(qkv))
-  dqkv = jax.ffi.ffi_call("avx2_AttentionBwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(qkv, lse, w)
-  close(dqkv, jax.grad(lambda q: jnp.sum(ref_attend(q) * w))(qkv))
+  close(vjp(w)[0], jax.grad(lambda q: jnp.sum(ref_attend(q) * w))(qkv))
+  qkv, w = jax.random.normal(ks[6], (2, 32, 3, 1, 16)), jax.random.normal(ks[7], (2, 32, 1, 16))
+  modes = [native_ops.ATTN_ROUNDED_BF16] + ([native_ops.ATTN_AMX_BF16] if lib.synth_med_amx_available() else [])
+  for mode in modes:  # bfloat16 products on the 8-wide float32 kernel, and amx_gemm's scalar packing
+    _attention_matches_bf16_reference(lambda qkv: attention(qkv, mode), qkv, w)
 
   if lib.synth_med_amx_available():  # the AMX kernels' scalar rounding, interleaving and transposes
     for name in ("Conv3x3Bf16", "KernelGradBf16", "DenseBf16", "DenseGradBf16"):
@@ -293,6 +297,48 @@ def test_native_attention_matches_xla_attend_values_and_gradients(shape):
   np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda qkv: jnp.sum(jnp.sin(f(qkv)) * w)  # noqa: E731
   np.testing.assert_allclose(jax.grad(loss(unet.attend_qkv))(qkv), jax.grad(loss(ref))(qkv), rtol=1e-4, atol=1e-4)
+
+
+def _ffi_attention(fwd_target: str, bwd_target: str):
+  """`unet.attend_qkv`'s rule (operands rounded in mode ATTN_ROUNDED_BF16) over FFI targets by name."""
+  def native(a, products):
+    return unet._native_operand(a, products)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+  def attention(qkv, products):
+    return fwd(qkv, products)[0]
+
+  def fwd(qkv, products):
+    b, n, _, h, d = qkv.shape
+    out, lse = jax.ffi.ffi_call(fwd_target, (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),
+                                             jax.ShapeDtypeStruct((b, h, n), jnp.float32)))(
+        native(qkv, products), products=np.int64(products))
+    return out, (qkv, lse)
+
+  def bwd(products, res, dout):
+    qkv, lse = res
+    return (jax.ffi.ffi_call(bwd_target, jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
+        native(qkv, products), lse, native(dout, products), products=np.int64(products)),)
+
+  attention.defvjp(fwd, bwd)
+  return attention
+
+
+def _rms_rel(got, ref) -> float:
+  return float(jnp.sqrt(jnp.mean((jnp.asarray(got) - ref) ** 2) / jnp.mean(jnp.asarray(ref) ** 2)))
+
+
+def _attention_matches_bf16_reference(attention, qkv, w):
+  """attention(qkv) and its gradient against `unet.attend_bf16`: equal up to float32 sums and the
+  odd probability that rounds the other way (relative RMS <= 3e-4), while float32 attention is
+  >= 2e-3 away (measured: <= 1e-4 for the bfloat16 kernels, 4e-3 to 1.5e-2 for float32)."""
+  ref = lambda qkv: unet.attend_bf16(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
+  f32 = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
+  loss = lambda f: lambda qkv: jnp.sum(jnp.sin(f(qkv)) * w)  # noqa: E731
+  out_ref, grad_ref = ref(qkv), jax.grad(loss(ref))(qkv)
+  assert _rms_rel(attention(qkv), out_ref) <= 3e-4
+  assert _rms_rel(jax.grad(loss(attention))(qkv), grad_ref) <= 3e-4
+  assert _rms_rel(f32(qkv), out_ref) >= 2e-3 and _rms_rel(jax.grad(loss(f32))(qkv), grad_ref) >= 2e-3
 
 
 def test_unet_attention_uses_the_native_kernels_only_where_they_fit():
@@ -486,3 +532,57 @@ def test_eight_device_mesh_runs_the_amx_layers_per_device():
   # the convolution and its input gradient, each on the device's 2 images with the whole kernel
   assert sorted(out["local_conv"]) == ["f32[2,8,8,16]{3,2,1,0}", "f32[2,8,8,32]{3,2,1,0}"], out["local_conv"]
   assert "data" in out["shardings"][0] and out["shardings"][1] in ("P()", "PartitionSpec()")
+
+
+_ATTENTION_SHAPES = [(2, 16, 1, 32),   # one tile of tokens
+                     (1, 48, 2, 16),   # 48 tokens: the 32 x 32 blocks' 16-wide remainders
+                     (2, 64, 3, 16),
+                     (2, 256, 2, 64)]  # the 9M benchmark's attention (16 x 16 px, heads of 64)
+
+
+@needs_compiler
+@pytest.mark.parametrize("products", ["rounded", "amx"])
+@pytest.mark.parametrize("shape", _ATTENTION_SHAPES)
+def test_bf16_attention_kernels_match_the_bf16_reference(shape, products):
+  """Both native bfloat16 modes (AMX tiles; the float32 kernel on rounded operands) compute
+  `attend_bf16`'s maths, forward and backward."""
+  if products == "amx" and not native_ops.amx_available():
+    pytest.skip("no AMX tiles on this CPU")
+  mode = native_ops.ATTN_AMX_BF16 if products == "amx" else native_ops.ATTN_ROUNDED_BF16
+  b, n, h, d = shape
+  ks = jax.random.split(jax.random.PRNGKey(n + d), 2)
+  qkv, w = 2.0 * jax.random.normal(ks[0], (b, n, 3, h, d)), jax.random.normal(ks[1], (b, n, h, d))
+  _attention_matches_bf16_reference(lambda qkv: unet.attend_qkv(qkv, mode), qkv, w)
+
+
+def test_attend_bf16_reference_is_float32_attention_up_to_bfloat16_rounding():
+  """The reference's hand-written VJP is attention's gradient, to bfloat16's precision."""
+  ks = jax.random.split(jax.random.PRNGKey(5), 4)
+  q, k, v = (jax.random.normal(kk, (2, 24, 2, 8)) for kk in ks[:3])
+  w = jax.random.normal(ks[3], (2, 24, 2, 8))
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)) * w)  # noqa: E731
+  got = jax.grad(loss(unet.attend_bf16), (0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(unet.attend), (0, 1, 2))(q, k, v)
+  for g, r in zip(got, ref):
+    assert 1e-4 < _rms_rel(g, r) < 2e-2
+  r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+  p = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", r(q), r(k), precision="highest") / np.sqrt(8), -1)
+  np.testing.assert_allclose(unet.attend_bf16(q, k, v), jnp.einsum("bhnm,bmhd->bnhd", r(p), r(v), precision="highest"),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_unet_picks_the_bf16_attention_mode_per_cpu_and_shape(monkeypatch):
+  qkv = jnp.zeros((1, 32, 3, 2, 16))
+  assert native_ops.attention_products(qkv, False) == native_ops.ATTN_FLOAT32
+  monkeypatch.setattr(native_ops, "amx_available", lambda: True)
+  assert native_ops.attention_products(qkv, True) == native_ops.ATTN_AMX_BF16
+  assert native_ops.attention_products(jnp.zeros((1, 24, 3, 2, 16)), True) == native_ops.ATTN_ROUNDED_BF16
+  monkeypatch.setattr(native_ops, "amx_available", lambda: False)
+  assert native_ops.attention_products(qkv, True) == native_ops.ATTN_ROUNDED_BF16
+
+
+@needs_amx
+def test_amx_attention_refuses_shapes_it_cannot_tile():
+  qkv = jax.random.normal(jax.random.PRNGKey(0), (1, 24, 3, 1, 16))  # 24 tokens: not a multiple of 16
+  with pytest.raises(Exception, match="multiples of (16|the SIMD width)"):  # an error, not float32 products
+    jax.block_until_ready(native_ops.attention_fwd(qkv, native_ops.ATTN_AMX_BF16))

@@ -468,27 +468,44 @@ def attention_fits(qkv: jax.Array) -> bool:
           and qkv.shape[1] % width == 0 and qkv.shape[-1] % width == 0)
 
 
-def _attn_fwd(qkv):
-  b, n, _, h, d = qkv.shape
-  return tuple(jax.ffi.ffi_call(ATTN_FWD, (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),
-                                           jax.ShapeDtypeStruct((b, h, n), jnp.float32)))(qkv))
+# attention's `products` attribute (attention.cc): float32; bfloat16 products on the float32
+# kernel (operands rounded by the caller); bfloat16 products on AMX tiles.
+ATTN_FLOAT32, ATTN_ROUNDED_BF16, ATTN_AMX_BF16 = 0, 1, 2
 
 
-def _attn_bwd(qkv, lse, dout):
-  return jax.ffi.ffi_call(ATTN_BWD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(qkv, lse, dout)
+@functools.lru_cache(maxsize=None)
+def _attn_calls(products: int):
+  def fwd(qkv):
+    b, n, _, h, d = qkv.shape
+    return tuple(jax.ffi.ffi_call(ATTN_FWD, (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),
+                                             jax.ShapeDtypeStruct((b, h, n), jnp.float32)))(
+        qkv, products=np.int64(products)))
+
+  def bwd(qkv, lse, dout):
+    return jax.ffi.ffi_call(ATTN_BWD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
+        qkv, lse, dout, products=np.int64(products))
+
+  return (_over_batch(fwd, "b n t h d -> b n h d, b h n"),
+          _over_batch(bwd, "b n t h d, b h n, b n h d -> b n t h d"))
 
 
-_ATTN_FWD_CALL = _over_batch(_attn_fwd, "b n t h d -> b n h d, b h n")
-_ATTN_BWD_CALL = _over_batch(_attn_bwd, "b n t h d, b h n, b n h d -> b n t h d")
+def attention_products(qkv: jax.Array, bf16: bool) -> int:
+  """The `products` mode for attention of qkv [B, N, 3, heads, d] here: float32, or bfloat16
+  products on AMX where they run (N and d multiples of 16), else on the float32 kernel (whose
+  caller then rounds q, k, v and dout to bfloat16)."""
+  if not bf16:
+    return ATTN_FLOAT32
+  fits = amx_available() and qkv.shape[1] % 16 == 0 and qkv.shape[-1] % 16 == 0
+  return ATTN_AMX_BF16 if fits else ATTN_ROUNDED_BF16
 
 
-def attention_fwd(qkv: jax.Array) -> tuple[jax.Array, jax.Array]:
+def attention_fwd(qkv: jax.Array, products: int = ATTN_FLOAT32) -> tuple[jax.Array, jax.Array]:
   """(out [B, N, heads, d], log-sum-exp [B, heads, N]) of softmax(q k^T / sqrt(d)) v."""
   _require()
-  return _ATTN_FWD_CALL(qkv)
+  return _attn_calls(products)[0](qkv)
 
 
-def attention_bwd(qkv: jax.Array, lse: jax.Array, dout: jax.Array) -> jax.Array:
+def attention_bwd(qkv: jax.Array, lse: jax.Array, dout: jax.Array, products: int = ATTN_FLOAT32) -> jax.Array:
   """d(qkv) [B, N, 3, heads, d] of `attention_fwd`'s out, given its gradient dout."""
   _require()
-  return _ATTN_BWD_CALL(qkv, lse, dout)
+  return _attn_calls(products)[1](qkv, lse, dout)

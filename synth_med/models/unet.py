@@ -417,38 +417,88 @@ class ResBlock(nn.Module):
     return x + h
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, precision: str = "float32") -> jax.Array:
   """softmax(q k^T / sqrt(d)) v for [batch, tokens, heads, head_dim] inputs, softmax in float32.
 
   On GPU in 16-bit this is cuDNN's fused (flash) attention; elsewhere two
-  heads-major matmuls, which XLA's CPU backend runs fastest (bench/README.md).
+  heads-major matmuls, which XLA's CPU backend runs fastest (bench/README.md), or with
+  precision 'bfloat16' `attend_bf16`.
   """
   if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  _check_precision(precision)
+  if precision == "bfloat16":
+    return attend_bf16(q, k, v)
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [b, heads, n, d]
   logits = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / math.sqrt(q.shape[-1])
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
   return jnp.matmul(weights, v).transpose(0, 2, 1, 3)
 
 
+def _bf16_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """einsum of x and y rounded to bfloat16, products exact and sums in float32."""
+  return jnp.einsum(spec, x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
-def attend_qkv(qkv: jax.Array) -> jax.Array:
+def attend_bf16(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`attend` with bfloat16 products and float32 sums ([batch, tokens, heads, head_dim]).
+
+  Every operand of attention's six products is rounded to bfloat16: q, k for the scores; the
+  probabilities P and v for the output; in the backward dout, v and P for dP and dv, and dS
+  with k and q for dq and dk. The softmax, its log-sum-exp and dS = P (dP - rowsum(P dP)) /
+  sqrt(d) stay float32. This is the maths of `native_ops`' attention kernels with bfloat16
+  products (on AMX tiles where the CPU has them), and the reference they are tested against.
+  """
+  return _attend_bf16_fwd(q, k, v)[0]
+
+
+def _attend_bf16_fwd(q, k, v):
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  p = jax.nn.softmax(_bf16_einsum("bnhd,bmhd->bhnm", q, k) * scale, axis=-1)
+  return _bf16_einsum("bhnm,bmhd->bnhd", p, v).astype(q.dtype), (q, k, v, p)
+
+
+def _attend_bf16_bwd(res, dout):
+  q, k, v, p = res
+  dout = dout.astype(jnp.float32)
+  dp = _bf16_einsum("bnhd,bmhd->bhnm", dout, v)
+  ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) / math.sqrt(q.shape[-1])
+  dq = _bf16_einsum("bhnm,bmhd->bnhd", ds, k)
+  dk = _bf16_einsum("bhnm,bnhd->bmhd", ds, q)
+  dv = _bf16_einsum("bhnm,bnhd->bmhd", p, dout)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+attend_bf16.defvjp(_attend_bf16_fwd, _attend_bf16_bwd)
+
+
+def _native_operand(a: jax.Array, products: int) -> jax.Array:
+  """What the native attention kernel takes for `products`: operands rounded to bfloat16 when
+  its float32 kernel computes bfloat16 products (mode ATTN_ROUNDED_BF16), else as they are."""
+  return _round_bf16(a) if products == native_ops.ATTN_ROUNDED_BF16 else a
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attend_qkv(qkv: jax.Array, products: int = native_ops.ATTN_FLOAT32) -> jax.Array:
   """`attend` of packed qkv [batch, tokens, 3, heads, head_dim] as `native_ops`' C++ kernels (CPUs).
 
   The forward keeps each row's log-sum-exp; the backward recomputes the softmax from it and
   writes d(qkv) in the packed layout, so no slices or transposes of qkv are materialised.
+  `products` (`native_ops.attention_products`) is float32 or `attend_bf16`'s bfloat16 maths.
   """
-  return native_ops.attention_fwd(qkv)[0]
+  return _attend_qkv_fwd(qkv, products)[0]
 
 
-def _attend_qkv_fwd(qkv):
-  out, lse = native_ops.attention_fwd(qkv)
+def _attend_qkv_fwd(qkv, products):
+  out, lse = native_ops.attention_fwd(_native_operand(qkv, products), products)
   return out, (qkv, lse)
 
 
-def _attend_qkv_bwd(res, dout):
+def _attend_qkv_bwd(products, res, dout):
   qkv, lse = res
-  return (native_ops.attention_bwd(qkv, lse, dout.astype(jnp.float32)).astype(qkv.dtype),)
+  dout = _native_operand(dout.astype(jnp.float32), products)
+  return (native_ops.attention_bwd(_native_operand(qkv, products), lse, dout, products).astype(qkv.dtype),)
 
 
 attend_qkv.defvjp(_attend_qkv_fwd, _attend_qkv_bwd)
@@ -458,7 +508,7 @@ class Attention(nn.Module):
   """Multi-head self-attention over the spatial positions (heads of `num_head_channels`)."""
   num_head_channels: int = 64
   dtype: Any = jnp.float32
-  matmul_precision: str = "float32"  # of the qkv and output projections
+  matmul_precision: str = "float32"  # of the qkv and output projections and attention's products
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -470,10 +520,11 @@ class Attention(nn.Module):
                           "model_channels * channel_mult.")
     y = Norm(name="norm")(x).reshape(b, h * w, c)
     qkv = PixelDense(3 * c, self.dtype, precision=self.matmul_precision, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
+    bf16 = self.matmul_precision == "bfloat16"
     if native_ops.attention_fits(qkv):
-      out = attend_qkv(qkv).reshape(b, h * w, c)
+      out = attend_qkv(qkv, native_ops.attention_products(qkv, bf16)).reshape(b, h * w, c)
     else:
-      out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)
+      out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.matmul_precision).reshape(b, h * w, c)
     out = PixelDense(c, self.dtype, nn.initializers.zeros, self.matmul_precision, name="proj_out")(out)
     return x + out.reshape(b, h, w, c)
 

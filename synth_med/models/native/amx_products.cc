@@ -33,6 +33,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "amx_gemm.h"
 #include "ffi_common.h"
 #include "scratch.h"
 #include "xla/ffi/api/ffi.h"
@@ -499,6 +500,142 @@ ffi::Error DenseGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::
   return ffi::Error::Success();
 }
 
+// dst[r * dst_ld + j] = src[j * src_ld + r] for j < 16, r < len: 16 rows of 32-bit values
+// (pairs of bfloat16) transposed, a gather per row of dst.
+inline void transpose16_u32(const uint32_t* src, int64_t src_ld, int64_t len, uint32_t* dst, int64_t dst_ld) {
+  int64_t r = 0;
+#if defined(__AVX512F__)
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(int(src_ld)));
+  for (; r < len; ++r) _mm512_storeu_si512(dst + r * dst_ld, _mm512_i32gather_epi32(idx, src + r, 4));
+#endif
+  for (; r < len; ++r)
+    for (int64_t j = 0; j < 16; ++j) dst[r * dst_ld + j] = src[j * src_ld + r];
+}
+
+// A[m][k] = a[m * rs + k * ks] (m < rows, k < cols) into d, rows of ld bfloat16 (ld a multiple
+// of 32, zero past cols). Rows of A contiguous (ks == 1) are converted as they are; columns
+// contiguous (rs == 1: A a transpose) are interleaved in pairs and transposed 16 pairs at a time.
+// Null when the scratch cannot be had.
+bool pack_a(const float* a, int64_t rows, int64_t cols, int64_t rs, int64_t ks, uint16_t* d, int64_t ld) {
+  if (ks == 1) {
+    for (int64_t m = 0; m < rows; ++m) {
+      to_bf16(a + m * rs, d + m * ld, cols);
+      std::memset(d + m * ld + cols, 0, (ld - cols) * 2);
+    }
+  } else if (rs == 1) {
+    uint16_t* pairs = scratch_bf16(3, 32 * rows);  // [16 pairs of k][rows][2]
+    if (!pairs) return false;
+    for (int64_t k0 = 0; k0 < ld; k0 += 32) {
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t k = k0 + 2 * j;
+        interleave_rows(k < cols ? a + k * ks : nullptr, k + 1 < cols ? a + (k + 1) * ks : nullptr,
+                        pairs + j * rows * 2, rows);
+      }
+      transpose16_u32(reinterpret_cast<const uint32_t*>(pairs), rows, rows, reinterpret_cast<uint32_t*>(d) + k0 / 2,
+                      ld / 2);
+    }
+  } else {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t k = 0; k < ld; ++k) d[m * ld + k] = k < cols ? bf16(a[m * rs + k * ks]) : 0;
+  }
+  return true;
+}
+
+// B[k][n] = b[k * ks + n * ns] (k < K, n < Nc) into d as TDPBF16PS reads it: [Kp / 2][ld][2]
+// (ld >= Nc), pairs of k interleaved (zero past K). Rows of B contiguous (ns == 1) are
+// interleaved in pairs; columns contiguous (ks == 1: B a transpose) are converted, their pairs
+// of k already adjacent, and transposed 16 columns at a time. False when the scratch cannot be had.
+bool pack_b(const float* b, int64_t K, int64_t Kp, int64_t Nc, int64_t ks, int64_t ns, uint16_t* d, int64_t ld) {
+  uint32_t* d32 = reinterpret_cast<uint32_t*>(d);
+  if (ns == 1) {
+    for (int64_t r = 0; r < Kp / 2; ++r)
+      interleave_rows(2 * r < K ? b + 2 * r * ks : nullptr, 2 * r + 1 < K ? b + (2 * r + 1) * ks : nullptr,
+                      d + r * ld * 2, Nc);
+  } else if (ks == 1) {
+    uint16_t* cols = scratch_bf16(3, 16 * Kp);  // [16 columns][Kp]
+    if (!cols) return false;
+    for (int64_t n0 = 0; n0 < Nc; n0 += 16) {
+      for (int64_t j = 0; j < 16; ++j) {
+        to_bf16(b + (n0 + j) * ns, cols + j * Kp, K);
+        std::memset(cols + j * Kp + K, 0, (Kp - K) * 2);
+      }
+      transpose16_u32(reinterpret_cast<const uint32_t*>(cols), Kp / 2, Kp / 2, d32 + n0, ld);
+    }
+  } else {
+    for (int64_t r = 0; r < Kp / 2; ++r)
+      for (int64_t n = 0; n < Nc; ++n) {
+        const uint32_t lo = 2 * r < K ? bf16(b[2 * r * ks + n * ns]) : 0;
+        const uint32_t hi = 2 * r + 1 < K ? bf16(b[(2 * r + 1) * ks + n * ns]) : 0;
+        d32[r * ld + n] = lo | hi << 16;
+      }
+  }
+  return true;
+}
+
+// Tiles 0-3 = rows m0.. (RM tiles of 16) x columns n0.. (RN tiles of 16) of the packed A B
+// (B's rows ldb pairs long), stored to out (row stride ldo floats).
+template <int RM, int RN>
+void gemm_block(const uint16_t* ap, int64_t Kp, const uint16_t* bp, int64_t ldb, int64_t m0, int64_t n0, float* out,
+                int64_t ldo) {
+  _tile_zero(0);
+  if constexpr (RN > 1) _tile_zero(1);
+  if constexpr (RM > 1) _tile_zero(2);
+  if constexpr (RM > 1 && RN > 1) _tile_zero(3);
+  for (int64_t kc = 0; kc < Kp / 32; ++kc) {
+    const uint16_t* a = ap + m0 * Kp + kc * 32;
+    const uint16_t* b = bp + kc * 16 * ldb * 2 + n0 * 2;
+    _tile_loadd(4, a, Kp * 2);
+    _tile_loadd(6, b, ldb * 4);
+    if constexpr (RM > 1) _tile_loadd(5, a + 16 * Kp, Kp * 2);
+    if constexpr (RN > 1) _tile_loadd(7, b + 32, ldb * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (RN > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (RM > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (RM > 1 && RN > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, ldo * 4);
+  if constexpr (RN > 1) _tile_stored(1, out + 16, ldo * 4);
+  if constexpr (RM > 1) _tile_stored(2, out + 16 * ldo, ldo * 4);
+  if constexpr (RM > 1 && RN > 1) _tile_stored(3, out + 16 * ldo + 16, ldo * 4);
+}
+
+}  // namespace
+
+bool synth_med::amx_gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64_t a_rs, int64_t a_ks,
+                         const float* b, int64_t b_ks, int64_t b_ns, float* c, int64_t ldc, bool c_transposed) {
+  if (M % 16 || Nc % 16 || K <= 0 || !amx_permitted()) return false;
+  // B's rows padded by 16 pairs, so that a tile's 16 rows do not share a few cache sets
+  const int64_t Kp = round_up(K, 32), ldb = Nc + 16;
+  uint16_t* ap = scratch_bf16(4, M * Kp);
+  uint16_t* bp = scratch_bf16(5, Kp * ldb);
+  if (!ap || !bp) return false;
+  if (!pack_a(a, M, K, a_rs, a_ks, ap, Kp) || !pack_b(b, K, Kp, Nc, b_ks, b_ns, bp, ldb)) return false;
+  configure_tiles();
+  alignas(64) float tmp[32 * 32];
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    const bool two_m = M - m0 >= 32;
+    for (int64_t n0 = 0; n0 < Nc; n0 += 32) {
+      const bool two_n = Nc - n0 >= 32;
+      float* out = c_transposed ? tmp : c + m0 * ldc + n0;
+      const int64_t ldo = c_transposed ? 32 : ldc;
+      if (two_m && two_n) gemm_block<2, 2>(ap, Kp, bp, ldb, m0, n0, out, ldo);
+      else if (two_m) gemm_block<2, 1>(ap, Kp, bp, ldb, m0, n0, out, ldo);
+      else if (two_n) gemm_block<1, 2>(ap, Kp, bp, ldb, m0, n0, out, ldo);
+      else gemm_block<1, 1>(ap, Kp, bp, ldb, m0, n0, out, ldo);
+      if (c_transposed) {
+        const int64_t rows = two_m ? 32 : 16, cols = two_n ? 32 : 16;
+        for (int64_t j = 0; j < cols; ++j)
+          for (int64_t i = 0; i < rows; ++i) c[(n0 + j) * ldc + m0 + i] = tmp[i * 32 + j];
+      }
+    }
+  }
+  _tile_release();
+  return true;
+}
+
+namespace {
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedConv3x3Bf16, Conv3x3Impl,
@@ -517,6 +654,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedDenseGradBf16, DenseGradImpl,
 extern "C" int synth_med_amx_available() { return amx_permitted() ? 1 : 0; }
 
 #else
+
+bool synth_med::amx_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
+                         float*, int64_t, bool) {
+  return false;
+}
 
 extern "C" int synth_med_amx_available() { return 0; }
 
