@@ -623,10 +623,11 @@ bool synth_med::amx_gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64
       else if (two_m) gemm_block<2, 1>(ap, Kp, bp, ldb, m0, n0, out, ldo);
       else if (two_n) gemm_block<1, 2>(ap, Kp, bp, ldb, m0, n0, out, ldo);
       else gemm_block<1, 1>(ap, Kp, bp, ldb, m0, n0, out, ldo);
-      if (c_transposed) {
-        const int64_t rows = two_m ? 32 : 16, cols = two_n ? 32 : 16;
-        for (int64_t j = 0; j < cols; ++j)
-          for (int64_t i = 0; i < rows; ++i) c[(n0 + j) * ldc + m0 + i] = tmp[i * 32 + j];
+      if (c_transposed) {  // column j of tmp is row n0 + j of c: 16 rows of tmp at a time
+        const uint32_t* t32 = reinterpret_cast<const uint32_t*>(tmp);
+        uint32_t* c32 = reinterpret_cast<uint32_t*>(c);
+        for (int64_t i0 = 0; i0 < (two_m ? 32 : 16); i0 += 16)
+          transpose16_u32(t32 + i0 * 32, 32, two_n ? 32 : 16, c32 + n0 * ldc + m0 + i0, ldc);
       }
     }
   }

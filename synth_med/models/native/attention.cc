@@ -97,12 +97,9 @@ bool product_nt(int64_t mode, int64_t M, int64_t Nc, int64_t d, const float* x, 
   return true;
 }
 
-// S = scale * q k^T for one (image, head); kt is d x N scratch.
-bool scores(int64_t mode, const float* q, const float* k, const Dims& D, int64_t ls, float scale, float* kt, float* S) {
-  if (!product_nt(mode, D.N, D.N, D.d, q, ls, k, ls, kt, S, D.N)) return false;
-  const vf vs = splat(scale);
-  for (int64_t i = 0; i < D.N * D.N; i += VL) store(S + i, load(S + i) * vs);
-  return true;
+// S = q k^T for one (image, head), unscaled (the softmax applies the scale); kt is d x N scratch.
+bool scores(int64_t mode, const float* q, const float* k, const Dims& D, int64_t ls, float* kt, float* S) {
+  return product_nt(mode, D.N, D.N, D.d, q, ls, k, ls, kt, S, D.N);
 }
 
 // c[n * c_rs + m] = (A B)[m][n]: dv = P^T dout and dk = dS^T q as (dout^T P)^T and (q^T dS)^T,
@@ -131,15 +128,16 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> qkvb, ffi::ResultBuffer<ffi::F32> outb,
       const float* v = q + 2 * H * d;
       float* out = outb->typed_data() + b * N * lo + h * d;
       float* lse = lseb->typed_data() + (b * H + h) * N;
-      if (!scores(mode, q, k, D, ls, scale, kt, S)) return no_amx();
+      if (!scores(mode, q, k, D, ls, kt, S)) return no_amx();
+      const vf vs = splat(scale);
       for (int64_t i = 0; i < N; ++i) {
         float* row = S + i * N;
         vf mx = load(row);
         for (int64_t j = VL; j < N; j += VL) { const vf x = load(row + j); mx = x > mx ? x : mx; }
-        const float m = hmax(mx);
+        const float m = hmax(mx) * scale;  // the scaled row's maximum (scale > 0)
         vf sum = {};
         for (int64_t j = 0; j < N; j += VL) {
-          const vf e = vexp(load(row + j) - splat(m));
+          const vf e = vexp(load(row + j) * vs - splat(m));
           store(row + j, e);
           sum += e;
         }
@@ -175,11 +173,12 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> qkvb, ffi::Buffer<ffi::F32> lseb, ffi:
       float* dq = dqkvb->typed_data() + b * N * ls + h * d;
       float* dk = dq + H * d;
       float* dv = dq + 2 * H * d;
-      if (!scores(mode, q, k, D, ls, scale, t, P)) return no_amx();
+      if (!scores(mode, q, k, D, ls, t, P)) return no_amx();
+      const vf vs = splat(scale);
       for (int64_t i = 0; i < N; ++i) {
         float* row = P + i * N;
         const vf l = splat(lse[i]);
-        for (int64_t j = 0; j < N; j += VL) store(row + j, vexp(load(row + j) - l));
+        for (int64_t j = 0; j < N; j += VL) store(row + j, vexp(load(row + j) * vs - l));
       }
       if (!product_nt(mode, N, N, d, dout, lo, v, ls, t, dP, N)) return no_amx();  // dP = dout v^T
       for (int64_t i = 0; i < N; ++i) {
