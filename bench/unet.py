@@ -64,6 +64,7 @@ def build_ours(size: str, batch: int, res: int, precision: str = "float32") -> d
 
   precision 'bfloat16' is the model's matmul_precision: bfloat16 products, float32 sums."""
   import jax
+  import jax.numpy as jnp
   import optax
 
   from synth_med.diffusion import samplers
@@ -92,10 +93,11 @@ def build_ours(size: str, batch: int, res: int, precision: str = "float32") -> d
   params = jax.jit(task.init, out_shardings=rep)(jax.random.key(0), b)
   n_params = unet.num_params(params)
   tx = optax.adam(1e-4)
-  state = jax.device_put(state_lib.create(params, tx, jax.random.key(1)), rep)
+  # a copy of the parameters: the step donates its state, and `params` also serves the sampling runners
+  state = jax.device_put(state_lib.create(jax.tree.map(jnp.copy, params), tx, jax.random.key(1)), rep)
 
-  # The loop's own step (loss, grads, Adam, EMA).
-  train_step = jax.jit(make_train_step(task, tx, lambda _: 1e-4, 0.999))
+  # The loop's own step (loss, grads, Adam, EMA), its state donated as the loop donates it.
+  train_step = jax.jit(make_train_step(task, tx, lambda _: 1e-4, 0.999), donate_argnums=(0,))
 
   holder = [state]
 

@@ -16,7 +16,9 @@ The ops, sources in `native/` (one `.so`):
   image in cache (`unet.group_norm_act`'s maths);
 - `attention_fwd` / `_bwd`: softmax(q k^T / sqrt(d)) v on packed qkv [B, N, 3, heads, d],
   one N x N score matrix per (image, head) in cache, the backward recomputing the softmax
-  from the saved log-sum-exp.
+  from the saved log-sum-exp. `products` picks float32 products, or `unet.attend_bf16`'s
+  bfloat16 products (on AMX tiles through `amx_gemm`, 2.5-3x the float32 kernel; without AMX
+  the float32 kernel on rounded operands); `attention_products` picks it per CPU and shape.
 - `conv3x3_bf16`, `kernel_grad_bf16`, `dense_bf16`, `dense_kernel_grad_bf16`: the
   convolution's and dense layer's products with bfloat16 products and float32 sums on the AMX
   tile units of Intel Xeons (Sapphire Rapids and later; `amx_available()`), for the UNet's
