@@ -17,9 +17,13 @@ EMA) on a device-resident random batch, and reports
 - Peak is the datasheet dense bf16 rate (989 TFLOP/s for H100/H200 SXM) and,
   for reference, the rate of a large bf16 matmul measured in the same run.
 - Variants: `default` (what the model does on this backend), `xla_attention`
-  (attention as two matmuls instead of cuDNN's fused kernel) and
+  (attention as two matmuls instead of cuDNN's fused kernel),
   `matmul_conv_grad` (the CPU path's 3x3 kernel gradient as one matmul over shifted copies;
-  session 4 measured its earlier 9-matmul form).
+  session 4 measured its earlier 9-matmul form), `gather_upsample` (the resampling before
+  session 4), `autodiff_norm` (GroupNorm + SiLU differentiated by autodiff instead of
+  `unet.group_norm_act`'s custom VJP, which came after session 4's GPU run) and the
+  diagnostic `affine_norm` (the norm without its statistics: not a valid model).
+  `tests/test_bench_scripts.py` runs them on the smoke model.
 """
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ from synth_med.train.step import make_train_step  # noqa: E402
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12}
 
 
-def _reference_attend(q, k, v):
+def _reference_attend(q, k, v, precision="float32"):
+  del precision  # the :full model computes in bfloat16: its operands are bfloat16 already
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
   logits = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / np.sqrt(q.shape[-1])
   w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
@@ -67,19 +72,40 @@ def _affine_norm_act(x, a, b, groups, silu):
   return (jax.nn.silu(z) if silu else z).astype(x.dtype)
 
 
+def _reference_conv(x, kernel, precision="float32"):
+  del precision
+  return unet._conv(x, kernel)
+
+
+def _matmul_conv_grad(x, kernel, precision="float32"):
+  del precision
+  return unet.conv3x3(x, kernel)
+
+
+def _autodiff_norm_act(x, a, b, groups, silu):
+  """GroupNorm -> affine -> SiLU written out for autodiff (the model's norm before session 5's
+  custom VJP, which recomputes instead of storing)."""
+  xf = x.astype(jnp.float32)
+  mean, inv = unet._group_stats(xf, groups)
+  z = (xf - mean[:, None, None, :]) * inv[:, None, None, :] * a[:, None, None, :] + b[:, None, None, :]
+  return (jax.nn.silu(z) if silu else z).astype(x.dtype)
+
+
 ORIGINAL = {"attend": unet.attend, "backend_conv3x3": unet.backend_conv3x3,
             "_upsample": unet._upsample, "_avg_pool": unet._avg_pool, "group_norm_act": unet.group_norm_act}
 VARIANTS = {
     "default": {},
     "xla_attention": {"attend": _reference_attend},
-    "matmul_conv_grad": {"backend_conv3x3": unet.conv3x3},
+    "matmul_conv_grad": {"backend_conv3x3": _matmul_conv_grad},
     # the resampling before session 4: jax.image.resize (gather, scatter-add gradient) and nn.avg_pool
     "gather_upsample": {"_upsample": _gather_upsample,
                         "_avg_pool": lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))},
     # diagnostic only (not a valid model): GroupNorm replaced by its affine part, to price the norm
     "affine_norm": {"group_norm_act": _affine_norm_act},
+    # the norm as autodiff sees the plain chain, to price group_norm_act's custom VJP on this device
+    "autodiff_norm": {"group_norm_act": _autodiff_norm_act},
 }
-REFERENCE_OPS = {"attend": _reference_attend, "backend_conv3x3": unet._conv}
+REFERENCE_OPS = {"attend": _reference_attend, "backend_conv3x3": _reference_conv}
 
 
 def _patch(ops: dict) -> None:
