@@ -1,4 +1,4 @@
-"""The benchmark scripts still run: a device session has minutes, not time to debug them."""
+"""The benchmark scripts still run (tiny sizes): a device session has minutes, not time to debug them."""
 from __future__ import annotations
 
 import os
@@ -9,20 +9,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_script(*args: str) -> str:
+  proc = subprocess.run([sys.executable, str(ROOT / "bench" / args[0]), *args[1:]], capture_output=True, text=True,
+                        timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
 def test_unet_mfu_runs_every_variant_on_the_smoke_model():
   """`bench/unet_mfu.py` patches `unet`'s ops per variant; a changed op signature breaks it
   (as session 12's precision argument did, unseen until this test). Each variant must train
   the same model to the same loss, but the diagnostic `affine_norm` (not a valid model)."""
   variants = ["default", "xla_attention", "matmul_conv_grad", "autodiff_norm"]
-  proc = subprocess.run([sys.executable, str(ROOT / "bench" / "unet_mfu.py"), "--config_arg=smoke", "--batch=4",
-                         "--steps=1", "--repeats=1", "--variants=" + ",".join(variants)],
-                        capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = _run_script("unet_mfu.py", "--config_arg=smoke", "--batch=4", "--steps=1", "--repeats=1",
+                    "--variants=" + ",".join(variants))
   losses = {}
-  for line in proc.stdout.splitlines():
+  for line in out.splitlines():
     name = line.split(":")[0]
     if name in variants and "loss" in line:
       losses[name] = float(line.rsplit("loss", 1)[1])
-  assert sorted(losses) == sorted(variants), proc.stdout[-2000:]
+  assert sorted(losses) == sorted(variants), out[-2000:]
   assert max(losses.values()) - min(losses.values()) < 1e-3 * max(losses.values()), losses
-  assert "model FLOPs/step" in proc.stdout
+  assert "model FLOPs/step" in out
+
+
+def test_unet_benchmark_runs_our_side_without_torch():
+  """`bench/unet.py --only ours` (diffusers and torch are bench-only installs) on a tiny run,
+  both precisions: every runner (train step, one denoising step, DDIM-50) reports a rate."""
+  for precision in ("float32", "bfloat16"):
+    out = _run_script("unet.py", "--only", "ours", "--sizes", "1M", "--rounds", "1", "--repeats", "1", "--batch", "4",
+                      "--res", "16", "--precision", precision)
+    line = next(ln for ln in out.splitlines() if ln.startswith("[1M] ours"))
+    rates = [float(line.split(name)[1].split()[0]) for name in ("train", "step", "ddim50")]
+    assert all(r > 0 for r in rates), line
+
+
+def test_classifier_and_data_benchmarks_run():
+  assert "img/s" in _run_script("classifier_step.py", "--arg", "smoke", "--steps", "2")
+  out = _run_script("data_throughput.py", "--size", "16", "--batch", "32", "--repeats", "1")
+  assert all(world in out for world in ("skin", "chest", "tissue")), out
