@@ -582,7 +582,9 @@ def test_unet_picks_the_bf16_attention_mode_per_cpu_and_shape(monkeypatch):
 
 
 @needs_amx
-def test_amx_attention_refuses_shapes_it_cannot_tile():
+def test_amx_attention_refuses_shapes_it_cannot_tile_and_unknown_modes():
   qkv = jax.random.normal(jax.random.PRNGKey(0), (1, 24, 3, 1, 16))  # 24 tokens: not a multiple of 16
   with pytest.raises(Exception, match="multiples of (16|the SIMD width)"):  # an error, not float32 products
     jax.block_until_ready(native_ops.attention_fwd(qkv, native_ops.ATTN_AMX_BF16))
+  with pytest.raises(Exception, match="products must be 0"):
+    jax.block_until_ready(native_ops.attention_fwd(qkv[:, :16], 3))

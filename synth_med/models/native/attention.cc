@@ -47,7 +47,9 @@ float hsum(vf v) {
 
 struct Dims { int64_t B, N, H, d; };
 
-ffi::Error dims_of(const ffi::Buffer<ffi::F32>& qkv, Dims* out) {
+ffi::Error dims_of(const ffi::Buffer<ffi::F32>& qkv, int64_t mode, Dims* out) {
+  if (mode < 0 || mode > 2)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "attention: products must be 0 (float32), 1 or 2 (bfloat16)");
   auto s = qkv.dimensions();
   if (s.size() != 5 || s[2] != 3)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "attention: qkv must be [B, N, 3, H, d]");
@@ -115,7 +117,7 @@ bool transposed_product(int64_t mode, int64_t N, int64_t d, const float* x, int6
 ffi::Error Forward(ffi::Buffer<ffi::F32> qkvb, ffi::ResultBuffer<ffi::F32> outb, ffi::ResultBuffer<ffi::F32> lseb,
                    int64_t mode) {
   Dims D;
-  if (auto e = dims_of(qkvb, &D); e.failure()) return e;
+  if (auto e = dims_of(qkvb, mode, &D); e.failure()) return e;
   const int64_t N = D.N, d = D.d, H = D.H, ls = 3 * H * d, lo = H * d;
   const float scale = 1.0f / std::sqrt(float(d));
   float* S = scratch(0, N * N);
@@ -156,7 +158,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> qkvb, ffi::ResultBuffer<ffi::F32> outb,
 ffi::Error Backward(ffi::Buffer<ffi::F32> qkvb, ffi::Buffer<ffi::F32> lseb, ffi::Buffer<ffi::F32> doutb,
                     ffi::ResultBuffer<ffi::F32> dqkvb, int64_t mode) {
   Dims D;
-  if (auto e = dims_of(qkvb, &D); e.failure()) return e;
+  if (auto e = dims_of(qkvb, mode, &D); e.failure()) return e;
   const int64_t N = D.N, d = D.d, H = D.H, ls = 3 * H * d, lo = H * d;
   const float scale = 1.0f / std::sqrt(float(d));
   float* P = scratch(0, N * N);
