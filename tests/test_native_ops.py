@@ -1,7 +1,6 @@
 """The native (C++ FFI) CPU kernels: convolution, kernel gradient, GroupNorm and attention; values, sharding, build, fallback."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -213,7 +212,7 @@ def test_eight_device_mesh_splits_the_batch_and_all_reduces():
 
 @needs_compiler
 @pytest.mark.skipif(native_ops.simd_width() != 16, reason="the AVX2 variant is the default build on this CPU")
-def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
+def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
   """Machines without AVX-512 get the 8-float variant (other register tiles, 8-wide exp); check
   all three ops of it here too, against XLA's paths, with channel counts that only 8 divides;
   and, where the CPU has AMX, the bfloat16 kernels' scalar (non-AVX512-BF16) paths."""
@@ -258,7 +257,14 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch):
 
   qkv, w = jax.random.normal(ks[6], (2, 24, 3, 2, 8)), jax.random.normal(ks[7], (2, 24, 2, 8))
   ref_attend = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
-  attention = _ffi_attention("avx2_AttentionFwd", "avx2_AttentionBwd")
+  # unet.attend_qkv itself, its custom calls pointed at this build's targets
+  monkeypatch.setattr(native_ops, "ATTN_FWD", "avx2_AttentionFwd")
+  monkeypatch.setattr(native_ops, "ATTN_BWD", "avx2_AttentionBwd")
+  native_ops._attn_calls.cache_clear()
+  request.addfinalizer(native_ops._attn_calls.cache_clear)  # after monkeypatch restores the names
+  attention = unet.attend_qkv
+  lowered = jax.jit(jax.grad(lambda q: jnp.sum(attention(q, native_ops.ATTN_FLOAT32)))).lower(qkv).as_text()
+  assert "avx2_AttentionFwd" in lowered and "avx2_AttentionBwd" in lowered
   out, vjp = jax.vjp(lambda qkv: attention(qkv, native_ops.ATTN_FLOAT32), qkv)
   close(out, ref_attend(qkv))
   close(vjp(w)[0], jax.grad(lambda q: jnp.sum(ref_attend(q) * w))(qkv))
@@ -297,31 +303,6 @@ def test_native_attention_matches_xla_attend_values_and_gradients(shape):
   np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda qkv: jnp.sum(jnp.sin(f(qkv)) * w)  # noqa: E731
   np.testing.assert_allclose(jax.grad(loss(unet.attend_qkv))(qkv), jax.grad(loss(ref))(qkv), rtol=1e-4, atol=1e-4)
-
-
-def _ffi_attention(fwd_target: str, bwd_target: str):
-  """`unet.attend_qkv`'s rule (operands rounded in mode ATTN_ROUNDED_BF16) over FFI targets by name."""
-  def native(a, products):
-    return unet._native_operand(a, products)
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-  def attention(qkv, products):
-    return fwd(qkv, products)[0]
-
-  def fwd(qkv, products):
-    b, n, _, h, d = qkv.shape
-    out, lse = jax.ffi.ffi_call(fwd_target, (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),
-                                             jax.ShapeDtypeStruct((b, h, n), jnp.float32)))(
-        native(qkv, products), products=np.int64(products))
-    return out, (qkv, lse)
-
-  def bwd(products, res, dout):
-    qkv, lse = res
-    return (jax.ffi.ffi_call(bwd_target, jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
-        native(qkv, products), lse, native(dout, products), products=np.int64(products)),)
-
-  attention.defvjp(fwd, bwd)
-  return attention
 
 
 def _rms_rel(got, ref) -> float:

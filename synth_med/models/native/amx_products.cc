@@ -516,7 +516,7 @@ inline void transpose16_u32(const uint32_t* src, int64_t src_ld, int64_t len, ui
 // A[m][k] = a[m * rs + k * ks] (m < rows, k < cols) into d, rows of ld bfloat16 (ld a multiple
 // of 32, zero past cols). Rows of A contiguous (ks == 1) are converted as they are; columns
 // contiguous (rs == 1: A a transpose) are interleaved in pairs and transposed 16 pairs at a time.
-// Null when the scratch cannot be had.
+// False when the scratch cannot be had.
 bool pack_a(const float* a, int64_t rows, int64_t cols, int64_t rs, int64_t ks, uint16_t* d, int64_t ld) {
   if (ks == 1) {
     for (int64_t m = 0; m < rows; ++m) {
@@ -634,10 +634,6 @@ bool synth_med::amx_gemm(int64_t M, int64_t Nc, int64_t K, const float* a, int64
   _tile_release();
   return true;
 }
-
-namespace {
-
-}  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SynthMedConv3x3Bf16, Conv3x3Impl,
                               two_buffers_to_one().Attr<bool>("flip"));

@@ -99,11 +99,6 @@ bool product_nt(int64_t mode, int64_t M, int64_t Nc, int64_t d, const float* x, 
   return true;
 }
 
-// S = q k^T for one (image, head), unscaled (the softmax applies the scale); kt is d x N scratch.
-bool scores(int64_t mode, const float* q, const float* k, const Dims& D, int64_t ls, float* kt, float* S) {
-  return product_nt(mode, D.N, D.N, D.d, q, ls, k, ls, kt, S, D.N);
-}
-
 // c[n * c_rs + m] = (A B)[m][n]: dv = P^T dout and dk = dS^T q as (dout^T P)^T and (q^T dS)^T,
 // A = x^T (x: N x d, row stride x_rs) and B = y (N x N); on AMX tiles in mode 2, else the
 // float32 kernel on y^T x.
@@ -130,7 +125,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> qkvb, ffi::ResultBuffer<ffi::F32> outb,
       const float* v = q + 2 * H * d;
       float* out = outb->typed_data() + b * N * lo + h * d;
       float* lse = lseb->typed_data() + (b * H + h) * N;
-      if (!scores(mode, q, k, D, ls, kt, S)) return no_amx();
+      if (!product_nt(mode, N, N, d, q, ls, k, ls, kt, S, N)) return no_amx();  // S = q k^T, unscaled
       const vf vs = splat(scale);
       for (int64_t i = 0; i < N; ++i) {
         float* row = S + i * N;
@@ -175,7 +170,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> qkvb, ffi::Buffer<ffi::F32> lseb, ffi:
       float* dq = dqkvb->typed_data() + b * N * ls + h * d;
       float* dk = dq + H * d;
       float* dv = dq + 2 * H * d;
-      if (!scores(mode, q, k, D, ls, t, P)) return no_amx();
+      if (!product_nt(mode, N, N, d, q, ls, k, ls, t, P, N)) return no_amx();  // S = q k^T, unscaled
       const vf vs = splat(scale);
       for (int64_t i = 0; i < N; ++i) {
         float* row = P + i * N;
