@@ -300,71 +300,127 @@ bool apply(const float* in, float* out, int64_t batch, int64_t image_pixels, Mak
   return true;
 }
 
+// Positions per chunk of the kernel gradient: a chunk's x^T rows and g pairs stay in L1 while
+// the 9 taps and the channel blocks run over them.
+constexpr int64_t kGradChunk = 256;
+
 // acc[tap] (Mp x N) += sum over the image's positions p of x[p + tap] (x^T: xt, rows of Q) g[p]
-// (gv: pairs of positions interleaved).
+// (gv: pairs of positions interleaved), a chunk of positions at a time.
 void accumulate_kernel_grad(const uint16_t* xt, int64_t Q, int64_t Mp, const Frame& f, const uint16_t* gv,
                             int64_t N, float* acc) {
   const int64_t NB = N / 16, P32 = round_up(f.P, 32), c_stride = N * 4;
-  for (int t = 0; t < f.ntaps; ++t) {
+  for (int64_t q0 = 0; q0 < P32; q0 += kGradChunk) {
+    const int64_t q1 = std::min<int64_t>(P32, q0 + kGradChunk);
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
       for (int64_t nb0 = 0; nb0 < NB; nb0 += 2) {
         const bool two = nb0 + 1 < NB;
-        float* c = acc + (t * Mp + m0) * N + nb0 * 16;
-        _tile_loadd(0, c, c_stride);
-        _tile_loadd(2, c + 16 * N, c_stride);
-        if (two) {
-          _tile_loadd(1, c + 16, c_stride);
-          _tile_loadd(3, c + 16 * N + 16, c_stride);
-        }
-        const uint16_t* a = xt + m0 * Q + f.offs[t];
-        const uint16_t* v = gv + nb0 * 32;
-        for (int64_t p0 = 0; p0 < P32; p0 += 32, a += 32, v += 16 * N * 2) {
-          _tile_loadd(4, a, Q * 2);
-          _tile_loadd(5, a + 16 * Q, Q * 2);
-          _tile_loadd(6, v, N * 4);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(2, 5, 6);
+        for (int t = 0; t < f.ntaps; ++t) {
+          float* c = acc + (t * Mp + m0) * N + nb0 * 16;
+          _tile_loadd(0, c, c_stride);
+          _tile_loadd(2, c + 16 * N, c_stride);
           if (two) {
-            _tile_loadd(7, v + 32, N * 4);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
+            _tile_loadd(1, c + 16, c_stride);
+            _tile_loadd(3, c + 16 * N + 16, c_stride);
           }
-        }
-        _tile_stored(0, c, c_stride);
-        _tile_stored(2, c + 16 * N, c_stride);
-        if (two) {
-          _tile_stored(1, c + 16, c_stride);
-          _tile_stored(3, c + 16 * N + 16, c_stride);
+          const uint16_t* a = xt + m0 * Q + f.offs[t] + q0;
+          const uint16_t* v = gv + nb0 * 32 + q0 * N;
+          for (int64_t p0 = q0; p0 < q1; p0 += 32, a += 32, v += 16 * N * 2) {
+            _tile_loadd(4, a, Q * 2);
+            _tile_loadd(5, a + 16 * Q, Q * 2);
+            _tile_loadd(6, v, N * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two) {
+              _tile_loadd(7, v + 32, N * 4);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          _tile_stored(0, c, c_stride);
+          _tile_stored(2, c + 16 * N, c_stride);
+          if (two) {
+            _tile_stored(1, c + 16, c_stride);
+            _tile_stored(3, c + 16 * N + 16, c_stride);
+          }
         }
       }
     }
   }
 }
 
-// dst[m * dst_rs + i] = bf16(src[i * M + m]) for i < n, m < M: n pixels' channels transposed.
-inline void transpose_into(const float* src, int64_t n, int64_t M, uint16_t* dst, int64_t dst_rs) {
-  int64_t i = 0;
 #if defined(__AVX512BF16__)
-  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                         _mm512_set1_epi32(int(M)));
-  for (; i + 32 <= n; i += 32)
-    for (int64_t m = 0; m < M; ++m) {
-      const float* s = src + i * M + m;
-      const __m512 lo = _mm512_i32gather_ps(idx, s, 4), hi = _mm512_i32gather_ps(idx, s + 16 * M, 4);
-      _mm512_storeu_si512(dst + m * dst_rs + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
+// r[c] becomes column c of the 16 x 16 block r (rows r[0..15]).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + k], 128-bit lane L: column 4L + k of rows 4i..4i+3
+    r[4 * i] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * i], (__m512d)t[4 * i + 2]);
+    r[4 * i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * i], (__m512d)t[4 * i + 2]);
+    r[4 * i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * i + 1], (__m512d)t[4 * i + 3]);
+    r[4 * i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * i + 1], (__m512d)t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 u = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), v = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD), v2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_shuffle_f32x4(u, v, 0x88);
+    t[8 + k] = _mm512_shuffle_f32x4(u, v, 0xDD);
+    t[4 + k] = _mm512_shuffle_f32x4(u2, v2, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(u2, v2, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
 #endif
-  for (; i < n; ++i)
-    for (int64_t m = 0; m < M; ++m) dst[m * dst_rs + i] = bf16(src[i * M + m]);
+
+// xt[m * Q + f.pixel(j, y, x)] = bf16(src[(y W + x) M + m]): image j's pixels (H W x M, float32)
+// transposed into the frame's x^T, channels as rows.
+void transpose_image(const float* src, const Frame& f, int64_t j, int64_t M, uint16_t* xt, int64_t Q) {
+  const int64_t HW = f.H * f.W;
+  int64_t i0 = 0;
+#if defined(__AVX512BF16__)
+  if (M % 16 == 0) {
+    alignas(64) uint16_t tmp[16][16];
+    for (; i0 + 16 <= HW; i0 += 16)
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (i0 + i) * M + m0);
+        transpose16(r);  // r[c]: pixels i0..i0+15 of channel m0 + c
+        if (f.W % 16 == 0) {  // the 16 pixels are one run of a row
+          uint16_t* d = xt + m0 * Q + f.pixel(j, i0 / f.W, i0 % f.W);
+          for (int c = 0; c < 16; ++c) _mm256_storeu_si256((__m256i*)(d + c * Q), (__m256i)_mm512_cvtneps_pbh(r[c]));
+          continue;
+        }
+        for (int c = 0; c < 16; ++c) _mm256_store_si256((__m256i*)tmp[c], (__m256i)_mm512_cvtneps_pbh(r[c]));
+        for (int64_t i = i0; i < i0 + 16;) {  // runs of the 16 pixels within rows
+          const int64_t y = i / f.W, x = i % f.W, len = std::min(f.W - x, i0 + 16 - i);
+          uint16_t* d = xt + m0 * Q + f.pixel(j, y, x);
+          for (int c = 0; c < 16; ++c) std::memcpy(d + c * Q, tmp[c] + (i - i0), len * 2);
+          i += len;
+        }
+      }
+  }
+#endif
+  for (int64_t i = i0; i < HW; ++i) {
+    uint16_t* d = xt + f.pixel(j, i / f.W, i % f.W);
+    for (int64_t m = 0; m < M; ++m) d[m * Q] = bf16(src[i * M + m]);
+  }
 }
 
 // gv[p / 2][n][p % 2] = bf16(g)[position p, n] for the frame's positions p; the positions in
-// the borders are left as they are (zero).
+// the borders are left as they are (zero). A pair never holds pixels of two rows: the position
+// before a row's first is a border (or the frame's start).
 void interleave_pairs(const float* g, const Frame& f, int64_t N, uint16_t* gv) {
-  for (int64_t p = 0; p < f.P; p += 2) {
-    const int64_t ia = f.index(p), ib = f.index(p + 1);
-    if (ia >= 0 || ib >= 0) interleave_rows(ia >= 0 ? g + ia * N : nullptr, ib >= 0 ? g + ib * N : nullptr, gv + p * N, N);
-  }
+  for (int64_t j = 0; j < f.n; ++j)
+    for (int64_t y = 0; y < f.H; ++y) {
+      const int64_t p_row = f.position(j, y, 0);
+      const float* g_row = g + (j * f.H + y) * f.W * N;
+      for (int64_t p = p_row & ~int64_t(1); p < p_row + f.W; p += 2) {
+        const int64_t xa = p - p_row, xb = xa + 1;
+        interleave_rows(xa >= 0 ? g_row + xa * N : nullptr, xb < f.W ? g_row + xb * N : nullptr, gv + p * N, N);
+      }
+    }
 }
 
 // Bytes of x^T and g the kernel gradient keeps in cache per frame.
@@ -391,8 +447,7 @@ bool kernel_grad(const float* x, const float* g, float* dk, int64_t batch, int64
   for (int64_t b = 0; b < batch; b += G) {
     const Frame f = frame_of(std::min(G, batch - b));
     const float* xs = x + b * image_pixels * M;
-    for (int64_t j = 0; j < f.n; ++j)
-      for (int64_t y = 0; y < f.H; ++y) transpose_into(xs + (j * f.H + y) * f.W * M, f.W, M, xt + f.pixel(j, y, 0), Q);
+    for (int64_t j = 0; j < f.n; ++j) transpose_image(xs + j * image_pixels * M, f, j, M, xt, Q);
     // A smaller last frame: its positions past P read g as zero (the larger frame wrote them).
     std::memset(gv + f.P * N, 0, sizeof(uint16_t) * (round_up(f.P, 32) - f.P) * N);
     interleave_pairs(g + b * image_pixels * N, f, N, gv);
