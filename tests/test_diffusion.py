@@ -219,6 +219,27 @@ def test_resampling_ops_match_nearest_resize_and_avg_pool():
   np.testing.assert_allclose(unet._avg_pool(x)[0, 1, 2], x[0, 2:4, 4:6].mean((0, 1)), rtol=1e-6)
 
 
+def test_down_conv_is_the_strided_nn_conv_it_replaced():
+  """DownConv3x3 named Conv_<k> has nn.Conv's parameters (so older checkpoints load), its float32
+  outputs, and out[i, j] = the stride-1 convolution at (2i, 2j), which its AMX path computes."""
+  from flax import linen as nn
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 16))  # odd height: ceil(9 / 2) = 5 rows out
+  ref = nn.Conv(32, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  ours = unet.DownConv3x3(32)
+  p_ref, p_ours = ref.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, p_ref, p_ours)
+  y = ours.apply(p_ours, x)
+  assert y.shape == (2, 5, 4, 32)
+  np.testing.assert_allclose(y, ref.apply(p_ref, x), rtol=1e-5, atol=1e-5)
+  k = p_ours["params"]["kernel"]
+  np.testing.assert_allclose(unet._strided_conv(x, k), unet._conv(x, k)[:, ::2, ::2], rtol=1e-5, atol=1e-5)
+  model = unet.Model(out_channels=3, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                     attention_resolutions=(), num_head_channels=16)
+  params = model.init(jax.random.key(2), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32))["params"]
+  assert {k for k in params if k.startswith("Conv_")} == {"Conv_0", "Conv_1"}
+  assert params["Conv_1"]["kernel"].shape == (3, 3, 32, 32)
+
+
 # --- samplers ----------------------------------------------------------------------------------
 
 MU = jnp.asarray([-0.5, 0.0, 0.3, 0.8]).reshape(1, 2, 2, 1)

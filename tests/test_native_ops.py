@@ -436,7 +436,10 @@ def _bf16_layer_cases():
   x, k = jax.random.normal(ks[0], (2, 8, 8, 32)), 0.1 * jax.random.normal(ks[1], (3, 3, 32, 48))
   xd, wd = jax.random.normal(ks[2], (2, 40, 32)), 0.1 * jax.random.normal(ks[3], (32, 48))
   dense_ref = lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
-  return [("conv", unet.conv3x3_bf16, unet._conv, x, k), ("dense", unet.pixel_dense_bf16, dense_ref, xd, wd)]
+  xs, ks_ = jax.random.normal(ks[0], (2, 9, 8, 32)), 0.1 * jax.random.normal(ks[1], (3, 3, 32, 32))  # odd height
+  down = lambda a, b: unet.backend_down_conv3x3(a, b, "bfloat16")  # noqa: E731
+  return [("conv", unet.conv3x3_bf16, unet._conv, x, k), ("dense", unet.pixel_dense_bf16, dense_ref, xd, wd),
+          ("down", down, unet._strided_conv, xs, ks_)]
 
 
 @pytest.mark.parametrize("amx", [True, False])
@@ -459,8 +462,8 @@ def test_bf16_layers_and_their_gradients_are_float32_maths_on_rounded_operands(a
     _close_to(dk, rdk)
     assert dx.dtype == dk.dtype == jnp.float32
     hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(layer(x, k))), (0, 1))).lower(x, k).as_text()
-    targets = ((native_ops.CONV_BF16, native_ops.KERNEL_GRAD_BF16) if name == "conv"
-               else (native_ops.DENSE_BF16, native_ops.DENSE_GRAD_BF16))
+    targets = ((native_ops.DENSE_BF16, native_ops.DENSE_GRAD_BF16) if name == "dense"
+               else (native_ops.CONV_BF16, native_ops.KERNEL_GRAD_BF16))
     assert all(t in hlo for t in targets) == amx, name
 
 

@@ -285,6 +285,55 @@ def backend_conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "float32")
   return _conv(x, kernel)
 
 
+def _strided_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The 3x3 stride-2 convolution with one pixel of zero padding all round (guided-diffusion's
+  Downsample): out[i, j] = sum over taps of x[2i + di - 1, 2j + dj - 1] kernel[di, dj]."""
+  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _strided_conv_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`_strided_conv` with bfloat16 products (see `_with_bf16_products`): XLA's float32
+  convolutions on rounded operands, forward and backward."""
+  return _strided_conv(_round_bf16(x), _round_bf16(kernel))
+
+
+def _strided_conv_bf16_fwd(x, kernel):
+  return _strided_conv_bf16(x, kernel), (x, kernel)
+
+
+def _strided_conv_bf16_bwd(res, g):
+  x, kernel = res
+  return jax.vjp(_strided_conv, _round_bf16(x), _round_bf16(kernel))[1](_round_bf16(g))
+
+
+_strided_conv_bf16.defvjp(_strided_conv_bf16_fwd, _strided_conv_bf16_bwd)
+
+
+def backend_down_conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "float32") -> jax.Array:
+  """`_strided_conv` (the downsampling convolution) at `precision`.
+
+  With 'bfloat16' on a CPU whose AMX kernels take the shapes, it is the stride-1 `conv3x3_bf16`
+  at every other pixel (out[i, j] = conv[2i, 2j]): 4x the products, but on AMX tiles, which
+  beats XLA's strided float32 convolution 2-3x in all three of its convolutions (the gradient
+  of the subsampling is the zero-filled gradient the AMX kernels take as it is). Elsewhere
+  XLA's strided convolution: on rounded operands on CPUs, on bfloat16 operands with a float32
+  result on accelerators, in float32 at 'float32'.
+  """
+  _check_precision(precision)
+  if precision == "float32":
+    return _strided_conv(x, kernel)
+  if jax.default_backend() != "cpu":
+    out = jax.lax.conv_general_dilated(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (2, 2),
+                                       ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
+  if native_ops.conv3x3_bf16_fits(x, kernel):
+    return conv3x3_bf16(x, kernel)[:, ::2, ::2]
+  return _strided_conv_bf16(x, kernel)
+
+
 class _KernelAndBias(nn.Module):
   """The fields of a layer with a float32 `kernel` and a zero-initialised `bias`, named as
   Flax's layers name them (checkpoints are interchangeable), computed in `dtype`."""
@@ -308,6 +357,17 @@ class Conv3x3(_KernelAndBias):
   def __call__(self, x: jax.Array) -> jax.Array:
     return self._apply(x, (3, 3, x.shape[-1], self.features),
                        functools.partial(backend_conv3x3, precision=self.precision))
+
+
+class DownConv3x3(_KernelAndBias):
+  """nn.Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))) with the same
+  parameters (name it as Flax names that layer, Conv_<k>), on `backend_down_conv3x3`."""
+  precision: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self._apply(x, (3, 3, x.shape[-1], self.features),
+                       functools.partial(backend_down_conv3x3, precision=self.precision))
 
 
 @jax.custom_vjp
@@ -541,9 +601,10 @@ class Model(nn.Module):
   use_scale_shift_norm: bool = True
   resblock_updown: bool = False
   dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators); params stay float32
-  # 'bfloat16': the 3x3 convolutions' and per-pixel dense layers' products round their operands
-  # to bfloat16 and sum in float32 (`conv3x3_bf16`, `pixel_dense_bf16`: AMX tiles on recent
-  # Xeons); activations, norms, attention scores and parameters stay as they are.
+  # 'bfloat16': the 3x3 convolutions' (the stride-2 downsampling ones too), per-pixel dense
+  # layers' and attention's products round their operands to bfloat16 and sum in float32
+  # (`conv3x3_bf16`, `backend_down_conv3x3`, `pixel_dense_bf16`, `attend_qkv`: AMX tiles on
+  # recent Xeons); activations, norms, the softmax and parameters stay as they are.
   matmul_precision: str = "float32"
 
   @nn.compact
@@ -577,7 +638,9 @@ class Model(nn.Module):
         if self.resblock_updown:
           h = res_block(mult * ch, down=True)(h, emb, train)
         else:
-          h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype)(h)
+          # named as the nn.Conv it replaces was: checkpoints from before load as they are
+          h = DownConv3x3(h.shape[-1], dtype=self.dtype, precision=self.matmul_precision,
+                          name=f"Conv_{level}")(h)
         ds *= 2
         skips.append(h)
     h = res_block(h.shape[-1])(h, emb, train)
