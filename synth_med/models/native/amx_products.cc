@@ -115,6 +115,32 @@ inline void interleave_rows(const float* a, const float* b, uint16_t* d, int64_t
   }
 }
 
+#if defined(__AVX512BF16__)
+// r[c] becomes column c of the 16 x 16 block r (rows r[0..15]).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + k], 128-bit lane L: column 4L + k of rows 4i..4i+3
+    r[4 * i] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * i], (__m512d)t[4 * i + 2]);
+    r[4 * i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * i], (__m512d)t[4 * i + 2]);
+    r[4 * i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * i + 1], (__m512d)t[4 * i + 3]);
+    r[4 * i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * i + 1], (__m512d)t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 u = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), v = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD), v2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_shuffle_f32x4(u, v, 0x88);
+    t[8 + k] = _mm512_shuffle_f32x4(u, v, 0xDD);
+    t[4 + k] = _mm512_shuffle_f32x4(u2, v2, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(u2, v2, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // A scratch of n bfloat16 values (see scratch.h).
@@ -159,8 +185,28 @@ inline int64_t images_per_frame(int64_t batch, int64_t bytes_per_image, int64_t 
 void pack_kernel(const float* w, int ntaps, int64_t w_ts, int64_t w_ms, int64_t w_ns, int64_t M, int64_t N,
                  uint16_t* kb) {
   const int64_t Mp = round_up(M, 32), KC = Mp / 32, NB = N / 16;
+  int64_t m_done = 0;  // rows below it packed by the transposing path
+#if defined(__AVX512BF16__)
+  if (w_ms == 1 && M % 16 == 0) {  // a transposed kernel: 16 x 16 blocks transposed in registers, not gathered
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int t = 0; t < ntaps; ++t)
+      for (int64_t m0 = 0; m0 < M; m0 += 16)
+        for (int64_t nb = 0; nb < NB; ++nb) {
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(w + t * w_ts + m0 + (nb * 16 + i) * w_ns);
+          transpose16(r);  // r[c][i]: weight (m0 + c, 16 nb + i)
+          for (int c = 0; c < 16; c += 2) {
+            const int64_t m = m0 + c;
+            uint16_t* d = kb + (t * KC + m / 32) * NB * 512 + (m % 32) / 2 * 32 + nb * 512;
+            _mm512_storeu_si512(d, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(r[c + 1], r[c])));
+          }
+        }
+    m_done = M;
+  }
+#endif
   for (int t = 0; t < ntaps; ++t)
-    for (int64_t m = 0; m < Mp; m += 2) {
+    for (int64_t m = m_done; m < Mp; m += 2) {
       const float* a = m < M ? w + t * w_ts + m * w_ms : nullptr;
       const float* b = m + 1 < M ? w + t * w_ts + (m + 1) * w_ms : nullptr;
       uint16_t* d = kb + (t * KC + m / 32) * NB * 512 + (m % 32) / 2 * 32;
@@ -348,31 +394,6 @@ void accumulate_kernel_grad(const uint16_t* xt, int64_t Q, int64_t Mp, const Fra
   }
 }
 
-#if defined(__AVX512BF16__)
-// r[c] becomes column c of the 16 x 16 block r (rows r[0..15]).
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + k], 128-bit lane L: column 4L + k of rows 4i..4i+3
-    r[4 * i] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * i], (__m512d)t[4 * i + 2]);
-    r[4 * i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * i], (__m512d)t[4 * i + 2]);
-    r[4 * i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * i + 1], (__m512d)t[4 * i + 3]);
-    r[4 * i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * i + 1], (__m512d)t[4 * i + 3]);
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512 u = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), v = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
-    const __m512 u2 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD), v2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
-    t[k] = _mm512_shuffle_f32x4(u, v, 0x88);
-    t[8 + k] = _mm512_shuffle_f32x4(u, v, 0xDD);
-    t[4 + k] = _mm512_shuffle_f32x4(u2, v2, 0x88);
-    t[12 + k] = _mm512_shuffle_f32x4(u2, v2, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-#endif
 
 // xt[m * Q + f.pixel(j, y, x)] = bf16(src[(y W + x) M + m]): image j's pixels (H W x M, float32)
 // transposed into the frame's x^T, channels as rows.
