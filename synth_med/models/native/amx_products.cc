@@ -115,7 +115,7 @@ inline void interleave_rows(const float* a, const float* b, uint16_t* d, int64_t
   }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 // r[c] becomes column c of the 16 x 16 block r (rows r[0..15]).
 inline void transpose16(__m512 r[16]) {
   __m512 t[16];
@@ -577,10 +577,16 @@ ffi::Error DenseGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::
 }
 
 // dst[r * dst_ld + j] = src[j * src_ld + r] for j < 16, r < len: 16 rows of 32-bit values
-// (pairs of bfloat16) transposed, a gather per row of dst.
+// (pairs of bfloat16) transposed, 16 x 16 blocks in registers, the rest a gather per row of dst.
 inline void transpose16_u32(const uint32_t* src, int64_t src_ld, int64_t len, uint32_t* dst, int64_t dst_ld) {
   int64_t r = 0;
 #if defined(__AVX512F__)
+  for (; r + 16 <= len; r += 16) {
+    __m512 v[16];
+    for (int j = 0; j < 16; ++j) v[j] = _mm512_castsi512_ps(_mm512_loadu_si512(src + j * src_ld + r));
+    transpose16(v);  // v[c][j] = src[j][r + c]
+    for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + (r + c) * dst_ld, _mm512_castps_si512(v[c]));
+  }
   const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                          _mm512_set1_epi32(int(src_ld)));
   for (; r < len; ++r) _mm512_storeu_si512(dst + r * dst_ld, _mm512_i32gather_epi32(idx, src + r, 4));
