@@ -24,6 +24,22 @@ def _autodiff_kernel_grad(x, g):
 
 
 @needs_compiler
+def test_native_silu_is_float32_accurate_over_a_wide_range():
+  """simd.h's exp (2^n by vscalefps on AVX-512) and sigmoid (a reciprocal estimate and one Newton
+  step) stay at float32 accuracy: the native GroupNorm + SiLU forward equals the float64 formula
+  from its own statistics to 2e-6 of max(|y|, 1), for z = xhat * a over about [-100, 100]."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 32))
+  a = jnp.broadcast_to(jnp.linspace(1.0, 30.0, 32), (2, 32))
+  y, mean, inv = native_ops.group_norm_act_fwd(x, a, jnp.zeros((2, 32)), 8, True)
+  px = lambda v: np.asarray(v, np.float64)[:, None, None, :]  # noqa: E731
+  z = (np.asarray(x, np.float64) - px(mean)) * px(inv) * px(a)
+  assert z.min() < -60 and z.max() > 60
+  ref = z / (1.0 + np.exp(-z))
+  err = np.abs(np.asarray(y, np.float64) - ref) / np.maximum(np.abs(ref), 1.0)
+  assert err.max() < 2e-6, err.max()
+
+
+@needs_compiler
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3, 32),     # first conv: o fits the SIMD width
                                    (2, 8, 6, 32, 3),     # last conv: only c fits, the transposed call
                                    (3, 6, 9, 40, 48),    # partial register tiles, h != w

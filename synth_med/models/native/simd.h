@@ -22,14 +22,9 @@ static inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p);
 static inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 static inline vf splat(float s) { return vf{} + s; }
 
-// exp(x) to ~2 ulp for |x| < 87 (Cephes' expf polynomial); 0 below -87.3, clamped at 88.
-#if defined(__AVX512F__)
-// AVX-512: n = round(x log2 e), r = x - n ln 2 in two steps (Cody-Waite), the same polynomial,
-// and 2^n applied by vscalefps, which also gives 0 far below and inf far above the range.
-static inline vf vexp(vf x) {
-  x = x < splat(88.0f) ? x : splat(88.0f);
-  const vf lo = splat(-87.3365447505531f);
-  const vf nf = (vf)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+// e^(x - n ln 2) for x - n ln 2 within ln(2)/2: the reduction in two steps (Cody-Waite) and
+// Cephes' expf polynomial.
+static inline vf exp_reduced(vf x, vf nf) {
   vf r = x - nf * splat(0.693359375f);
   r = r - nf * splat(-2.12194440e-4f);
   vf p = splat(1.9875691500e-4f);
@@ -38,37 +33,32 @@ static inline vf vexp(vf x) {
   p = p * r + splat(4.1665795894e-2f);
   p = p * r + splat(1.6666665459e-1f);
   p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  const vf out = (vf)_mm512_scalef_ps((__m512)p, (__m512)nf);
-  return x < lo ? splat(0.0f) : out;
+  return p * r * r + r + splat(1.0f);
 }
-#else
+
+// exp(x) to 1 ulp for |x| < 87; 0 below -87.3, clamped at 88. n = round(x log2 e); 2^n is
+// applied by vscalefps on AVX-512, else built from its exponent bits.
 static inline vf vexp(vf x) {
   x = x < splat(88.0f) ? x : splat(88.0f);
   const vf lo = splat(-87.3365447505531f);
+#if defined(__AVX512F__)
+  const vf nf = (vf)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  const vf out = (vf)_mm512_scalef_ps((__m512)exp_reduced(x, nf), (__m512)nf);
+  return x < lo ? splat(0.0f) : out;
+#else
   const vi under = x < lo;
   x = x < lo ? lo : x;
   vf t = x * splat(1.44269504088896341f);
   t = t + (t < splat(0.0f) ? splat(-0.5f) : splat(0.5f));
   const vi n = __builtin_convertvector(t, vi);  // round half away from zero
   const vf nf = __builtin_convertvector(n, vf);
-  vf r = x - nf * splat(0.693359375f);
-  r = r - nf * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
   const vi bits = (n + 127) << 23;
   vf scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  vf out = p * scale;
+  const vf out = exp_reduced(x, nf) * scale;
   return under ? splat(0.0f) : out;
-}
-
 #endif
+}
 
 // 1 / d: AVX-512's 14-bit reciprocal estimate and one Newton step (~1 ulp; a division costs
 // ~1 cycle per float and bounds the SiLU passes), else the division.
