@@ -436,6 +436,19 @@ def test_amx_convolutions_equal_float32_convolutions_of_rounded_operands(shape):
 
 
 @needs_amx
+def test_amx_convolution_pads_few_output_channels():
+  """The UNet's 3-channel output conv runs on AMX, its kernel padded with zero columns to 16."""
+  ks = jax.random.split(jax.random.PRNGKey(3), 2)
+  x, k = jax.random.normal(ks[0], (2, 9, 8, 32)), jax.random.normal(ks[1], (3, 3, 32, 3))
+  f = jax.jit(native_ops.conv3x3_bf16)
+  y = f(x, k)
+  assert y.shape == (2, 9, 8, 3)
+  _close_to(y, unet._conv(_bf16(x), _bf16(k)))
+  assert native_ops.CONV_BF16 in f.lower(x, k).as_text()
+  assert native_ops.conv3x3_bf16(y, k, flip=True) is None  # its input gradient reads 3 channels: not AMX
+
+
+@needs_amx
 @pytest.mark.parametrize("shape", [(2, 100, 64, 48), (3, 1030, 128, 384), (1, 7, 32, 16)])
 def test_amx_dense_layers_equal_float32_products_of_rounded_operands(shape):
   b, p, m, n = shape  # 3 x 1030 positions: 12 runs of 256 and a rest of 18

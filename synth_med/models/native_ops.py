@@ -289,14 +289,19 @@ _KERNEL_GRAD_BF16_CALL = _over_batch(
 def conv3x3_bf16(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Array | None:
   """`conv3x3` with bfloat16 products: both operands rounded to bfloat16, sums in float32, on AMX.
 
-  None where the AMX kernel does not apply: no AMX (`amx_available`), not float32, output
-  channels not a multiple of 16, or fewer than 16 input channels.
+  None where the AMX kernel does not apply: no AMX (`amx_available`), not float32, fewer than
+  16 input channels, or (flip) output channels not a multiple of 16. A forward convolution's
+  output channels are padded to a multiple of 16 with zero kernel columns (the UNet's
+  3-channel output conv: 4-5x XLA's float32 convolution of the rounded operands).
   """
   n = kernel.shape[2] if flip else kernel.shape[3]
   if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[3 if flip else 2] != x.shape[-1]:
     raise ValueError(f"conv3x3_bf16: x {x.shape} and kernel {kernel.shape} do not match (flip={flip})")
-  if not _amx_fits(x, kernel, n):
+  pad = 0 if flip else -n % 16
+  if not _amx_fits(x, kernel, n + pad):
     return None
+  if pad:
+    return _CONV_BF16_CALLS[False](x, jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, pad))))[..., :n]
   return _CONV_BF16_CALLS[flip](x, kernel)
 
 
