@@ -296,7 +296,7 @@ def _strided_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def _strided_conv_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`_strided_conv` with bfloat16 products (see `_with_bf16_products`): XLA's float32
   convolutions on rounded operands, forward and backward."""
-  return _strided_conv(_round_bf16(x), _round_bf16(kernel))
+  return _strided_conv(_round_bf16(x), _round_bf16(kernel)).astype(x.dtype)
 
 
 def _strided_conv_bf16_fwd(x, kernel):
@@ -305,7 +305,8 @@ def _strided_conv_bf16_fwd(x, kernel):
 
 def _strided_conv_bf16_bwd(res, g):
   x, kernel = res
-  return jax.vjp(_strided_conv, _round_bf16(x), _round_bf16(kernel))[1](_round_bf16(g))
+  dx, dk = jax.vjp(_strided_conv, _round_bf16(x), _round_bf16(kernel))[1](_round_bf16(g.astype(jnp.float32)))
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 _strided_conv_bf16.defvjp(_strided_conv_bf16_fwd, _strided_conv_bf16_bwd)
