@@ -525,11 +525,15 @@ mesh = Mesh(np.array(jax.devices()), ("data",))
 shard, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 32)); k = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 16))
 w = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (32, 16))
-f = lambda x, k, w: jnp.sum(jnp.sin(unet.conv3x3_bf16(x, k))) + jnp.sum(jnp.sin(unet.pixel_dense_bf16(x, w)))
-g = jax.jit(jax.grad(f, range(3)))
-args = (jax.device_put(x, shard), jax.device_put(k, rep), jax.device_put(w, rep))
+kd, ko = 0.1 * jax.random.normal(jax.random.PRNGKey(3), (3, 3, 32, 32)), 0.1 * jax.random.normal(jax.random.PRNGKey(4), (3, 3, 32, 3))
+f = lambda x, k, w, kd, ko: (jnp.sum(jnp.sin(unet.conv3x3_bf16(x, k))) + jnp.sum(jnp.sin(unet.pixel_dense_bf16(x, w)))
+                             + jnp.sum(jnp.sin(unet.backend_down_conv3x3(x, kd, "bfloat16")))  # downsampling
+                             + jnp.sum(jnp.sin(unet.conv3x3_bf16(x, ko))))  # 3 output channels, padded to 16
+g = jax.jit(jax.grad(f, range(5)))
+args = (jax.device_put(x, shard), jax.device_put(k, rep), jax.device_put(w, rep), jax.device_put(kd, rep),
+        jax.device_put(ko, rep))
 hlo = g.lower(*args).compile().as_text()
-one, eight = g(x, k, w), g(*args)
+one, eight = g(x, k, w, kd, ko), g(*args)
 local = [ln.split("=")[1].split("custom-call")[0].strip() for ln in hlo.splitlines()
          if "custom_call_target=\\"" + native_ops.CONV_BF16 + "\\"" in ln]
 print("RESULT" + json.dumps({{"amx": native_ops.amx_available(),
@@ -542,8 +546,10 @@ print("RESULT" + json.dumps({{"amx": native_ops.amx_available(),
 def test_eight_device_mesh_runs_the_amx_layers_per_device():
   out, _ = _run(_EIGHT_DEVICES, _EIGHT_BF16)
   assert out["amx"] and out["err"] < 1e-5 and not out["all_gather"]
-  # the convolution and its input gradient, each on the device's 2 images with the whole kernel
-  assert sorted(out["local_conv"]) == ["f32[2,8,8,16]{3,2,1,0}", "f32[2,8,8,32]{3,2,1,0}"], out["local_conv"]
+  # each convolution and its input gradient on the device's 2 images with the whole kernel: the
+  # 16-channel conv, the downsampling (a stride-1 conv at full size), the 3-channel conv padded
+  # to 16 (its input gradient reads 3 channels: the float32 kernel on rounded operands)
+  assert sorted(out["local_conv"]) == ["f32[2,8,8,16]{3,2,1,0}"] * 2 + ["f32[2,8,8,32]{3,2,1,0}"] * 3, out["local_conv"]
   assert "data" in out["shardings"][0] and out["shardings"][1] in ("P()", "PartitionSpec()")
 
 
