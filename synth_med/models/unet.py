@@ -278,11 +278,16 @@ def backend_conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "float32")
   if jax.default_backend() == "cpu":
     return conv3x3_bf16(x, kernel) if precision == "bfloat16" else conv3x3(x, kernel)
   if precision == "bfloat16":
-    out = jax.lax.conv_general_dilated(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
+    return _conv_of_bf16_operands(x, kernel, (1, 1), "SAME")
   return _conv(x, kernel)
+
+
+def _conv_of_bf16_operands(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  """XLA's convolution of x and kernel cast to bfloat16, summed in float32, in x's dtype (the
+  'bfloat16' precision on accelerators)."""
+  out = jax.lax.conv_general_dilated(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), strides, padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+  return out.astype(x.dtype)
 
 
 def _strided_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -326,10 +331,7 @@ def backend_down_conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "floa
   if precision == "float32":
     return _strided_conv(x, kernel)
   if jax.default_backend() != "cpu":
-    out = jax.lax.conv_general_dilated(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (2, 2),
-                                       ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
+    return _conv_of_bf16_operands(x, kernel, (2, 2), ((1, 1), (1, 1)))
   if native_ops.conv3x3_bf16_fits(x, kernel):
     return conv3x3_bf16(x, kernel)[:, ::2, ::2]
   return _strided_conv_bf16(x, kernel)

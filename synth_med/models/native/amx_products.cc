@@ -90,14 +90,21 @@ inline void to_bf16(const float* s, uint16_t* d, int64_t n) {
   for (; i < n; ++i) d[i] = bf16(s[i]);
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 of a and b interleaved, a[0] b[0] a[1] b[1] ... a[15] b[15]: the pairs TDPBF16PS reads.
+inline __m512i interleave_bf16(__m512 a, __m512 b) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+#endif
+
 // d[2c + e] = bf16 of (e ? b : a)[c * stride] for c < n: two rows interleaved, as TDPBF16PS
 // reads pairs (of input channels in a kernel tile, of positions in an output-gradient tile);
 // a null row is zeros.
 inline void interleave_rows(const float* a, const float* b, uint16_t* d, int64_t n, int64_t stride = 1) {
   int64_t c = 0;
 #if defined(__AVX512BF16__)
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32(int(stride)));
   auto load = [&](const float* p) {
@@ -106,7 +113,7 @@ inline void interleave_rows(const float* a, const float* b, uint16_t* d, int64_t
   };
   for (; c + 16 <= n; c += 16) {
     const __m512 va = load(a ? a + c * stride : nullptr), vb = load(b ? b + c * stride : nullptr);
-    _mm512_storeu_si512(d + c * 2, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(vb, va)));
+    _mm512_storeu_si512(d + c * 2, interleave_bf16(va, vb));
   }
 #endif
   for (; c < n; ++c) {
@@ -188,8 +195,6 @@ void pack_kernel(const float* w, int ntaps, int64_t w_ts, int64_t w_ms, int64_t 
   int64_t m_done = 0;  // rows below it packed by the transposing path
 #if defined(__AVX512BF16__)
   if (w_ms == 1 && M % 16 == 0) {  // a transposed kernel: 16 x 16 blocks transposed in registers, not gathered
-    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int t = 0; t < ntaps; ++t)
       for (int64_t m0 = 0; m0 < M; m0 += 16)
         for (int64_t nb = 0; nb < NB; ++nb) {
@@ -199,7 +204,7 @@ void pack_kernel(const float* w, int ntaps, int64_t w_ts, int64_t w_ms, int64_t 
           for (int c = 0; c < 16; c += 2) {
             const int64_t m = m0 + c;
             uint16_t* d = kb + (t * KC + m / 32) * NB * 512 + (m % 32) / 2 * 32 + nb * 512;
-            _mm512_storeu_si512(d, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(r[c + 1], r[c])));
+            _mm512_storeu_si512(d, interleave_bf16(r[c], r[c + 1]));
           }
         }
     m_done = M;
@@ -393,7 +398,6 @@ void accumulate_kernel_grad(const uint16_t* xt, int64_t Q, int64_t Mp, const Fra
     }
   }
 }
-
 
 // xt[m * Q + f.pixel(j, y, x)] = bf16(src[(y W + x) M + m]): image j's pixels (H W x M, float32)
 // transposed into the frame's x^T, channels as rows.
