@@ -308,7 +308,8 @@ def conv3x3_bf16(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Arr
 def conv3x3_bf16_fits(x: jax.Array, kernel: jax.Array) -> bool:
   """Whether `conv3x3_bf16` runs on AMX for x and kernel (3, 3, m, n) in both directions: the
   convolution (n output channels) and its input gradient (m output channels)."""
-  return _amx_fits(x, kernel, kernel.shape[3]) and kernel.shape[3] >= _AMX_MIN_CHANNELS and kernel.shape[2] % 16 == 0
+  g = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)  # the input gradient's operand
+  return _amx_fits(x, kernel, kernel.shape[3]) and _amx_fits(g, kernel, kernel.shape[2])
 
 
 def kernel_grad_bf16(x: jax.Array, g: jax.Array) -> jax.Array | None:

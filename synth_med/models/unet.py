@@ -166,8 +166,13 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _native_or_xla_conv(x, kernel)
 
 
+def _xla_conv(x: jax.Array, kernel: jax.Array, strides, padding, **kw) -> jax.Array:
+  """XLA's NHWC x HWIO convolution (the one place its layout is spelled out)."""
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+
+
 def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return _xla_conv(x, kernel, (1, 1), "SAME")
 
 
 def _native_or_xla_conv(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Array:
@@ -285,16 +290,15 @@ def backend_conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "float32")
 def _conv_of_bf16_operands(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
   """XLA's convolution of x and kernel cast to bfloat16, summed in float32, in x's dtype (the
   'bfloat16' precision on accelerators)."""
-  out = jax.lax.conv_general_dilated(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), strides, padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+  out = _xla_conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), strides, padding,
+                  preferred_element_type=jnp.float32)
   return out.astype(x.dtype)
 
 
 def _strided_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """The 3x3 stride-2 convolution with one pixel of zero padding all round (guided-diffusion's
   Downsample): out[i, j] = sum over taps of x[2i + di - 1, 2j + dj - 1] kernel[di, dj]."""
-  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return _xla_conv(x, kernel, (2, 2), ((1, 1), (1, 1)))
 
 
 @jax.custom_vjp
