@@ -341,6 +341,12 @@ def backend_down_conv3x3(x: jax.Array, kernel: jax.Array, precision: str = "floa
   return _strided_conv_bf16(x, kernel)
 
 
+def _add_f32(x: jax.Array, y: jax.Array) -> jax.Array:
+  """x + y (broadcast) computed in float32 and stored in x's dtype; y's gradient (x's summed
+  over the broadcast axes) is then summed in float32 whatever x's dtype. The identity for float32 x."""
+  return (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(x.dtype)
+
+
 class _KernelAndBias(nn.Module):
   """The fields of a layer with a float32 `kernel` and a zero-initialised `bias`, named as
   Flax's layers name them (checkpoints are interchangeable), computed in `dtype`."""
@@ -349,10 +355,15 @@ class _KernelAndBias(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
 
   def _apply(self, x: jax.Array, kernel_shape: tuple[int, ...], product) -> jax.Array:
-    """product(x, kernel) + bias; call from a subclass's compact `__call__`."""
+    """product(x, kernel) + bias; call from a subclass's compact `__call__`.
+
+    The bias is added in float32, so that its gradient (the output gradient summed over the
+    batch and the pixels) is summed in float32 in a 16-bit model too: a bfloat16 sum of
+    ~1-sized terms stops growing at 256.
+    """
     kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return product(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return _add_f32(product(x.astype(self.dtype), kernel.astype(self.dtype)), bias)
 
 
 class Conv3x3(_KernelAndBias):
@@ -470,13 +481,14 @@ class ResBlock(nn.Module):
       resample = _upsample if self.up else _avg_pool
       h, x = resample(h), resample(x)
     h = conv(self.out_channels, name="in_conv")(h)
+    # in float32, as emb is (a [batch, channels] product: its gradient sums over the pixels)
     emb_out = nn.Dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
-                       dtype=self.dtype, name="emb")(nn.silu(emb))
+                       name="emb")(nn.silu(emb))
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = Norm(name="out_norm")(h, scale, shift, silu=True)
     else:
-      h = Norm(name="out_norm")(h + _px(emb_out), silu=True)
+      h = Norm(name="out_norm")(_add_f32(h, _px(emb_out)), silu=True)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, init=nn.initializers.zeros, name="out_conv")(h)
     if x.shape[-1] != self.out_channels:
@@ -626,7 +638,7 @@ class Model(nn.Module):
       # multi-hot label sums them), so the condition is as loud as the time embedding from step 0.
       emb = emb + nn.Dense(4 * ch, use_bias=False, kernel_init=nn.initializers.normal(1.0),
                            name="cond_embed")(cond.astype(jnp.float32))
-    emb = emb.astype(self.dtype)
+    # emb stays float32 in a 16-bit model (it is only [batch, 4 ch]): its gradient sums every block's.
     if low_res is not None:
       x = jnp.concatenate([x, low_res.astype(x.dtype)], axis=-1)
     _check_precision(self.matmul_precision)

@@ -1,0 +1,149 @@
+"""The UNet's accelerator branches, run and lowered on this CPU.
+
+`unet` picks its ops by `jax.default_backend()`: the native C++ kernels on CPUs; XLA's own
+convolutions and dots (bfloat16 operands at 'bfloat16' precision) and cuDNN's fused attention
+(16-bit) elsewhere. Device sessions are rare and short, so these branches are checked here: with
+the backend reported as 'gpu' (cuDNN's attention swapped for XLA's same maths, which runs on a
+CPU), the model must match the CPU path's float32 maths, use no native kernel, and its whole
+train step must lower for CUDA (`jax.export`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import export
+
+from synth_med.diffusion.conditioning import ConditioningSpec
+from synth_med.diffusion.schedules import make_schedule
+from synth_med.diffusion.training import DiffusionTask
+from synth_med.models import native_ops, unet
+from synth_med.train import state as state_lib
+from synth_med.train.step import make_train_step
+
+NATIVE_PREFIX = "synth_med_"  # every native_ops FFI target's name starts so
+
+
+def _model(**kw) -> unet.Model:
+  # resblock_updown=False: the downsampling is DownConv3x3's strided convolution
+  args = dict(out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+              num_head_channels=8, resblock_updown=False)
+  args.update(kw)
+  return unet.Model(**args)
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+  """The backend reported as 'gpu'; cuDNN attention run as XLA's. Yields the implementations asked for."""
+  asked = []
+  xla_attention = jax.nn.dot_product_attention
+
+  def attention(q, k, v, *args, implementation=None, **kw):
+    asked.append(implementation)
+    return xla_attention(q, k, v, *args, implementation="xla", **kw)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", attention)
+  return asked
+
+
+def _inputs():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  return x, jnp.array([10, 700])
+
+
+def _perturbed_params(model, x, t):
+  params = model.init(jax.random.PRNGKey(1), x, t)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))  # no zero layers: every branch matters
+  return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+def _out_and_grads(model, params, x, t):
+  def loss(p):
+    out = model.apply(p, x, t).astype(jnp.float32)
+    return jnp.sum(jnp.sin(out)), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return out, grads
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_accelerator_branches_match_the_cpu_float32_maths(precision, on_gpu, monkeypatch):
+  x, t = _inputs()
+  reference = _model()
+  params = _perturbed_params(reference, x, t)
+  model = _model(dtype=jnp.bfloat16, matmul_precision=precision)  # :full's compute dtype
+
+  with monkeypatch.context() as cpu:  # the reference on the real (CPU) backend
+    cpu.setattr(jax, "default_backend", lambda: "cpu")
+    ref_out, ref_grads = _out_and_grads(reference, params, x, t)
+    cpu_hlo = jax.jit(lambda p: reference.apply(p, x, t)).lower(params).as_text()
+  out, grads = _out_and_grads(model, params, x, t)
+
+  assert on_gpu and set(on_gpu) == {"cudnn"}  # 16-bit attention goes to cuDNN's fused kernel
+  hlo = jax.jit(lambda p: model.apply(p, x, t)).lower(params).as_text()
+  assert NATIVE_PREFIX not in hlo  # no CPU-only custom call on an accelerator
+  if native_ops.simd_width():
+    assert NATIVE_PREFIX in cpu_hlo  # (so the line above can fail)
+  # bfloat16 activations: ~0.4 % per rounding, over a few layers (measured: out 0.9 %, grads 1.4 %).
+  # Biases are added in float32 so that their gradients are float32 sums: summed in bfloat16, the
+  # output conv's bias gradient here (512 terms of ~0.95) stuck at 256, 47 % off.
+  assert _rel(out, ref_out) < 3e-2, _rel(out, ref_out)
+  worst = max(jax.tree.leaves(jax.tree.map(_rel, grads, ref_grads)))
+  assert worst < 5e-2, worst
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # params stay float32
+
+
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for sub in (value if isinstance(value, (list, tuple)) else (value,)):
+      inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr, or a Jaxpr
+      if hasattr(inner, "eqns"):
+        yield inner
+
+
+def _sums_of_16_bit_terms(jaxpr) -> list[tuple[str, int]]:
+  """(op, number of terms) of every reduction in a jaxpr (sub-jaxprs included) with 16-bit operands."""
+  found = []
+  for e in jaxpr.eqns:
+    if e.primitive.name.startswith("reduce_") and e.invars[0].aval.dtype in (jnp.bfloat16, jnp.float16):
+      shape = e.invars[0].aval.shape
+      found.append((e.primitive.name, int(np.prod([shape[a] for a in e.params["axes"]]))))
+    for sub in _sub_jaxprs(e):
+      found += _sums_of_16_bit_terms(sub)
+  return found
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_the_train_step_lowers_for_cuda_and_sums_in_float32(scale_shift, on_gpu):
+  """The whole step (loss, grads, Adam, EMA) of a bfloat16 model conditioned on a label and sex.
+
+  No reduction in it sums more than 4 bfloat16 terms (the nearest upsampling's gradient sums 4):
+  bias and embedding gradients, which sum over the batch and the pixels, are float32 sums.
+  """
+  task = DiffusionTask(_model(dtype=jnp.bfloat16, use_scale_shift_norm=scale_shift), make_schedule("linear", 1000),
+                       ConditioningSpec("softmax", 3, (("sex", 2),)), 0.1)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8),
+           "label": np.eye(3, dtype=np.float32)[rng.integers(0, 3, 4)], "label_mask": np.ones((4, 3), np.float32),
+           "labelled": np.array([True, True, False, True]), "attrs/sex": np.array([0, 1, 1, 0], np.int32)}
+  tx = optax.adam(1e-4)
+  with pytest.MonkeyPatch.context() as cpu:  # parameters made on the CPU, as a checkpoint would be
+    cpu.setattr(jax, "default_backend", lambda: "cpu")
+    params = task.init(jax.random.PRNGKey(0), batch)
+  state = state_lib.create(params, tx, jax.random.key(1))
+  step = jax.jit(make_train_step(task, tx, lambda _: 1e-4, 0.999))
+  sums = _sums_of_16_bit_terms(jax.make_jaxpr(step)(state, batch).jaxpr)
+  assert max((n for _, n in sums), default=0) <= 4, sorted(set(sums))
+  exported = export.export(step, platforms=["cuda"])(state, batch)
+  text = exported.mlir_module()
+  assert exported.platforms == ("cuda",)
+  assert NATIVE_PREFIX not in text and "stablehlo.convolution" in text
+  assert set(on_gpu) == {"cudnn"}
