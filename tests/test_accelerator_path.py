@@ -25,6 +25,9 @@ from synth_med.train.step import make_train_step
 
 NATIVE_PREFIX = "synth_med_"  # every native_ops FFI target's name starts so
 
+# A simulation of a GPU on a CPU: its float32 reference runs the CPU path (native kernels)
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="simulates an accelerator on a CPU")
+
 
 def _model(**kw) -> unet.Model:
   # resblock_updown=False: the downsampling is DownConv3x3's strided convolution
