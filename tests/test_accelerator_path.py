@@ -19,9 +19,13 @@ from jax import export
 from synth_med.diffusion.conditioning import ConditioningSpec
 from synth_med.diffusion.schedules import make_schedule
 from synth_med.diffusion.training import DiffusionTask
+from synth_med.experiments.diffusion import build_schedule, low_res_augment
+from synth_med.models.diffusion_unets import build_model
 from synth_med.models import native_ops, unet
 from synth_med.train import state as state_lib
+from synth_med.train.optimizers import make_optimizer
 from synth_med.train.step import make_train_step
+from tests.conftest import load_config
 
 NATIVE_PREFIX = "synth_med_"  # every native_ops FFI target's name starts so
 
@@ -150,3 +154,30 @@ def test_the_train_step_lowers_for_cuda_and_sums_in_float32(scale_shift, on_gpu)
   assert exported.platforms == ("cuda",)
   assert NATIVE_PREFIX not in text and "stablehlo.convolution" in text
   assert set(on_gpu) == {"cudnn"}
+
+
+@pytest.mark.parametrize("stage", ["base", "upsampler"])
+def test_the_full_table_e1_train_steps_lower_for_cuda(stage, on_gpu):
+  """`derm_cascade:full`'s base (64 px, 276 M params, batch 128) and upsampler (64 -> 256 px,
+  batch 32) train steps, as a device session runs them, lowered for CUDA on abstract shapes:
+  the configs build, trace in bfloat16 with cuDNN attention, and sum no gradient in 16 bits."""
+  config = load_config("derm_cascade", "full")[stage]
+  assert config.model.dtype == "bfloat16"
+  low_aug = low_res_augment(config)
+  task = DiffusionTask(build_model(config.model, 3), build_schedule(config),
+                       ConditioningSpec("softmax", 27, (("sex", 2),)), float(config.diffusion.drop_prob), low_aug)
+  tx, schedule = make_optimizer(config.train.optimizer, int(config.train.steps))
+  b, size = int(config.train.batch_size), int(config.data.image_size)
+  batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8),
+           "label": jax.ShapeDtypeStruct((b, 27), jnp.float32), "label_mask": jax.ShapeDtypeStruct((b, 27), jnp.float32),
+           "labelled": jax.ShapeDtypeStruct((b,), jnp.bool_), "attrs/sex": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  state = jax.eval_shape(lambda rng, b: state_lib.create(task.init(rng, b), tx, jax.random.fold_in(rng, 1)),
+                         jax.random.key(0), batch)
+  step = jax.jit(make_train_step(task, tx, schedule, float(config.train.ema_decay)))
+  sums = _sums_of_16_bit_terms(jax.make_jaxpr(step)(state, batch).jaxpr)
+  assert max((n for _, n in sums), default=0) <= 4, sorted(set(sums))
+  exported = export.export(step, platforms=["cuda"])(state, batch)
+  assert NATIVE_PREFIX not in exported.mlir_module()
+  assert set(on_gpu) == {"cudnn"}
+  if stage == "base":
+    assert 270e6 < unet.num_params(state.params) < 280e6  # Table E1's base model (bench/README: 276.4 M)
