@@ -481,7 +481,7 @@ class ResBlock(nn.Module):
       resample = _upsample if self.up else _avg_pool
       h, x = resample(h), resample(x)
     h = conv(self.out_channels, name="in_conv")(h)
-    # in float32, as emb is (a [batch, channels] product: its gradient sums over the pixels)
+    # float32, as emb is: a [batch, channels] product, whose gradient sums over the pixels
     emb_out = nn.Dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
                        name="emb")(nn.silu(emb))
     if self.use_scale_shift_norm:
@@ -638,7 +638,7 @@ class Model(nn.Module):
       # multi-hot label sums them), so the condition is as loud as the time embedding from step 0.
       emb = emb + nn.Dense(4 * ch, use_bias=False, kernel_init=nn.initializers.normal(1.0),
                            name="cond_embed")(cond.astype(jnp.float32))
-    # emb stays float32 in a 16-bit model (it is only [batch, 4 ch]): its gradient sums every block's.
+    # emb stays float32 in a 16-bit model (it is only [batch, 4 ch]): its gradient sums all blocks' parts.
     if low_res is not None:
       x = jnp.concatenate([x, low_res.astype(x.dtype)], axis=-1)
     _check_precision(self.matmul_precision)
