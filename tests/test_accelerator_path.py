@@ -43,7 +43,7 @@ def _model(**kw) -> unet.Model:
 
 @pytest.fixture
 def on_gpu(monkeypatch):
-  """The backend reported as 'gpu'; cuDNN attention run as XLA's. Yields the implementations asked for."""
+  """The backend reported as 'gpu'; cuDNN attention run as XLA's. Returns the implementations asked for."""
   asked = []
   xla_attention = jax.nn.dot_product_attention
 
@@ -128,13 +128,23 @@ def _sums_of_16_bit_terms(jaxpr) -> list[tuple[str, int]]:
   return found
 
 
+def _check_lowers_for_cuda(step, state, batch, attention_asked: list) -> str:
+  """`step` sums no more than 4 bfloat16 terms anywhere (the nearest upsampling's gradient sums
+  4), lowers for CUDA with no native kernel in it, and asked for cuDNN attention; its StableHLO."""
+  sums = _sums_of_16_bit_terms(jax.make_jaxpr(step)(state, batch).jaxpr)
+  assert max((n for _, n in sums), default=0) <= 4, sorted(set(sums))
+  exported = export.export(step, platforms=["cuda"])(state, batch)
+  assert exported.platforms == ("cuda",)
+  text = exported.mlir_module()
+  assert NATIVE_PREFIX not in text
+  assert set(attention_asked) == {"cudnn"}
+  return text
+
+
 @pytest.mark.parametrize("scale_shift", [True, False])
 def test_the_train_step_lowers_for_cuda_and_sums_in_float32(scale_shift, on_gpu):
-  """The whole step (loss, grads, Adam, EMA) of a bfloat16 model conditioned on a label and sex.
-
-  No reduction in it sums more than 4 bfloat16 terms (the nearest upsampling's gradient sums 4):
-  bias and embedding gradients, which sum over the batch and the pixels, are float32 sums.
-  """
+  """The whole step (loss, grads, Adam, EMA) of a bfloat16 model conditioned on a label and sex:
+  bias and embedding gradients, which sum over the batch and the pixels, are float32 sums."""
   task = DiffusionTask(_model(dtype=jnp.bfloat16, use_scale_shift_norm=scale_shift), make_schedule("linear", 1000),
                        ConditioningSpec("softmax", 3, (("sex", 2),)), 0.1)
   rng = np.random.default_rng(0)
@@ -147,13 +157,7 @@ def test_the_train_step_lowers_for_cuda_and_sums_in_float32(scale_shift, on_gpu)
     params = task.init(jax.random.PRNGKey(0), batch)
   state = state_lib.create(params, tx, jax.random.key(1))
   step = jax.jit(make_train_step(task, tx, lambda _: 1e-4, 0.999))
-  sums = _sums_of_16_bit_terms(jax.make_jaxpr(step)(state, batch).jaxpr)
-  assert max((n for _, n in sums), default=0) <= 4, sorted(set(sums))
-  exported = export.export(step, platforms=["cuda"])(state, batch)
-  text = exported.mlir_module()
-  assert exported.platforms == ("cuda",)
-  assert NATIVE_PREFIX not in text and "stablehlo.convolution" in text
-  assert set(on_gpu) == {"cudnn"}
+  assert "stablehlo.convolution" in _check_lowers_for_cuda(step, state, batch, on_gpu)
 
 
 @pytest.mark.parametrize("stage", ["base", "upsampler"])
@@ -174,10 +178,6 @@ def test_the_full_table_e1_train_steps_lower_for_cuda(stage, on_gpu):
   state = jax.eval_shape(lambda rng, b: state_lib.create(task.init(rng, b), tx, jax.random.fold_in(rng, 1)),
                          jax.random.key(0), batch)
   step = jax.jit(make_train_step(task, tx, schedule, float(config.train.ema_decay)))
-  sums = _sums_of_16_bit_terms(jax.make_jaxpr(step)(state, batch).jaxpr)
-  assert max((n for _, n in sums), default=0) <= 4, sorted(set(sums))
-  exported = export.export(step, platforms=["cuda"])(state, batch)
-  assert NATIVE_PREFIX not in exported.mlir_module()
-  assert set(on_gpu) == {"cudnn"}
+  _check_lowers_for_cuda(step, state, batch, on_gpu)
   if stage == "base":
     assert 270e6 < unet.num_params(state.params) < 280e6  # Table E1's base model (bench/README: 276.4 M)
