@@ -24,6 +24,9 @@ EMA) on a device-resident random batch, and reports
   `unet.group_norm_act`'s custom VJP, which came after session 4's GPU run) and the
   diagnostic `affine_norm` (the norm without its statistics: not a valid model).
   `tests/test_bench_scripts.py` runs them on the smoke model.
+- Memory: each variant prints what its compiled step holds (XLA's buffer assignment: state,
+  batch and temporaries) against the device's limit, and after timing the device's peak use;
+  an out-of-memory variant is reported with the batch to try instead.
 """
 from __future__ import annotations
 
@@ -156,6 +159,18 @@ def matmul_peak(n: int = 8192, reps: int = 10) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
+def memory_report(compiled, dev) -> str:
+  """What the compiled step holds on the device (XLA's buffer assignment), against the device's limit."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return "memory: no analysis on this backend"
+  held = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  limit = (dev.memory_stats() or {}).get("bytes_limit")
+  return (f"memory: state+batch {m.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
+          f"{m.temp_size_in_bytes / 2**30:.2f} GiB, {held / 2**30:.2f} GiB in all"
+          + (f" of the device's {limit / 2**30:.1f} GiB" if limit else ""))
+
+
 def _category(name: str) -> str:
   n = name.lower()
   for key, words in (("attention (cuDNN fmha)", ("fmha", "flash", "attention", "sdpa")),
@@ -286,11 +301,12 @@ def main() -> None:
     try:
       _patch(VARIANTS[name])
       state = jax.jit(init)(jax.random.key(0))
-      fn = jax.jit(new_step(), donate_argnums=(0,))
       t0 = time.perf_counter()
+      fn = jax.jit(new_step(), donate_argnums=(0,)).lower(state, batch).compile()
+      compile_s = time.perf_counter() - t0
+      print(f"{name}: {memory_report(fn, dev)}", flush=True)
       state, m = fn(state, batch)
       jax.block_until_ready(m)
-      compile_s = time.perf_counter() - t0
       for _ in range(2):
         state, m = fn(state, batch)
       jax.block_until_ready(m)
@@ -308,12 +324,15 @@ def main() -> None:
       rows.append((name, s, compile_s, loss))
       if args.profile and name == "default":
         state = profile_step(fn, state, batch, args.profile)
+      peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
       print(f"{name}: {s * 1e3:.1f} ms/step (spread {min(per_step) * 1e3:.1f}-{max(per_step) * 1e3:.1f}), "
             f"{batch_size / s:.0f} img/s, {flops / s / 1e12:.0f} TFLOP/s, compile {compile_s:.0f} s, "
-            f"loss {loss:.4f}", flush=True)
+            + (f"device peak {peak / 2**30:.1f} GiB, " if peak else "") + f"loss {loss:.4f}", flush=True)
       del state
     except Exception as e:  # noqa: BLE001 - report and go on to the next variant
-      print(f"{name}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+      hint = (f" (out of device memory at batch {batch_size}: try --batch={batch_size // 2}, or a device "
+              "with more memory)") if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e) else ""
+      print(f"{name}: FAILED {type(e).__name__}{hint}: {str(e)[:400]}", flush=True)
   _patch({})
 
   print("\nvariant            ms/step   img/s  TFLOP/s  MFU(datasheet)  MFU(measured matmul)")

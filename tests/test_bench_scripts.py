@@ -31,6 +31,8 @@ def test_unet_mfu_runs_every_variant_on_the_smoke_model():
   assert sorted(losses) == sorted(variants), out[-2000:]
   assert max(losses.values()) - min(losses.values()) < 1e-3 * max(losses.values()), losses
   assert "model FLOPs/step" in out
+  # what each variant's compiled step holds (the next device run reads whether :full fits its memory)
+  assert sum("memory: state+batch" in line for line in out.splitlines()) == len(variants), out[-2000:]
 
 
 def test_unet_benchmark_runs_our_side_without_torch():
