@@ -174,6 +174,9 @@ def mix_config(world: str) -> ConfigDict:
       "filter_dominant": 0,  # w2: drop synthetic examples of the k most frequent classes; 0 = off
       "attribute": {"skin": "sex", "chest": "sex", "tissue": "hospital"}[world],  # for w1 and oversampling
       "oversample": False,  # repeat rows so the attribute's values are equally frequent (E.2 baseline)
+      # Controls that keep the synthetic store's rows but swap in real training images (README "Controls"):
+      # '' (synthetic images) | real_images (same label and property) | label_prior (same label).
+      "control": "",
   })
 
 
@@ -401,11 +404,25 @@ def stage_configs(classifier_module, diffusion_module, words: set[str], upsample
 
 def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,
            equality_level: float = 0.0, filter_dominant: int = 0, oversample: bool = False,
-           pretrained: bool = False) -> ConfigDict:
-  """One classifier recipe of a study (a baseline or a synthetic mix)."""
+           pretrained: bool = False, control: str = "") -> ConfigDict:
+  """One classifier recipe of a study (a baseline, a synthetic mix, or a control of one: `control`
+  swaps the synthetic images for real ones, see mix_config)."""
   return ConfigDict({"augment": augment, "loss": loss, "synthetic": synthetic, "alpha": alpha,
                      "equality_level": equality_level, "filter_dominant": filter_dominant,
-                     "oversample": oversample, "pretrained": pretrained})
+                     "oversample": oversample, "pretrained": pretrained, "control": control})
+
+
+def controls(mix: ConfigDict) -> dict[str, ConfigDict]:
+  """The controls of a synthetic mix: its store's rows, weights and alpha with real images in place of the
+  synthetic ones. `control_real_images` takes a real image of the same label and property value;
+  `control_label_prior` one of the same label only, i.e. the real data oversampled to the store's label
+  distribution. A mix that does no better than these gains from its label (and property) mix, not its images."""
+  out = {}
+  for name in ("real_images", "label_prior"):
+    c = copy_unlocked(mix)
+    c.control = name
+    out[f"control_{name}"] = c
+  return out
 
 
 TUNE_METRIC = {"skin": "top3", "chest": "mean_auc", "tissue": "accuracy"}
@@ -429,6 +446,8 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.generate = ConfigDict({
       "modes": ("label", "label_property"),
       "attribute": attribute,  # fair sampling is uniform over this property
+      # ... over these codes of it; () = every value seen in labelled or unlabelled training data.
+      "property_values": (),
       "num_images": 2000,  # per mode (our choice; 002 leaves it open)
       "seed": 0,
       "shard_size": 256,
@@ -443,6 +462,8 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   })
   config.methods = ConfigDict(methods)
   config.method_names = ""  # comma list to run a subset; "" = all
+  # Paired comparisons with the first method (evaluation/paired.py): image x seed bootstrap replicates.
+  config.comparisons = ConfigDict({"bootstrap": 1000})
   config.seeds = 5
   config.pretrained_npz = ""  # a local BiT .npz; runs the methods marked pretrained (else they are skipped)
   config.output_name = ""  # "" -> results.json / report.html; "x" -> results_x.json / report_x.html

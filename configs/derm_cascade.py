@@ -4,13 +4,17 @@
 
 Stages (each resumable, in its own folder): base diffusion (16 px on CPU),
 upsampler (16 -> 32 px), fair generation (label-only and label + property),
-classifiers (the 002 E.2 dermatology baselines and the synthetic mixes, 5
-seeds each), evaluation (ID, OOD1, OOD2) and report.html.
+classifiers (5 seeds each of: real data, the oversampling and focal-loss
+baselines, the two synthetic mixes, synthetic only, and the two controls that
+put real images in place of the label + property store's synthetic ones),
+evaluation (ID, OOD1, OOD2, with paired differences to `real`) and report.html.
 
 Arguments (comma list):
   smoke                 tiny, runs in about two minutes (tests)
   full                  002 Table E1 sizes (64 px base, 64 -> 256 upsampler, R101x3); accelerators
   age / tone            the attribute axis: age buckets or skin tone instead of sex
+  baselines             adds the rest of 002's E.2 baselines (RandAugment, ImageNet-style augmentation,
+                        both, pretrained) and w1 at equality level 0.5 (synth_label_property_w1)
   sweep                 instead of the baselines: the equality level l in {0, 0.5, 1} with and
                         without w2 (002 G.3.5), and, our addition, alpha in {0.25, 0.5, 0.75}
   less / more / most / unskewed   the skew of that attribute (Table A2; default: more)
@@ -19,35 +23,37 @@ Arguments (comma list):
                         sets"); Fitzpatrick17k and DDI have no sex, so they use tone
 Defaults we chose where 002 is silent: α = 0.5 for the synthetic mixes, w2 on
 the 4 dominant classes of the training data (no w1), 500 images per mode on CPU
-(2,000 in `full`); plus `synth_label_property_w1` (w1 at l = 0.5, no w2), the
-best mix of the sweep.
+(2,000 in `full`).
 Add --config.pretrained_npz=/path/BiT-M-R50x1.npz for the pretrained baseline.
 """
 from configs import common, derm_classifier, derm_diffusion
 
 
 def get_config(arg=None):
-  words = common.parse_arg(arg, common.STUDY_ARGS + ("sweep",))
+  words = common.parse_arg(arg, common.STUDY_ARGS + ("sweep", "baselines"))
   source = common.real_source(words, "skin")
   axis = "age" if "age" in words else "tone" if "tone" in words or source in ("fitzpatrick17k", "ddi") else "sex"
   attribute, minority = common.SKIN_AXES[axis]
   classifier, base, up = common.stage_configs(derm_classifier, derm_diffusion, words)
+  mix = common.method(synthetic="label_property", alpha=0.5, filter_dominant=4)
   methods = {
       "real": common.method(),
-      "randaugment": common.method(augment="randaugment"),
-      "imagenet_aug": common.method(augment="imagenet"),
-      "randaugment_imagenet": common.method(augment="randaugment_imagenet"),
       "oversample": common.method(oversample=True),
       "focal": common.method(loss="focal"),
-      "pretrained": common.method(pretrained=True),  # runs only with --config.pretrained_npz
       "synth_label": common.method(synthetic="label", alpha=0.5, filter_dominant=4),
-      "synth_label_property": common.method(synthetic="label_property", alpha=0.5, filter_dominant=4),
+      "synth_label_property": mix,
       "synthetic_only": common.method(synthetic="label_property", alpha=0.0, filter_dominant=0),
+      **common.controls(mix),
   }
-  if "smoke" not in words:
-    # The best mix of the :sweep (README): w1 at equality level 0.5 instead of w2.
-    methods["synth_label_property_w1"] = common.method(synthetic="label_property", alpha=0.5,
-                                                       equality_level=0.5, filter_dominant=0)
+  if "baselines" in words:  # the rest of 002's E.2 list, and w1 at equality level 0.5 (G.3.5)
+    methods.update({
+        "randaugment": common.method(augment="randaugment"),
+        "imagenet_aug": common.method(augment="imagenet"),
+        "randaugment_imagenet": common.method(augment="randaugment_imagenet"),
+        "pretrained": common.method(pretrained=True),  # runs only with --config.pretrained_npz
+        "synth_label_property_w1": common.method(synthetic="label_property", alpha=0.5, equality_level=0.5,
+                                                 filter_dominant=0),
+    })
   if "sweep" in words:
     methods = {"real": common.method()}
     for level in (0.0, 0.5, 1.0):

@@ -338,6 +338,23 @@ def test_cfg_w0_equals_plain_conditional_sampling():
   assert np.abs(guided.astype(int) - with_w0.astype(int)).mean() > 1.0
 
 
+def test_cfg_pushes_towards_the_condition_not_away_from_it():
+  """ε̃ = (1 + w) ε(c) - w ε(∅): with a stand-in model whose ε is the condition vector's sum (∅ gives 0),
+  guidance scales the conditional ε by (1 + w). The flipped sign, (1 + w) ε(∅) - w ε(c), gives -w ε(c)."""
+  def apply(params, x, t, cond, low_res):
+    del params, t, low_res
+    return jnp.ones_like(x) * cond.sum(-1)[:, None, None, None]
+  x = jnp.zeros((2, 4, 4, 3))
+  cond = jnp.array([[1.0, 0.0, 2.0], [0.0, 0.5, 0.0]])
+  w = jnp.float32(2.0)
+  eps = samplers.guided_eps(apply, None, x, jnp.zeros(2, jnp.int32), cond, None, w)
+  e_c = np.asarray(cond.sum(-1))
+  np.testing.assert_allclose(np.asarray(eps)[:, 0, 0, 0], (1 + 2.0) * e_c - 2.0 * 0.0)
+  assert not np.allclose(np.asarray(eps)[:, 0, 0, 0], (1 + 2.0) * 0.0 - 2.0 * e_c)
+  np.testing.assert_allclose(np.asarray(samplers.guided_eps(apply, None, x, jnp.zeros(2, jnp.int32), cond, None,
+                                                            None))[:, 0, 0, 0], e_c)
+
+
 def test_image_k_depends_only_on_seed_and_k():
   c = conds(6)
   full = tiny_generator(batch_size=4).generate(c, seed=7)

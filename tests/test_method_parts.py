@@ -234,3 +234,29 @@ def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path,
   assert best == {"train.optimizer.lr": 0.01}
   summary = artifacts.read_json(tuning.best_path(str(tmp_path)))
   assert [round(p["mean"], 6) for p in summary["points"]] == [0.52, 0.47]
+
+
+def test_fair_sampler_draws_a_value_seen_only_in_unlabelled_data_and_refuses_an_unseen_one():
+  from configs import common
+  from synth_med.data.worlds import make_world
+  from synth_med.diffusion.fair_sampler import known_values
+  from synth_med.experiments.synthetic_store import labelled_training_data, property_pool
+  data = common.data_config("skin", 16)
+  data.train_size, data.unlabelled_size = 300, 200
+  data.skew.cap = 0  # no labelled male example at all; the unlabelled pool keeps its men
+  world = make_world(data)
+  labelled = labelled_training_data(world)
+  assert set(np.unique(labelled["attrs/sex"])) == {0}
+  pool = property_pool(world, "sex")
+  assert pool == [0, 1]
+  cond = fair_conditions(labelled, "softmax", 400, 0, "label_property", "sex", ("sex", "age_bucket", "skin_tone"),
+                         draw_values=pool)
+  assert abs(int((cond["attrs/sex"] == 1).sum()) - 200) <= 27  # uniform within each of the 27 labels (+-1)
+  # Without the unlabelled pool the labelled data alone would never ask for a man.
+  only_labelled = fair_conditions(labelled, "softmax", 400, 0, "label_property", "sex",
+                                  ("sex", "age_bucket", "skin_tone"))
+  assert set(np.unique(only_labelled["attrs/sex"])) == {0}
+  # A requested value must have been seen; one that never was stops with the choices.
+  assert property_pool(world, "sex", (1,)) == [1]
+  with pytest.raises(SynthMedError, match=r"\['other'\].*never learnt them; choose from \['female', 'male'\]"):
+    known_values(np.array([0, 0]), np.array([1, -1]), requested=(2,), value_names=("female", "male", "other"))

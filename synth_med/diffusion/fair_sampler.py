@@ -5,10 +5,13 @@
   multi-hot), each drawn floor(n / N) or ceil(n / N) times, so class
   prevalence (and, for chest, the co-occurrence of findings) matches training
   up to rounding.
-- `mode='label_property'`: the chosen property is uniform over its values
-  seen in the labelled training data, independently of the label, and exactly
-  so within every label group (values are dealt round-robin within each
-  group), so p(a|y) is uniform too.
+- `mode='label_property'`: the chosen property is uniform over the values the
+  generator knows (`draw_values`: every value seen in the labelled *or*
+  unlabelled training data, see `known_values`), independently of the label,
+  and exactly so within every label group (values are dealt round-robin within
+  each group), so p(a|y) is uniform too. A value that the skew removed from the
+  labelled set but that the generator learnt from unlabelled images is still
+  drawn: that is why 002 trains the generator on unlabelled data.
 - `mode='label'`: the properties are null (-1); the model's own p(a|y) applies.
 """
 from __future__ import annotations
@@ -28,14 +31,31 @@ def property_values(attrs: np.ndarray) -> list[int]:
   return sorted(int(v) for v in np.unique(attrs) if v >= 0)
 
 
+def known_values(*attr_arrays: np.ndarray, requested: Sequence[int] = (),
+                 value_names: Sequence[str] = ()) -> list[int]:
+  """The property values to draw: every value seen in any of `attr_arrays` (labelled and unlabelled
+  training data), or `requested` when given, each of which must have been seen."""
+  seen = sorted({v for a in attr_arrays for v in property_values(np.asarray(a))})
+  if not requested:
+    return seen
+  name = lambda v: value_names[v] if 0 <= v < len(value_names) else str(v)  # noqa: E731
+  unseen = [int(v) for v in requested if int(v) not in seen]
+  if unseen:
+    raise SynthMedError(f"fair sampling was asked for property value(s) {[name(v) for v in unseen]}, which no "
+                        f"labelled or unlabelled training image has, so the generator never learnt them; "
+                        f"choose from {[name(v) for v in seen]} (generate.property_values).")
+  return sorted({int(v) for v in requested})
+
+
 def fair_conditions(labelled: Mapping[str, np.ndarray], label_kind: str, n: int, seed: int, mode: str,
-                    attribute: str | None = None, attribute_names: Sequence[str] = ()
-                    ) -> dict[str, np.ndarray]:
+                    attribute: str | None = None, attribute_names: Sequence[str] = (),
+                    draw_values: Sequence[int] | None = None) -> dict[str, np.ndarray]:
   """n conditions in the example schema (label, label_mask, labelled, attrs/*).
 
   `labelled` holds the labelled training examples (label, label_mask, attrs/*);
   `attribute_names` lists every property of the data (all get -1 except the
-  fair one in 'label_property' mode).
+  fair one in 'label_property' mode). `draw_values` are the values to draw
+  the fair property from (`known_values`); None takes those of `labelled`.
   """
   if mode not in MODES:
     raise SynthMedError(f"fair sampling mode {mode!r}; choose one of {list(MODES)}.")
@@ -62,9 +82,9 @@ def fair_conditions(labelled: Mapping[str, np.ndarray], label_kind: str, n: int,
     if key not in labelled:
       raise SynthMedError(f"the data have no property {attribute!r}; choose from "
                           f"{[k[6:] for k in labelled if k.startswith('attrs/')]}.")
-    values = property_values(labelled[key])
+    values = list(draw_values) if draw_values is not None else known_values(labelled[key])
     if not values:
-      raise SynthMedError(f"no labelled training example has a known {attribute!r}; cannot sample it fairly.")
+      raise SynthMedError(f"no training example has a known {attribute!r}; cannot sample it fairly.")
     keys = label_keys(out["label"], label_kind)
     codes = np.empty(n, np.int32)
     for k in np.unique(keys):

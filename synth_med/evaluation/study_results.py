@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from synth_med.evaluation.paired import PREDICTIONS_FILE, compare, load_predictions
 from synth_med.experiments import artifacts
 
 # Headline metrics per world (002 App. F) and the metric whose best-worst gap is the fairness gap.
@@ -100,3 +101,61 @@ def results_table(res: dict[str, Any]) -> str:
   if res.get("missing"):
     text.append(f"missing runs: {res['missing']}")
   return "\n".join(text)
+
+
+def comparisons(workdir: str, res: dict[str, Any], reference: str, methods: Sequence[str], seeds: int,
+                min_group_size: int, n_boot: int, seed: int = 0) -> dict[str, Any]:
+  """Every method against `reference` (the real-data baseline), per split, paired over the seeds both
+  finished (`evaluation.paired.compare`): {method: {split: {metric or 'gap': {...}}}}."""
+  def run_dir(m: str, s: int) -> str:
+    return os.path.join(workdir, "classifiers", m, f"seed{s}")
+
+  def finished(m: str, s: int) -> bool:
+    return all(os.path.exists(os.path.join(run_dir(m, s), f)) for f in ("metrics.json", PREDICTIONS_FILE))
+
+  ref_seeds = [s for s in range(seeds) if finished(reference, s)]
+  if not ref_seeds:
+    return {}
+  info = artifacts.read_json(os.path.join(run_dir(reference, ref_seeds[0]), "metrics.json"))
+  kind = info.get("label_kind", "softmax")
+  high_risk = [info["classes"].index(c) for c in info.get("high_risk", [])]
+  cache: dict[tuple[str, int], Any] = {}
+
+  def preds(m: str, s: int):
+    if (m, s) not in cache:
+      cache[(m, s)] = load_predictions(os.path.join(run_dir(m, s), PREDICTIONS_FILE))
+    return cache[(m, s)]
+
+  out: dict[str, Any] = {}
+  for m in methods:
+    if m == reference:
+      continue
+    shared = [s for s in ref_seeds if finished(m, s)]
+    if not shared:
+      continue
+    out[m] = {"seeds": len(shared)}
+    for split in res["splits"]:
+      out[m][split] = compare([preds(m, s)[split] for s in shared], [preds(reference, s)[split] for s in shared],
+                              res["metrics"], res["gap_metric"], res["attribute"], kind, high_risk,
+                              min_group_size, n_boot, seed)
+  return out
+
+
+def comparison_table(res: dict[str, Any]) -> str:
+  """Plain text: per method and split, the paired difference to the reference with its CI and verdict."""
+  comps = res.get("comparisons", {})
+  if not comps:
+    return ""
+  lines = [f"paired differences to {res.get('reference', 'real')!r} (mean over seeds, 95 % bootstrap CI over "
+           "seeds and test images; Mann-Whitney U p over seeds):"]
+  for m, entry in comps.items():
+    for split in res["splits"]:
+      cells = []
+      for name, c in entry.get(split, {}).items():
+        if c["diff"] is None:
+          continue
+        ci = "n/a" if c["ci"] is None else f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+        pu = "n/a" if c["p_mann_whitney"] is None else f"{c['p_mann_whitney']:.2g}"
+        cells.append(f"{name} {c['diff']:+.3f} {ci} p={pu} {c['verdict']}")
+      lines.append(f"  {m} [{split}]: " + "; ".join(cells))
+  return "\n".join(lines)

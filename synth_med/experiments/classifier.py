@@ -1,6 +1,7 @@
 """The classifier stage: train a BiT-ResNet on a world's labelled ID data, evaluate ID and OOD.
 
-Writes to its folder: checkpoints/, tensorboard/, config.json, metrics.json and
+Writes to its folder: checkpoints/, tensorboard/, config.json, metrics.json,
+predictions.npz (every split's per-example outputs, labels and attributes) and
 DONE. A folder with DONE is skipped; one without resumes from its checkpoint.
 Later stages (baselines, synthetic mixes, seeds) call `run_classifier` with
 their own folder.
@@ -22,6 +23,7 @@ from synth_med.data.tables import save_vocabulary
 from synth_med.data.worlds import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
 from synth_med.evaluation.image_grid import make_grid, save_png
+from synth_med.evaluation.paired import PREDICTIONS_FILE, save_predictions
 from synth_med.errors import SynthMedError
 from synth_med.experiments import artifacts
 from synth_med.models import bit_resnet
@@ -89,12 +91,45 @@ def training_stream(source: Any, spec: Any, config: Any) -> tuple[Any, dict[str,
     if tuple(synth["image"].shape[1:]) != size:
       raise SynthMedError(f"synthetic images in {mix.synthetic_dir!r} are {tuple(synth['image'].shape[1:])} "
                           f"but the classifier trains on {size}; generate at data.image_size.")
+    control = str(mix.get("control", "") or "")
+    if control:
+      synth, info["control_matched"] = control_images(synth, arrays, spec.label_kind, mix.attribute, control, seed)
+      info["control"] = control
     dominant = dominant_classes(arrays["label"], k_dom) if spec.label_kind == "softmax" else ()
     w2 = filter_weights(label_keys(synth["label"], spec.label_kind), dominant)
     synthetic = classifier_arrays(synth, w2, attr_names)
     info.update(synthetic_examples=len(synthetic), dominant_classes=[spec.class_names[c] for c in dominant],
                 synthetic_kept=float(np.mean(w2)))
   return MixedStream(real if alpha > 0 else None, synthetic, alpha, bs, seed, threads), info
+
+
+def control_images(synth: dict[str, np.ndarray], real: dict[str, np.ndarray], label_kind: str, attribute: str,
+                   control: str, seed: int) -> tuple[dict[str, np.ndarray], float]:
+  """The synthetic store's rows (labels, masks, properties) with real training images in their place.
+
+  `real_images`: for each row a random real image with the same label key and the same value of
+  `attribute` (the row's requested value; a row without one, or with a (label, value) pair the real data
+  lack, takes any real image of its label). `label_prior`: a random real image of the same label, so the
+  stream is the real data resampled to the store's label distribution. Rows whose label no real image has
+  keep their synthetic image. Returns (arrays, fraction of rows matched as the control asks)."""
+  rng = np.random.default_rng([seed, 7919])
+  s_keys, r_keys = label_keys(synth["label"], label_kind), label_keys(real["label"], label_kind)
+  s_attr = synth.get(f"attrs/{attribute}", np.full(len(s_keys), -1))
+  r_attr = real[f"attrs/{attribute}"]
+  images = np.array(synth["image"], copy=True)
+  matched = np.zeros(len(s_keys), bool)
+  by_label = {k: np.flatnonzero(r_keys == k) for k in np.unique(s_keys)}
+  for i, (k, a) in enumerate(zip(s_keys, s_attr)):
+    pool = by_label[k]
+    if control == "real_images" and a >= 0:
+      same = pool[r_attr[pool] == a]
+      matched[i] = len(same) > 0
+      pool = same if len(same) else pool
+    else:
+      matched[i] = len(pool) > 0
+    if len(pool):
+      images[i] = real["image"][rng.choice(pool)]
+  return {**synth, "image": images}, float(matched.mean()) if len(matched) else 0.0
 
 
 def eval_params(state, config: Any) -> Any:
@@ -152,17 +187,21 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   result = train(task, config, stream, workdir, hooks=[val_hook], mesh=mesh)
   t_train = time.time() - t0
   predict = bind(eval_params(result.state, config))
-  metrics: dict[str, Any] = {"world": spec.name, "classes": list(spec.class_names),
+  metrics: dict[str, Any] = {"world": spec.name, "label_kind": spec.label_kind, "classes": list(spec.class_names),
                              "high_risk": list(spec.high_risk), "train_examples": len(train_split),
                              "steps": int(config.train.steps), "mix": mix_info, "splits": {}}
+  split_predictions = {}
   for name in ("val",) + world.eval_split_names():
     ev = val_eval if name == "val" else ClassificationEvaluator(name, eval_source(name), spec, config.eval,
                                                                eval_bs)
-    res = ev.run(predict)
+    preds = ev.predictions(predict)
+    res = ev.score(preds)
+    split_predictions[name] = preds
     metrics["splits"][name] = res
     eval_writer.write_scalars(int(config.train.steps), flatten_for_writer(name, res))
   metrics["wall_time_s"] = {"train": t_train, "total": time.time() - t0}
   eval_writer.flush()
+  save_predictions(os.path.join(workdir, PREDICTIONS_FILE), split_predictions)
   artifacts.write_json(metrics_path, metrics)
   artifacts.mark_done(workdir)
   print(summary_table(metrics), flush=True)

@@ -20,6 +20,7 @@ from synth_med.data.pipeline import ArraySource, TrainStream, WorldSource, mater
 from synth_med.data.schema import DatasetSpec, concat_batches
 from synth_med.data.tables import save_vocabulary
 from synth_med.data.worlds import make_world
+from synth_med.data.worlds.base import unlabelled_domains
 from synth_med.diffusion import samplers
 from synth_med.diffusion.conditioning import ConditioningSpec, condition_table, make_spec
 from synth_med.diffusion.generator import Generator
@@ -70,12 +71,10 @@ def training_source(world: Any, config: Any) -> tuple[ArraySource, dict[str, int
   if len(labelled):
     parts.append(materialise(WorldSource(world, labelled), "labelled train split").arrays)
   counts["labelled"] = len(labelled)
-  counts["unlabelled"] = 0
-  if int(config.data.unlabelled_size) > 0 and tuple(config.data.unlabelled_domains):
-    unl = world.split("unlabelled")
-    if len(unl):
-      parts.append(materialise(WorldSource(world, unl), "unlabelled split").arrays)
-    counts["unlabelled"] = len(unl)
+  unl = world.split("unlabelled")  # the world decides which domains and how many (worlds.base.unlabelled_domains)
+  if len(unl):
+    parts.append(materialise(WorldSource(world, unl), "unlabelled split").arrays)
+  counts["unlabelled"] = len(unl)
   if not parts:
     raise SynthMedError("the generator has no training data: the labelled split is empty and no "
                         "unlabelled data are configured; raise data.train_size or data.unlabelled_size.")
@@ -151,7 +150,7 @@ def run_diffusion(config: Any, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   source, counts = training_source(world, config)
   print(f"generator data: {counts['labelled']} labelled + {counts['unlabelled']} unlabelled images "
-        f"(unlabelled from {tuple(config.data.unlabelled_domains)})", flush=True)
+        f"(unlabelled from {unlabelled_domains(config.data.unlabelled_domains, spec.domains)})", flush=True)
   stream = TrainStream(source, int(config.train.batch_size), seed=int(config.seed),
                        num_threads=int(config.data.num_threads))
   model = build_model(config.model, spec.channels)

@@ -70,6 +70,11 @@ def method_names(config: Any) -> list[str]:
   return names
 
 
+def reference_method(config: Any) -> str:
+  """The real-data baseline every method is compared with: the first method of the study."""
+  return next(iter(config.methods.keys()))
+
+
 def stage_config(config: Any, part: str) -> Any:
   """A complete stage config: `config.<part>` with the study's shared data settings and mesh."""
   sub = copy.deepcopy(config[part])
@@ -99,6 +104,7 @@ def classifier_config(config: Any, workdir: str, method: str, seed: int,
     c.mix.equality_level = float(m.equality_level)
     c.mix.filter_dominant = int(m.filter_dominant)
     c.mix.oversample = bool(m.oversample)
+    c.mix.control = str(m.get("control", ""))
     c.model.pretrained_npz = config.pretrained_npz if m.pretrained else ""
   return c
 
@@ -235,8 +241,13 @@ def _stage_classifiers(config: Any, workdir: str) -> bool:
 
 
 def _stage_evaluate(config: Any, workdir: str) -> bool:
-  from synth_med.evaluation.study_results import aggregate, results_table
-  res = aggregate(config, workdir, method_names(config), int(config.seeds))
+  from synth_med.evaluation.study_results import aggregate, comparison_table, comparisons, results_table
+  names = method_names(config)
+  res = aggregate(config, workdir, names, int(config.seeds))
+  res["reference"] = reference_method(config)
+  res["comparisons"] = comparisons(workdir, res, res["reference"], names, int(config.seeds),
+                                   int(config.classifier.eval.min_group_size), int(config.comparisons.bootstrap),
+                                   int(config.seed))
   from synth_med.experiments.tuning import best_path
   if os.path.exists(best_path(workdir)):
     res["tuning"] = artifacts.read_json(best_path(workdir))
@@ -245,6 +256,7 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
     res["fidelity"] = study_fidelity(config, workdir)
   artifacts.write_json(output_path(config, workdir, "results"), res)
   print(results_table(res), flush=True)
+  print(comparison_table(res), flush=True)
   return False
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from synth_med.data.worlds import make_world
-from synth_med.diffusion.fair_sampler import fair_conditions
+from synth_med.diffusion.fair_sampler import fair_conditions, known_values
 from synth_med.diffusion.generator import CascadeGenerator, Generator
 from synth_med.errors import SynthMedError
 from synth_med.experiments import artifacts
@@ -34,6 +34,20 @@ def labelled_training_data(world: Any) -> dict[str, np.ndarray]:
   for a in world.spec.attributes:
     out[f"attrs/{a.name}"] = meta[f"attrs/{a.name}"].astype(np.int32)
   return out
+
+
+def property_pool(world: Any, attribute: str, requested: tuple[int, ...] = ()) -> list[int]:
+  """The values of `attribute` that fair sampling draws: every value seen in the labelled training split
+  or the generator's unlabelled split (metadata only), or the `requested` ones, each of which must be
+  among them (`fair_sampler.known_values`)."""
+  arrays = []
+  for name in ("train", "unlabelled"):
+    ids = np.asarray(world.split(name).ids, np.int64)
+    if len(ids):
+      arrays.append(world.metadata(ids)[f"attrs/{attribute}"])
+  spec = next((a for a in world.spec.attributes if a.name == attribute), None)
+  names = tuple(spec.values) if spec is not None else ()
+  return known_values(*arrays, requested=requested, value_names=names)
 
 
 def load_generator(stage_cfg: Any, folder: str, spec: Any, mesh: Any, low_res: bool) -> tuple[Generator, int]:
@@ -74,9 +88,12 @@ def generate_fair(config: Any, workdir: str) -> bool:
     raise SynthMedError(f"label_property sampling needs a generator conditioned on {attr!r}; set "
                         f"base.diffusion.condition.attributes=('{attr}',) (and the upsampler's).")
   labelled = labelled_training_data(world)
+  pool = property_pool(world, attr, tuple(int(v) for v in config.generate.get("property_values", ())))
+  print(f"fair sampling draws {attr} uniformly over {[spec.attribute(attr).values[v] for v in pool]} "
+        "(values seen in labelled or unlabelled training data)", flush=True)
   for i, (mode, folder) in enumerate(folders.items()):
     cond = fair_conditions(labelled, spec.label_kind, int(config.generate.num_images),
-                           int(config.generate.seed) + i, mode, attr, names)
+                           int(config.generate.seed) + i, mode, attr, names, draw_values=pool)
     print(f"generating {len(cond['label'])} images ({mode} conditioning) into {folder}", flush=True)
     run_generation(generator, cond, folder, int(config.generate.seed) + 101 * i,
                    int(config.generate.shard_size), step)

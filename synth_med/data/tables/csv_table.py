@@ -14,8 +14,10 @@
                               the buckets (0,40], (40,65], (65,120]
     data.columns.domain       site / hospital column; data.id_domains and data.ood_domains name its
                               values ('' or empty tuples: one domain 'all', everything ID)
-    data.columns.split        train / val / test per row (also valid, validation, validate); or leave it
-                              '' for a seeded split by data.columns.patient (no patient crosses splits)
+    data.columns.split        train / val / test per row (also valid, validation, validate); with train and
+                              test only, data.val_fraction of the train patients become validation; or
+                              leave it '' for a seeded split by data.columns.patient (no patient crosses
+                              splits)
     data.columns.labelled     optional 0/1 column; rows without a label are unlabelled anyway
 
 Rows without a label train only the generator. Vocabularies are built from the
@@ -197,6 +199,10 @@ def load_csv(cfg: Any) -> ImageTable:
       raise SynthMedError(f"split column {split_col!r} has values {sorted(set(df[split_col][split.isna()]))[:5]}; "
                           f"use {sorted(set(_SPLIT_NAMES))}.")
     split = split.to_numpy().astype(str)
+    if not (split == "val").any():  # most data sets ship train / test only: validation patients from train
+      train = split == "train"
+      split[train] = patient_split(patient[train], {"train": 1.0 - float(cfg.val_fraction),
+                                                    "val": float(cfg.val_fraction)}, int(cfg.seed))
     if patient_col:
       per = {}
       for p, s in zip(patient, split):

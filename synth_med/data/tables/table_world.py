@@ -26,7 +26,7 @@ import numpy as np
 from synth_med.data.label_policy import apply_label_policy, usable_for_classifier
 from synth_med.data.tables.images import prepare_images
 from synth_med.data.tables.table import ImageTable
-from synth_med.data.worlds.base import Split, apply_skew
+from synth_med.data.worlds.base import Split, apply_skew, unlabelled_domains
 from synth_med.errors import SynthMedError
 
 DEFAULT_CACHE = "~/.cache/synth_med/preprocessed"
@@ -70,8 +70,8 @@ class TableWorld:
 
   @property
   def unlabelled_domains(self) -> tuple[str, ...]:
-    """data.unlabelled_domains, or (when empty) every domain."""
-    return tuple(self.config.unlabelled_domains) or tuple(self.table.domains)
+    """data.unlabelled_domains, or (when empty) every domain (`worlds.base.unlabelled_domains`)."""
+    return unlabelled_domains(self.config.unlabelled_domains, self.table.domains)
 
   def eval_split_names(self) -> tuple[str, ...]:
     return ("id",) + self.ood_domains

@@ -179,7 +179,7 @@ class World(abc.ABC):
     if name == "id":
       return Split("id", self._draw(self.id_domains, TEST, int(cfg.test_size), labelled_only=True), True)
     if name == "unlabelled":
-      doms = tuple(cfg.unlabelled_domains)
+      doms = unlabelled_domains(cfg.unlabelled_domains, self.spec.domains)
       bad = [d for d in doms if d not in self.spec.domains]
       if bad:
         raise SynthMedError(f"data.unlabelled_domains has unknown domain(s) {bad}; "
@@ -221,6 +221,14 @@ class World(abc.ABC):
     """The ID labelled pool with the configured skew caps applied (Table A2 rule)."""
     pool = self._draw(self.id_domains, TRAIN, int(self.config.train_size), labelled_only=True)
     return apply_skew(pool, self.metadata(pool), self.config.skew, self.spec)
+
+
+def unlabelled_domains(configured: Any, all_domains: tuple[str, ...]) -> tuple[str, ...]:
+  """The domains that supply the generator's unlabelled images, for every data source: the configured
+  `data.unlabelled_domains`, or, when that is empty, every domain of the data. (How many images: a
+  procedural world draws `data.unlabelled_size` of them, 0 = none; a table keeps its whole unlabelled
+  split, or caps it at `data.unlabelled_size` > 0.)"""
+  return tuple(configured) or tuple(all_domains)
 
 
 def apply_skew(pool: np.ndarray, meta: Mapping[str, np.ndarray], skew: Any, spec: Any) -> np.ndarray:
