@@ -448,6 +448,10 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
       "attribute": attribute,  # fair sampling is uniform over this property
       # ... over these codes of it; () = every value seen in labelled or unlabelled training data.
       "property_values": (),
+      # The base model's CFG scale w, chosen from this grid on a probe fitted to the real validation images
+      # (synthetic_store.choose_guidance); () keeps base.sampler.guidance.
+      "guidance_grid": (),
+      "guidance_probe_images": 300,
       "num_images": 2000,  # per mode (our choice; 002 leaves it open)
       "seed": 0,
       "shard_size": 256,
@@ -459,6 +463,11 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
       "split": "val",
       "metric": TUNE_METRIC[world],
       "seeds": 1,
+      # > 0: each tuning run records its validation curve every this many steps (up to the classifier's
+      # train.steps), and train.steps is tuned to where the winner's mean curve plateaus (tuning.py).
+      "curve_every": 0,
+      "plateau": 0.01,  # within this of the curve's peak counts as converged
+      "widen": 2,  # times a winner on the grid's edge adds the next value past it
   })
   config.methods = ConfigDict(methods)
   config.method_names = ""  # comma list to run a subset; "" = all
@@ -518,16 +527,22 @@ def study_smoke_sizes(config: ConfigDict, base_size: int, size: int) -> None:
 
 
 def cascade_cpu_scale(config: ConfigDict) -> None:
-  """A 16 px base + 16 -> 32 px upsampler + 32 px classifier sized so that the whole study (2 models,
-  2 x 500 images, 9 methods x 5 seeds) fits about 30 minutes on 2 CPU cores (measured; README)."""
+  """A 16 px base + 16 -> 32 px upsampler + 32 px classifier for a 2-core CPU (README "Budgets").
+
+  Measured with bench/generator_fidelity.py on the skin world (500 images per point, probe agreement
+  with the requested label / each requested sex; real 16 px images: label 0.587, sex 0.994):
+  1,000 base steps at the best w (4): label 0.28, sex 0.93 / 0.96; 3,000 steps at w = 2: label 0.37,
+  sex 1.00 / 0.92. So the base trains 3,000 steps and the generate stage picks w on the validation probe.
+  Classifiers: the real baseline's validation top-3 still rises past 150 steps (0.45 at 100, 0.60 at
+  200, 0.71 at 600, 0.70 at 700-800, lr 0.03), so the tune stage records validation curves up to 600
+  steps and takes the step count where the winner's curve plateaus."""
   config.data.image_size = 32
   config.classifier.data.image_size = 32
   config.base.data.image_size = 16
   config.base.model.channel_mult = (1, 2)
   config.base.model.attention_resolutions = (2,)
-  # 1,000 steps with Min-SNR-5 weighting: at 800 steps the plain ε-MSE model matched the
-  # requested condition 11 % of the time (a probe at 16 px; real images 64 %), Min-SNR-5 18 %.
-  config.base.train.steps = 1000
+  config.base.train.steps = 3000
+  config.base.train.checkpoint_every = 1000
   config.base.diffusion.min_snr_gamma = 5.0
   config.base.train.sample_every = 0
   config.base.sampler.steps = 25
@@ -538,19 +553,22 @@ def cascade_cpu_scale(config: ConfigDict) -> None:
   config.upsampler.train.steps = 300
   config.upsampler.train.sample_every = 0
   # 5 steps from t = T/2 (SDEdit start): 10 steps from t = T left speckle that read as the skin
-  # world's male-only hair, so every synthetic image looked male (README "Generator fidelity").
+  # world's male-only hair, so every synthetic image looked male.
   config.upsampler.sampler.steps = 5
   config.upsampler.sampler.start = 0.5
   config.generate.num_images = 500
+  config.generate.guidance_grid = (1.0, 2.0, 4.0, 7.0)
   config.classifier.model.width = 0.125
-  config.classifier.train.steps = 150
+  config.classifier.train.steps = 600  # the most the tune stage tries; it picks the plateau
   config.classifier.train.eval_every = 0
-  config.classifier.train.checkpoint_every = 150
-  config.classifier.train.optimizer.warmup_steps = 15
-  config.classifier.eval.bootstrap = 0  # the study reports spread over seeds, not per-run CIs
-  # Tune on the mean of 3 seeds: at 150 steps one seed's val score moves with summation order
-  # alone (1 vs 2 CPU devices flipped the chosen lr, and with it the method ranking; README).
-  config.tune.seeds = 3
+  config.classifier.train.checkpoint_every = 200
+  config.classifier.train.optimizer.warmup_steps = 30
+  config.classifier.eval.bootstrap = 0  # the study's CIs are the paired ones over seeds and images
+  lr = float(config.classifier.train.optimizer.lr)
+  config.tune.grid = f"train.optimizer.lr={lr / 3:.4g}|{lr:.4g}|{lr * 3:.4g}"
+  config.tune.seeds = 1
+  config.tune.curve_every = 100
+  config.tune.widen = 1
 
 
 def finalize_study(config: ConfigDict, words: set[str]) -> ConfigDict:

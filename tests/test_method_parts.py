@@ -260,3 +260,37 @@ def test_fair_sampler_draws_a_value_seen_only_in_unlabelled_data_and_refuses_an_
   assert property_pool(world, "sex", (1,)) == [1]
   with pytest.raises(SynthMedError, match=r"\['other'\].*never learnt them; choose from \['female', 'male'\]"):
     known_values(np.array([0, 0]), np.array([1, -1]), requested=(2,), value_names=("female", "male", "other"))
+
+
+def test_tuning_widens_an_edge_winner_and_takes_steps_where_the_val_curve_plateaus(tmp_path, monkeypatch):
+  """A stand-in classifier whose validation top-3 peaks at lr = 0.3 and saturates with steps: the grid
+  0.01|0.03|0.09 widens to 0.27 (edge winner), then to 0.81 (still the edge), and stops with 0.27 inside;
+  train.steps is the first curve step within tune.plateau of the peak."""
+  import math
+
+  from synth_med.experiments import classifier, tuning
+  from tests.conftest import load_config
+  config = load_config("derm_cascade", "smoke")
+  with config.unlocked():
+    config.tune.grid = "train.optimizer.lr=0.01|0.03|0.09"
+    config.tune.curve_every, config.tune.plateau, config.tune.widen, config.tune.seeds = 100, 0.01, 3, 2
+    config.classifier.train.steps = 600
+  runs = []
+
+  def fake_run(c, folder):
+    lr, every, total = c.train.optimizer.lr, c.train.eval_every, c.train.steps
+    runs.append((lr, c.seed))
+    peak = 0.8 - 0.1 * abs(math.log10(lr / 0.3))
+    curve = [{"step": s, "top3": peak * (1 - math.exp(-s / 120))} for s in range(every, total + 1, every)]
+    return {"splits": {"val": {"overall": {"top3": curve[-1]["top3"]}}}, "val_curve": curve}
+
+  monkeypatch.setattr(classifier, "run_classifier", fake_run)
+  from synth_med.experiments.study import classifier_config
+  tuning.run_tuning(config, str(tmp_path), lambda m, s: classifier_config(config, str(tmp_path), m, s))
+  best = tuning.artifacts.read_json(tuning.best_path(str(tmp_path)))
+  assert [r["overrides"]["train.optimizer.lr"] for r in best["points"]] == [0.01, 0.03, 0.09, 0.27, 0.81]
+  assert best["widenings"] == 2 and not best["on_grid_edge"]
+  top = 0.8 - 0.1 * abs(math.log10(0.27 / 0.3))
+  first = next(s for s in range(100, 601, 100) if top * (1 - math.exp(-s / 120)) >= top * (1 - math.exp(-5)) - 0.01)
+  assert best["overrides"] == {"train.optimizer.lr": 0.27, "train.steps": first} and first == 500
+  assert not best["steps_on_grid_edge"] and len(runs) == 10  # 5 points x 2 seeds

@@ -1,4 +1,4 @@
-"""Does the generator follow its conditions? A probe trained on real images, applied to synthetic ones.
+"""Does the generator follow its conditions? Two judges trained on real images, applied to synthetic ones.
 
 For the property (e.g. sex) a gradient-boosted probe on simple image features
 (colour means on a 4x4 grid, channel statistics, edge energy) is trained on
@@ -8,6 +8,11 @@ property they were *asked* for (how well the generator renders it). The same is
 done for the label (top-1 of the probe). A synthetic score far below the real
 one means the generator ignores that part of the condition, so fair sampling
 over it cannot help the classifier.
+
+The second judge is the study's real-data classifier itself (`classifier_fidelity`): its agreement
+with the requested label on synthetic images (top-1 for a softmax head, mean AUC against the requested
+findings for multi-label, accuracy for binary), next to the same metric on the real ID test images,
+overall and per requested property value.
 """
 from __future__ import annotations
 
@@ -108,4 +113,42 @@ def study_fidelity(config: Any, workdir: str) -> dict[str, Any]:
     per = entry.get(attribute, {}).get("synthetic_per_value")
     if per and spec is not None:
       entry[attribute]["synthetic_per_value"] = {spec.value_name(int(k)): v for k, v in per.items()}
+  return out
+
+
+AGREEMENT = {"softmax": "top1", "multilabel": "mean_auc", "binary": "accuracy"}
+
+
+def classifier_fidelity(run_dirs: list[str], attribute: str, value_names: tuple[str, ...] = ()) -> dict[str, Any]:
+  """{store: {metric, synthetic_as_requested, real_heldout, ratio, synthetic_per_value}} averaged over the
+  real-data runs in `run_dirs` (each with predictions.npz and synthetic_predictions.npz)."""
+  import json
+  import os
+
+  from synth_med.evaluation.paired import load_predictions, metric_values
+  runs = [d for d in run_dirs if os.path.exists(os.path.join(d, "synthetic_predictions.npz"))]
+  if not runs:
+    return {}
+  with open(os.path.join(runs[0], "metrics.json")) as f:
+    kind = json.load(f).get("label_kind", "softmax")
+  metric = AGREEMENT[kind]
+  per_store: dict[str, dict[str, list[float]]] = {}
+  real = []
+  for d in runs:
+    real_p = load_predictions(os.path.join(d, "predictions.npz"))["id"]
+    real.append(float(metric_values(metric, real_p, np.ones((1, len(real_p.label))), kind)[0]))
+    for store, p in load_predictions(os.path.join(d, "synthetic_predictions.npz")).items():
+      entry = per_store.setdefault(store, {"all": []})
+      entry["all"].append(float(metric_values(metric, p, np.ones((1, len(p.label))), kind)[0]))
+      codes = p.attrs.get(attribute)
+      for v in ([] if codes is None else np.unique(codes[codes >= 0])):
+        name = value_names[int(v)] if int(v) < len(value_names) else str(int(v))
+        entry.setdefault(name, []).append(float(metric_values(metric, p, (codes == v)[None].astype(float), kind)[0]))
+  real_mean = float(np.mean(real))
+  out = {}
+  for store, entry in per_store.items():
+    synth = float(np.nanmean(entry.pop("all")))
+    out[store] = {"metric": metric, "synthetic_as_requested": synth, "real_heldout": real_mean,
+                  "ratio": synth / real_mean if real_mean else None, "runs": len(runs),
+                  "synthetic_per_value": {k: float(np.nanmean(v)) for k, v in entry.items()}}
   return out

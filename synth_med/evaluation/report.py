@@ -104,6 +104,56 @@ def _table(res: dict[str, Any], split: str) -> str:
           + "".join(rows) + "</table>")
 
 
+def _cell(c: dict[str, Any]) -> str:
+  if c.get("diff") is None:
+    return "<td>n/a</td>"
+  colour = {"better": "#d8f0d8", "worse": "#f6d6d6"}.get(c["verdict"], "#fff")
+  ci = "" if c["ci"] is None else f" [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+  p = "" if c.get("p_mann_whitney") is None else f"<br>U p={c['p_mann_whitney']:.2g}"
+  return f"<td style='background:{colour}'>{c['diff']:+.3f}{ci}<br>{html.escape(c['verdict'])}{p}</td>"
+
+
+def control_verdicts(res: dict[str, Any], mix: str = "synth_label_property") -> list[str]:
+  """Sentences saying, per split and metric, whether the synthetic mix beats its controls (its CI of the
+  difference to `reference` lies above each control's point estimate) or not."""
+  comps = res.get("comparisons", {})
+  controls = [m for m in comps if m.startswith("control_")]
+  if mix not in comps or not controls:
+    return []
+  out = []
+  for split in res["splits"]:
+    for name, c in comps[mix].get(split, {}).items():
+      if c.get("ci") is None:
+        continue
+      lower_better = name == "gap"
+      beaten = [k for k in controls if comps[k].get(split, {}).get(name, {}).get("diff") is not None and
+                ((c["ci"][1] < comps[k][split][name]["diff"]) if lower_better
+                 else (c["ci"][0] > comps[k][split][name]["diff"]))]
+      if len(beaten) < len(controls):
+        out.append(f"{split} {name}: {mix} does no better than "
+                   f"{', '.join(k for k in controls if k not in beaten)} (its CI covers the control's estimate), "
+                   "so this gain, if any, need not come from the synthetic images.")
+  return out
+
+
+def comparison_section(res: dict[str, Any]) -> str:
+  """The report's first table: each method minus the real-data baseline, per split and metric."""
+  ref = str(res.get("reference", "real"))
+  cols = list(res["metrics"]) + ["gap"]
+  head = "".join(f"<th>{html.escape(s)}: {html.escape(c)}</th>" for s in res["splits"] for c in cols)
+  rows = []
+  for m, entry in res["comparisons"].items():
+    cells = "".join(_cell(entry.get(s, {}).get(c, {})) for s in res["splits"] for c in cols)
+    rows.append(f"<tr><td>{html.escape(m)}</td><td>{entry.get('seeds', '')}</td>{cells}</tr>")
+  notes = "".join(f"<li>{html.escape(t)}</li>" for t in control_verdicts(res))
+  return (f"<h2>Paired differences to {html.escape(ref)}</h2><p>Each cell: the mean over seeds of the "
+          f"method minus <b>{html.escape(ref)}</b> (same seed, same test images), its 95 % bootstrap CI "
+          "(seeds and test images resampled together) and a verdict: better or worse when the CI excludes 0, "
+          "otherwise no detectable difference; U p is the Mann-Whitney test over seeds. For the "
+          f"{html.escape(res['attribute'])} gap lower is better.</p><table><tr><th>method</th><th>seeds</th>"
+          f"{head}</tr>" + "".join(rows) + "</table>" + (f"<p>Controls:</p><ul>{notes}</ul>" if notes else ""))
+
+
 def write_report(config: Any, workdir: str) -> str:
   """Writes `<workdir>/report.html` (atomically) and returns its path."""
   from synth_med.data.pipeline import WorldSource, materialise
@@ -120,6 +170,9 @@ def write_report(config: Any, workdir: str) -> str:
            f"<b>{html.escape(str(config.data.skew.attribute))}</b>; fair sampling over "
            f"<b>{html.escape(str(config.generate.attribute))}</b>; {int(config.seeds)} seed(s); "
            f"{int(config.generate.num_images)} synthetic images per conditioning mode.</p>"]
+
+  if res and res.get("comparisons"):
+    parts.append(comparison_section(res))
 
   parts.append("<h2>Samples: real next to synthetic</h2>")
   cls_cfg = stage_config(config, "classifier")
@@ -168,6 +221,20 @@ def write_report(config: Any, workdir: str) -> str:
         per = ", ".join(f"{k}: {v:.2f}" for k, v in (e.get("synthetic_per_value") or {}).items())
         parts.append(f"<tr><td>{html.escape(mode)}</td><td>{html.escape(part)}</td><td>{e['real_heldout']:.3f}</td>"
                      f"<td>{syn}</td><td>{e['majority_baseline']:.3f}</td><td>{html.escape(per)}</td></tr>")
+    parts.append("</table>")
+  cfid = res.get("fidelity_classifier") if res else None
+  if cfid:
+    parts.append("<p>The second judge: the real-data classifier (every seed of "
+                 f"<b>{html.escape(str(res.get('reference', 'real')))}</b>) on the synthetic images, against the "
+                 "label each was asked for, next to the same metric on the real ID test images.</p><table><tr>"
+                 "<th>store</th><th>metric</th><th>real ID test</th><th>synthetic as requested</th><th>ratio</th>"
+                 "<th>per requested value</th></tr>")
+    for mode, e in cfid.items():
+      per = ", ".join(f"{k}: {v:.2f}" for k, v in (e.get("synthetic_per_value") or {}).items())
+      ratio = "n/a" if e.get("ratio") is None else f"{e['ratio']:.2f}"
+      parts.append(f"<tr><td>{html.escape(mode)}</td><td>{html.escape(e['metric'])}</td>"
+                   f"<td>{e['real_heldout']:.3f}</td><td>{e['synthetic_as_requested']:.3f}</td><td>{ratio}</td>"
+                   f"<td>{html.escape(per)}</td></tr>")
     parts.append("</table>")
 
   tuning = res.get("tuning") if res else None

@@ -1,8 +1,9 @@
 """The classifier stage: train a BiT-ResNet on a world's labelled ID data, evaluate ID and OOD.
 
 Writes to its folder: checkpoints/, tensorboard/, config.json, metrics.json,
-predictions.npz (every split's per-example outputs, labels and attributes) and
-DONE. A folder with DONE is skipped; one without resumes from its checkpoint.
+predictions.npz (every split's per-example outputs, labels and attributes),
+val_curve.json (the validation metrics every `train.eval_every` steps; also
+in metrics.json as `val_curve`, with the final step) and DONE. A folder with DONE is skipped; one without resumes from its checkpoint.
 Later stages (baselines, synthetic mixes, seeds) call `run_classifier` with
 their own folder.
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from synth_med.data.augment import make_augment
 from synth_med.data.mixing import MixedStream, check_alpha, classifier_arrays
-from synth_med.data.pipeline import RowSubset, TrainStream, WorldSource, materialise
+from synth_med.data.pipeline import ArraySource, RowSubset, TrainStream, WorldSource, materialise
 from synth_med.data.shards import read_shards
 from synth_med.data.tables import save_vocabulary
 from synth_med.data.worlds import make_world
@@ -33,6 +34,9 @@ from synth_med.objectives.reweighting import (dominant_classes, equality_weights
 from synth_med.train import jit_cache, sharding
 from synth_med.train.loop import train
 from synth_med.train.metric_writers import create_writer
+
+
+VAL_CURVE_FILE = "val_curve.json"  # [{step, metric: value}] every train.eval_every steps
 
 
 def build_model(config: Any, spec) -> bit_resnet.Model:
@@ -137,8 +141,15 @@ def eval_params(state, config: Any) -> Any:
   return state.ema_params if config.eval.use_ema else state.params
 
 
-def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
-  """Trains and evaluates one classifier; returns the metrics dict (also in metrics.json)."""
+SYNTHETIC_PREDICTIONS_FILE = "synthetic_predictions.npz"  # the model's outputs on synthetic stores
+
+
+def run_classifier(config: Any, workdir: str, synthetic_stores: dict[str, str] | None = None) -> dict[str, Any]:
+  """Trains and evaluates one classifier; returns the metrics dict (also in metrics.json).
+
+  `synthetic_stores` ({name: generation folder}): the trained model also predicts those images, saved in
+  synthetic_predictions.npz with the conditions they were generated for (the study's real-data model
+  scores whether the generator rendered the requested label)."""
   metrics_path = os.path.join(workdir, "metrics.json")
   done = artifacts.begin_stage(workdir, config, "classifier")
   if done is not None:
@@ -177,9 +188,15 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
   val_eval = ClassificationEvaluator("val", eval_source("val"), spec, config.eval, eval_bs, fairness=False)
   every = int(config.train.eval_every)
 
+  curve_path = os.path.join(workdir, VAL_CURVE_FILE)
+  # The validation curve survives a kill: points past the resumed step are dropped and re-measured.
+  curve = artifacts.read_json(curve_path) if os.path.exists(curve_path) else []
+
   def val_hook(step: int, state) -> None:
     if every > 0 and step % every == 0 and step < int(config.train.steps):
       res = val_eval.run(bind(eval_params(state, config)))
+      curve[:] = [c for c in curve if c["step"] < step] + [{"step": step, **res["overall"]}]
+      artifacts.write_json(curve_path, curve)
       eval_writer.write_scalars(step, flatten_for_writer("val", res))
       summary = ", ".join(f"{k}={v:.3f}" for k, v in res["overall"].items() if v is not None and "/" not in k)
       print(f"val @ step {step}: {summary}", flush=True)
@@ -198,10 +215,21 @@ def run_classifier(config: Any, workdir: str) -> dict[str, Any]:
     res = ev.score(preds)
     split_predictions[name] = preds
     metrics["splits"][name] = res
+    if name == "val" and every > 0:
+      metrics["val_curve"] = curve + [{"step": int(config.train.steps), **res["overall"]}]
     eval_writer.write_scalars(int(config.train.steps), flatten_for_writer(name, res))
   metrics["wall_time_s"] = {"train": t_train, "total": time.time() - t0}
   eval_writer.flush()
   save_predictions(os.path.join(workdir, PREDICTIONS_FILE), split_predictions)
+  if synthetic_stores:
+    synth_preds = {}
+    for store, folder in synthetic_stores.items():
+      arrays = read_shards(folder).arrays
+      ev = ClassificationEvaluator(store, ArraySource(arrays), spec, config.eval, eval_bs, fairness=False,
+                                   attributes=tuple(a for a in (x.name for x in spec.attributes)
+                                                    if f"attrs/{a}" in arrays))
+      synth_preds[store] = ev.predictions(predict)
+    save_predictions(os.path.join(workdir, SYNTHETIC_PREDICTIONS_FILE), synth_preds)
   artifacts.write_json(metrics_path, metrics)
   artifacts.mark_done(workdir)
   print(summary_table(metrics), flush=True)

@@ -26,6 +26,7 @@ import os
 import time
 from typing import Any
 
+from synth_med.data.worlds import make_world
 from synth_med.errors import SynthMedError
 from synth_med.experiments import artifacts
 
@@ -71,8 +72,9 @@ def method_names(config: Any) -> list[str]:
 
 
 def reference_method(config: Any) -> str:
-  """The real-data baseline every method is compared with: the first method of the study."""
-  return next(iter(config.methods.keys()))
+  """The real-data baseline every method is compared with: the tuned method (`tune.method`, each study's
+  real-data baseline)."""
+  return str(config.tune.method)
 
 
 def stage_config(config: Any, part: str) -> Any:
@@ -236,7 +238,11 @@ def _stage_classifiers(config: Any, workdir: str) -> bool:
         raise SynthMedError(f"method {m!r} needs the synthetic store {synth!r}, which is not finished; "
                             "run the generate stage first (add it to --config.stages).")
     print(f"--- classifier {i + 1}/{len(runs)}: {m}, seed {s} ---", flush=True)
-    run_classifier(classifier_config(config, workdir, m, int(config.seed) + s, tuned), folder)
+    stores = None
+    if m == reference_method(config):  # the real-data model also scores the synthetic stores (fidelity)
+      stores = {mode: os.path.join(workdir, "synthetic", mode) for mode in config.generate.modes
+                if artifacts.is_done(os.path.join(workdir, "synthetic", mode))}
+    run_classifier(classifier_config(config, workdir, m, int(config.seed) + s, tuned), folder, stores)
   return all_done
 
 
@@ -254,6 +260,12 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
   if config.get("fidelity", True):
     from synth_med.evaluation.condition_fidelity import study_fidelity
     res["fidelity"] = study_fidelity(config, workdir)
+    from synth_med.evaluation.condition_fidelity import classifier_fidelity
+    ref = reference_method(config)
+    world_attrs = {a.name: a.values for a in make_world(stage_config(config, "classifier").data).spec.attributes}
+    res["fidelity_classifier"] = classifier_fidelity(
+        [os.path.join(workdir, "classifiers", ref, f"seed{s}") for s in range(int(config.seeds))],
+        str(config.generate.attribute), tuple(world_attrs.get(str(config.generate.attribute), ())))
   artifacts.write_json(output_path(config, workdir, "results"), res)
   print(results_table(res), flush=True)
   print(comparison_table(res), flush=True)
