@@ -514,6 +514,7 @@ def study_smoke(config: ConfigDict) -> None:
   config.classifier.train.checkpoint_every = 4
   config.classifier.train.eval_every = 0
   config.tune.grid = "train.optimizer.lr=0.003|0.03"
+  config.tune.widen = 0
 
 
 def study_smoke_sizes(config: ConfigDict, base_size: int, size: int) -> None:

@@ -30,8 +30,12 @@ def test_study_configs_validate(name, arg):
   if name == "derm_cascade" and arg == "":
     assert c.seeds == 5 and c.data.skew.setting == "more" and c.data.skew.attribute == "sex"
     assert c.upsampler.data.image_size == c.classifier.data.image_size
-    assert set(c.methods) >= {"real", "randaugment", "imagenet_aug", "randaugment_imagenet", "oversample",
-                              "focal", "synth_label", "synth_label_property", "synthetic_only"}
+    assert set(c.methods) == {"real", "oversample", "focal", "synth_label", "synth_label_property",
+                              "synthetic_only", "control_real_images", "control_label_prior"}
+    assert c.methods.control_real_images.alpha == c.methods.synth_label_property.alpha
+    assert set(load_config(name, "baselines").methods) >= {"randaugment", "imagenet_aug", "randaugment_imagenet",
+                                                           "pretrained", "synth_label_property_w1"}
+    assert c.tune.curve_every > 0 and c.generate.guidance_grid
     assert c.methods.synth_label_property.filter_dominant == 4 and c.methods.synthetic_only.alpha == 0.0
   if name == "cxr_cascade":
     assert tuple(c.generate.modes) == ("label",) and not c.base.diffusion.condition.attributes
@@ -153,7 +157,24 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
     used = json.loads((workdir / "classifiers" / method / "seed1" / "config.json").read_text())
     assert used["train"]["optimizer"]["lr"] == best_lr
 
+  # Paired comparisons with the real baseline, the controls among them.
+  assert res["reference"] == "real"
+  assert set(res["comparisons"]) == set(c.method_names.split(",")) - {"real"}
+  assert {"control_real_images", "control_label_prior"} <= set(res["comparisons"])
+  for split in ("id", "ood1", "ood2"):
+    cell = res["comparisons"]["synth_label_property"][split]["top3"]
+    ref, mine = res["methods"]["real"][split]["top3"]["mean"], res["methods"]["synth_label_property"][split]["top3"]["mean"]
+    assert cell["diff"] == pytest.approx(mine - ref, abs=1e-9)  # the same runs as the table
+    assert cell["ci"][0] <= cell["diff"] <= cell["ci"][1] and 0 <= cell["p_mann_whitney"] <= 1
+  control = json.loads((workdir / "classifiers" / "control_real_images" / "seed0" / "metrics.json").read_text())
+  assert control["mix"]["control"] == "real_images" and control["mix"]["control_matched"] > 0.5
+  # The second fidelity judge: the real-data classifier on each store.
+  cfid = res["fidelity_classifier"]
+  assert set(cfid) == {"label", "label_property"} and cfid["label_property"]["runs"] == c.seeds
+  assert set(cfid["label_property"]["synthetic_per_value"]) == {"female", "male"}
+
   page = (workdir / "report.html").read_text()
+  assert page.index("Paired differences to real") < page.index("Samples: real next to synthetic")
   for section in ("Samples: real next to synthetic", "Results (mean ± std over seeds)",
                   "Performance against fairness gap", "Hyper-parameter tuning", "Generator fidelity",
                   "Stage timings"):
