@@ -27,6 +27,8 @@ def get_config(arg=None):
       "pretrained": common.method(pretrained=True),  # runs only with --config.pretrained_npz
       "synth_label": common.method(synthetic="label", alpha=0.5),
       "synthetic_only": common.method(synthetic="label", alpha=0.0),
+      # The label-only store has no property, so its one control is real images of the same findings.
+      "control_label_prior": common.controls(common.method(synthetic="label", alpha=0.5))["control_label_prior"],
   }
   config = common.study_base("chest", "sex", base, up, classifier, methods)
   config.generate.modes = ("label",)

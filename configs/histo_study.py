@@ -26,6 +26,7 @@ def get_config(arg=None):
       "synth_label_colour": common.method(augment="standard", synthetic="label", alpha=0.5),
       "synth_label_property_colour": common.method(augment="standard", synthetic="label_property", alpha=0.5),
       "synthetic_only": common.method(augment="none", synthetic="label_property", alpha=0.0),
+      **common.controls(common.method(augment="none", synthetic="label_property", alpha=0.5)),
   }
   config = common.study_base("tissue", "hospital", base, None, classifier, methods)
   common.apply_skew_arg(config, words)
