@@ -531,9 +531,10 @@ def cascade_cpu_scale(config: ConfigDict) -> None:
   """A 16 px base + 16 -> 32 px upsampler + 32 px classifier for a 2-core CPU (README "Budgets").
 
   Measured with bench/generator_fidelity.py on the skin world (500 images per point, probe agreement
-  with the requested label / each requested sex; real 16 px images: label 0.587, sex 0.994):
-  1,000 base steps at the best w (4): label 0.28, sex 0.93 / 0.96; 3,000 steps at w = 2: label 0.37,
-  sex 1.00 / 0.92. So the base trains 3,000 steps and the generate stage picks w on the validation probe.
+  with the requested label / each requested sex; real 16 px images: label 0.587, sex 0.994; bench/README):
+  the label agreement of label + sex samples flattens near 0.37-0.38 (1,000 steps 0.28, 3,000 steps
+  0.37, 6,000 steps 0.38; width 64 at 3,000 steps 0.37 for 2.5x the time per step), so the base trains
+  6,000 steps at width 32 and the generate stage picks w on the validation probe.
   Classifiers: the real baseline's validation top-3 still rises past 150 steps (0.45 at 100, 0.60 at
   200, 0.71 at 600, 0.70 at 700-800, lr 0.03), so the tune stage records validation curves up to 600
   steps and takes the step count where the winner's curve plateaus."""
@@ -542,7 +543,7 @@ def cascade_cpu_scale(config: ConfigDict) -> None:
   config.base.data.image_size = 16
   config.base.model.channel_mult = (1, 2)
   config.base.model.attention_resolutions = (2,)
-  config.base.train.steps = 3000
+  config.base.train.steps = 6000
   config.base.train.checkpoint_every = 1000
   config.base.diffusion.min_snr_gamma = 5.0
   config.base.train.sample_every = 0
