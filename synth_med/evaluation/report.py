@@ -131,7 +131,7 @@ def control_verdicts(res: dict[str, Any], mix: str = "synth_label_property") -> 
                  else (c["ci"][0] > comps[k][split][name]["diff"]))]
       if len(beaten) < len(controls):
         out.append(f"{split} {name}: {mix} does no better than "
-                   f"{', '.join(k for k in controls if k not in beaten)} (its CI covers the control's estimate), "
+                   f"{', '.join(k for k in controls if k not in beaten)} (its CI does not clear the control's estimate), "
                    "so this gain, if any, need not come from the synthetic images.")
   return out
 
