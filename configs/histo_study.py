@@ -39,5 +39,5 @@ def get_config(arg=None):
     config.base.train.steps = 1200
     config.base.train.sample_every = 0
     config.base.sampler.steps = 50
-    common.converged_classifiers(config, max_steps=600)
+    common.converged_classifiers(config, steps=300)
   return common.finalize_study(config, words)

@@ -262,10 +262,11 @@ def test_fair_sampler_draws_a_value_seen_only_in_unlabelled_data_and_refuses_an_
     known_values(np.array([0, 0]), np.array([1, -1]), requested=(2,), value_names=("female", "male", "other"))
 
 
-def test_tuning_widens_an_edge_winner_and_takes_steps_where_the_val_curve_plateaus(tmp_path, monkeypatch):
+def test_tuning_widens_an_edge_winner_and_doubles_steps_until_the_score_stops_gaining(tmp_path, monkeypatch):
   """A stand-in classifier whose validation top-3 peaks at lr = 0.3 and saturates with steps: the grid
   0.01|0.03|0.09 widens to 0.27 (edge winner), then to 0.81 (still the edge), and stops with 0.27 inside;
-  train.steps is the first curve step within tune.plateau of the peak."""
+  then steps double from 100 while the score gains >= tune.plateau: 200 gains, 400 gains, 800 does not,
+  so the classifiers train 400 steps."""
   import math
 
   from synth_med.experiments import classifier, tuning
@@ -273,24 +274,25 @@ def test_tuning_widens_an_edge_winner_and_takes_steps_where_the_val_curve_platea
   config = load_config("derm_cascade", "smoke")
   with config.unlocked():
     config.tune.grid = "train.optimizer.lr=0.01|0.03|0.09"
-    config.tune.curve_every, config.tune.plateau, config.tune.widen, config.tune.seeds = 100, 0.01, 3, 2
-    config.classifier.train.steps = 600
+    config.tune.converge, config.tune.plateau, config.tune.widen, config.tune.seeds = True, 0.01, 3, 2
+    config.classifier.train.steps = 100
   runs = []
 
   def fake_run(c, folder):
-    lr, every, total = c.train.optimizer.lr, c.train.eval_every, c.train.steps
-    runs.append((lr, c.seed))
-    peak = 0.8 - 0.1 * abs(math.log10(lr / 0.3))
-    curve = [{"step": s, "top3": peak * (1 - math.exp(-s / 120))} for s in range(every, total + 1, every)]
-    return {"splits": {"val": {"overall": {"top3": curve[-1]["top3"]}}}, "val_curve": curve}
+    lr, steps = c.train.optimizer.lr, c.train.steps
+    runs.append((lr, steps, c.seed))
+    top3 = (0.8 - 0.1 * abs(math.log10(lr / 0.3))) * (1 - math.exp(-steps / 60))
+    return {"splits": {"val": {"overall": {"top3": top3}}}}
 
   monkeypatch.setattr(classifier, "run_classifier", fake_run)
   from synth_med.experiments.study import classifier_config
   tuning.run_tuning(config, str(tmp_path), lambda m, s: classifier_config(config, str(tmp_path), m, s))
   best = tuning.artifacts.read_json(tuning.best_path(str(tmp_path)))
-  assert [r["overrides"]["train.optimizer.lr"] for r in best["points"]] == [0.01, 0.03, 0.09, 0.27, 0.81]
+  lrs = [r["overrides"]["train.optimizer.lr"] for r in best["points"]]
+  assert lrs == [0.01, 0.03, 0.09, 0.27, 0.81, 0.27, 0.27, 0.27]
+  assert [r["overrides"].get("train.steps") for r in best["points"]][5:] == [200, 400, 800]
   assert best["widenings"] == 2 and not best["on_grid_edge"]
-  top = 0.8 - 0.1 * abs(math.log10(0.27 / 0.3))
-  first = next(s for s in range(100, 601, 100) if top * (1 - math.exp(-s / 120)) >= top * (1 - math.exp(-5)) - 0.01)
-  assert best["overrides"] == {"train.optimizer.lr": 0.27, "train.steps": first} and first == 500
-  assert not best["steps_on_grid_edge"] and len(runs) == 10  # 5 points x 2 seeds
+  # Gains of the winner (0.795 x (1 - e^(-steps/60))): 100 -> 200 0.12, 200 -> 400 0.027, 400 -> 800 0.001.
+  assert best["overrides"] == {"train.optimizer.lr": 0.27, "train.steps": 400}
+  assert best["steps"] == 400 and best["doublings"] == 3 and not best["steps_on_grid_edge"]
+  assert len(runs) == 2 * len(best["points"])  # 2 seeds per point

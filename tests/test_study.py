@@ -35,7 +35,7 @@ def test_study_configs_validate(name, arg):
     assert c.methods.control_real_images.alpha == c.methods.synth_label_property.alpha
     assert set(load_config(name, "baselines").methods) >= {"randaugment", "imagenet_aug", "randaugment_imagenet",
                                                            "pretrained", "synth_label_property_w1"}
-    assert c.tune.curve_every > 0 and c.generate.guidance_grid
+    assert c.tune.converge and c.classifier.train.optimizer.grad_clip == 1.0 and c.generate.guidance_grid
     assert c.methods.synth_label_property.filter_dominant == 4 and c.methods.synthetic_only.alpha == 0.0
   if name == "cxr_cascade":
     assert tuple(c.generate.modes) == ("label",) and not c.base.diffusion.condition.attributes

@@ -113,22 +113,6 @@ def score(metrics: dict[str, Any], split: str, metric: str) -> float | None:
   return None if value is None else float(value)
 
 
-def curve_of(metrics: dict[str, Any], metric: str) -> list[tuple[int, float]]:
-  """[(step, value)] of a run's validation curve (metrics.json `val_curve`), undefined points left out."""
-  out = []
-  for point in metrics.get("val_curve", []):
-    value = score({"splits": {"val": {"overall": point}}}, "val", metric)
-    if value is not None:
-      out.append((int(point["step"]), value))
-  return out
-
-
-def plateau_step(curve: list[tuple[int, float]], tolerance: float) -> int:
-  """The first step whose value is within `tolerance` of the curve's best."""
-  best = max(v for _, v in curve)
-  return next(step for step, v in curve if v >= best - tolerance)
-
-
 def widened(points: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any] | None:
   """A new grid point one geometric step past the edge when `best` sits on the edge of a numeric axis
   with >= 2 values (e.g. lr 0.01|0.03|0.1 and 0.1 wins -> 0.3); None when it is inside on every axis."""
@@ -149,11 +133,11 @@ def run_tuning(config: Any, workdir: str, classifier_config) -> bool:
   """The tune stage; `classifier_config(method, seed)` builds a method's stage config. Returns True if
   it was already finished (skipped).
 
-  Every grid point trains `tune.seeds` seeds. With `tune.curve_every` > 0 each run also records its
-  validation curve (every that many steps up to the classifier's train.steps); the point whose mean
-  curve peaks highest wins, and `train.steps` becomes the first step at which that mean curve is within
-  `tune.plateau` of its peak. A winner on the edge of a numeric axis adds the next value past it, up to
-  `tune.widen` times; `best.json` says if it still sits on an edge.
+  Every grid point trains `tune.seeds` seeds and scores their mean. A winner on the edge of a numeric
+  axis adds the next value past it, up to `tune.widen` times. Then, with `tune.converge`, the winner's
+  train.steps doubles while the mean validation score still gains at least `tune.plateau` (up to
+  `tune.widen` doublings): the classifiers train to where more steps stop helping, whatever the
+  learning-rate schedule. `best.json` records every point and whether the result sits on an edge.
   """
   from synth_med.experiments.classifier import run_classifier
   tune = config.tune
@@ -164,63 +148,67 @@ def run_tuning(config: Any, workdir: str, classifier_config) -> bool:
   if os.path.exists(best_path(workdir)):
     print(f"tuning finished earlier: {read_best(workdir)} ({best_path(workdir)})", flush=True)
     return True
-  seeds, every = int(tune.seeds), int(tune.get("curve_every", 0))
+  seeds = int(tune.seeds)
   rows: list[dict[str, Any]] = []
 
-  def run_point(i: int, point: dict[str, Any]) -> dict[str, Any]:
-    scores, curves = [], []
+  def run_point(point: dict[str, Any]) -> dict[str, Any]:
+    i = len(rows)
+    scores = []
     for s in range(seeds):
       c = classifier_config(str(tune.method), int(config.seed) + s)
       with c.unlocked():
         apply_overrides(c, point)
-        if every > 0:
-          c.train.eval_every = every
       folder = os.path.join(workdir, "tune", point_name(i, point), f"seed{s}")
       print(f"--- tuning point {i + 1}, seed {s}: {point} ---", flush=True)
-      metrics = run_classifier(c, folder)
-      scores.append(score(metrics, str(tune.split), str(tune.metric)))
-      curves.append(dict(curve_of(metrics, str(tune.metric))) if every > 0 else {})
+      scores.append(score(run_classifier(c, folder), str(tune.split), str(tune.metric)))
     defined = [v for v in scores if v is not None]
-    row: dict[str, Any] = {"overrides": point, "scores": scores,
-                           "mean": sum(defined) / len(defined) if defined else None}
-    if every > 0:
-      steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-      row["curve"] = [[st, sum(c[st] for c in curves) / len(curves)] for st in steps]
-      row["peak"] = max((v for _, v in row["curve"]), default=None)
+    row = {"overrides": point, "scores": scores, "mean": sum(defined) / len(defined) if defined else None}
+    rows.append(row)
     return row
 
-  for i, point in enumerate(points):
-    rows.append(run_point(i, point))
-  key = "peak" if every > 0 else "mean"
-  widenings = 0
-  while True:
-    ok = [j for j in range(len(rows)) if rows[j][key] is not None]
+  def best_row(candidates: list[int]) -> int:
+    ok = [j for j in candidates if rows[j]["mean"] is not None]
     if not ok:
       raise SynthMedError(f"tuning: {tune.metric} on {tune.split} is undefined for every grid point "
                           "(e.g. a class missing from the split); choose another tune.metric.")
-    best = max(ok, key=lambda j: rows[j][key])
+    return max(ok, key=lambda j: rows[j]["mean"])
+
+  for point in points:
+    run_point(point)
+  widenings, limit = 0, int(tune.get("widen", 0))
+  while True:
+    best = best_row(list(range(len(rows))))
     nxt = widened([r["overrides"] for r in rows], rows[best]["overrides"])
-    if nxt is None or widenings >= int(tune.get("widen", 0)):
+    if nxt is None or widenings >= limit:
       break
     widenings += 1
     print(f"tuning: the best point {rows[best]['overrides']} is on the grid's edge; adding {nxt}", flush=True)
-    rows.append(run_point(len(rows), nxt))
-  overrides = dict(rows[best]["overrides"])
+    run_point(nxt)
   summary: dict[str, Any] = {"method": str(tune.method), "split": str(tune.split), "metric": str(tune.metric),
-                             "points": rows, "best": best, "widenings": widenings,
-                             "on_grid_edge": nxt is not None}
-  if every > 0:
-    max_steps = int(classifier_config(str(tune.method), int(config.seed)).train.steps)
-    steps = plateau_step([tuple(p) for p in rows[best]["curve"]], float(tune.plateau))
-    overrides["train.steps"] = steps
-    summary["steps_on_grid_edge"] = steps >= max_steps
-    summary["max_steps"] = max_steps
-  summary["overrides"] = overrides
+                             "widenings": widenings, "on_grid_edge": nxt is not None}
+  if bool(tune.get("converge", False)):
+    steps = int(classifier_config(str(tune.method), int(config.seed)).train.steps)
+    steps = int(rows[best]["overrides"].get("train.steps", steps))
+    current, doublings, gained = best, 0, True
+    while doublings < limit:
+      longer = run_point({**rows[current]["overrides"], "train.steps": 2 * steps})
+      doublings += 1
+      gained = (longer["mean"] or 0.0) - (rows[current]["mean"] or 0.0) >= float(tune.plateau)
+      print(f"tuning: {2 * steps} steps score {longer['mean']} against {rows[current]['mean']} at {steps}"
+            f" ({'still gaining' if gained else 'converged'})", flush=True)
+      if not gained:
+        break
+      current, steps = len(rows) - 1, 2 * steps
+    best = current
+    summary.update(steps=steps, doublings=doublings, steps_on_grid_edge=gained)
+  overrides = dict(rows[best]["overrides"])
+  if "steps" in summary:
+    overrides["train.steps"] = summary["steps"]
+  summary.update(points=rows, best=best, overrides=overrides)
   artifacts.write_json(best_path(workdir), summary)
   print(f"tuned on {tune.method}/{tune.split} {tune.metric}: " +
-        ", ".join(f"{r['overrides']} {r[key]}" for r in rows) + f" -> {overrides}", flush=True)
+        ", ".join(f"{r['overrides']} {r['mean']}" for r in rows) + f" -> {overrides}", flush=True)
   if summary["on_grid_edge"] or summary.get("steps_on_grid_edge"):
-    print("tuning: WARNING the tuned values sit on the edge of the grid "
-          f"({'steps' if summary.get('steps_on_grid_edge') else 'grid'}); widen tune.grid or raise "
-          "classifier.train.steps", flush=True)
+    print("tuning: WARNING the tuned values sit on the edge of the grid; widen tune.grid, raise tune.widen "
+          "or classifier.train.steps", flush=True)
   return False
