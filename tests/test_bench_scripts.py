@@ -50,3 +50,17 @@ def test_classifier_and_data_benchmarks_run():
   assert "img/s" in _run_script("classifier_step.py", "--arg", "smoke", "--steps", "2")
   out = _run_script("data_throughput.py", "--size", "16", "--batch", "32", "--repeats", "1")
   assert all(world in out for world in ("skin", "chest", "tissue")), out
+
+
+def test_generator_fidelity_prints_a_line_per_guidance(tmp_path):
+  """`bench/generator_fidelity.py` on the smoke study's base model: one JSON line per w, with the probe's
+  label agreement of both stores and a rate per requested sex."""
+  import json
+  out = _run_script("generator_fidelity.py", f"--workdir={tmp_path}", "--config_arg=smoke", "--steps=4",
+                    "--channels=16", "--guidance=0,2", "--num_images=16")
+  rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["guidance"] for r in rows] == [0.0, 2.0], out[-2000:]
+  for r in rows:
+    assert 0 <= r["label_property_label"] <= 1 and 0 <= r["label_label"] <= 1
+    assert set(r["sex_per_value"]) == {"0", "1"} and r["steps"] == 4 and r["channels"] == 16
+  assert "real held-out at 8 px" in out
