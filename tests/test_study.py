@@ -215,14 +215,14 @@ def test_stage_timings_add_up_over_resumed_runs(tmp_path):
 
 def test_pretrained_baseline_runs_only_with_a_bit_checkpoint():
   from synth_med.experiments.study import classifier_config, method_names
-  c = load_config("derm_cascade", "")
+  c = load_config("derm_cascade", "baselines")
   assert "pretrained" in c.methods and "pretrained" not in method_names(c)
   with c.unlocked():
     c.pretrained_npz = "/data/BiT-M-R50x1.npz"
   assert "pretrained" in method_names(c)
   assert classifier_config(c, "/w", "pretrained", 0).model.pretrained_npz == "/data/BiT-M-R50x1.npz"
   assert classifier_config(c, "/w", "real", 0).model.pretrained_npz == ""
-  c = load_config("derm_cascade", "")
+  c = load_config("derm_cascade", "baselines")
   with c.unlocked():
     c.method_names = "real,pretrained"
   with pytest.raises(SynthMedError, match="needs --config.pretrained_npz"):
