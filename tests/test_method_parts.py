@@ -296,3 +296,41 @@ def test_tuning_widens_an_edge_winner_and_doubles_steps_until_the_score_stops_ga
   assert best["overrides"] == {"train.optimizer.lr": 0.27, "train.steps": 400}
   assert best["steps"] == 400 and best["doublings"] == 3 and not best["steps_on_grid_edge"]
   assert len(runs) == 2 * len(best["points"])  # 2 seeds per point
+
+
+def test_guidance_is_chosen_on_the_validation_probe_and_kept(tmp_path):
+  """A stand-in generator that renders the requested label and sex at w = 2 (a real training image of
+  that label and sex) and a grey square at w = 0: the probe-based choice is w = 2, written once."""
+  import json
+  from types import SimpleNamespace
+
+  from configs import common
+  from synth_med.data.pipeline import WorldSource, materialise
+  from synth_med.data.worlds import make_world
+  from synth_med.experiments.synthetic_store import choose_guidance, labelled_training_data, property_pool
+  data = common.data_config("skin", 16)
+  data.train_size, data.val_size, data.unlabelled_size = 1500, 400, 100
+  world = make_world(data)
+  train = materialise(WorldSource(world, world.split("train")), "train").arrays
+  keys = np.argmax(train["label"], -1)
+  calls = []
+
+  def generate(cond, seed=0, guidance=0.0):
+    calls.append(guidance)
+    if guidance == 0.0:
+      return np.full((len(cond["label"]), 16, 16, 3), 128, np.uint8)
+    out = []
+    for y, a in zip(np.argmax(cond["label"], -1), cond["attrs/sex"]):
+      rows = np.flatnonzero((keys == y) & (train["attrs/sex"] == a))
+      rows = rows if len(rows) else np.flatnonzero(keys == y)
+      out.append(train["image"][rows[0]])
+    return np.stack(out)
+
+  gen = SimpleNamespace(cond_spec=SimpleNamespace(attributes=(("sex", 2),)), generate=generate)
+  path = str(tmp_path / "guidance.json")
+  args = (gen, world, labelled_training_data(world), property_pool(world, "sex"), "sex", (0.0, 2.0), 120, 0, path)
+  assert choose_guidance(*args) == 2.0 and calls == [0.0, 2.0]
+  table = json.loads(open(path).read())
+  assert table["chosen"] == 2.0 and table["probe"] == "val split"
+  assert table["points"][1]["label"] > table["points"][0]["label"]
+  assert choose_guidance(*args) == 2.0 and calls == [0.0, 2.0]  # read back, nothing regenerated
