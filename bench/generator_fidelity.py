@@ -34,7 +34,8 @@ def main() -> None:
   p.add_argument("--guidance", default="0,1,3", help="comma list of CFG w")
   p.add_argument("--sampler_steps", type=int, default=0, help="> 0 overrides the base sampler's steps")
   p.add_argument("--num_images", type=int, default=500, help="per mode")
-  p.add_argument("--set", action="append", default=[], help="base.KEY=VALUE overrides (python literal)")
+  p.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides of the base stage config "
+                 "(python literal), e.g. --set=diffusion.min_snr_gamma=0.0")
   args = p.parse_args()
 
   from synth_med.experiments.cli import enable_compilation_cache, load_config_file
@@ -55,6 +56,7 @@ def main() -> None:
   from synth_med.experiments.diffusion import run_diffusion
   from synth_med.experiments.study import stage_config
   from synth_med.experiments.synthetic_store import labelled_training_data, load_generator, property_pool
+  from synth_med.experiments.tuning import apply_overrides
   from synth_med.train import sharding
 
   attr = str(config.generate.attribute)
@@ -78,13 +80,7 @@ def main() -> None:
         cfg.model.model_channels = ch
         if args.sampler_steps:
           cfg.sampler.steps = args.sampler_steps
-        for kv in args.set:
-          key, value = kv.split("=", 1)
-          node = cfg
-          parts = key.split(".")
-          for part in parts[:-1]:
-            node = node[part]
-          node[parts[-1]] = ast.literal_eval(value)
+        apply_overrides(cfg, {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)})
       tag = f"s{steps}_c{ch}" + "".join(f"_{kv}" for kv in args.set).replace("/", "-")
       folder = os.path.join(args.workdir, tag)
       t0 = time.time()

@@ -19,13 +19,14 @@ def get_config(arg=None):
   words = common.parse_arg(arg, ("smoke", "full", "baselines") + common.SKEW_ARGS)
   classifier, base, _ = common.stage_configs(histo_classifier, histo_diffusion, words, upsampler=False,
                                              base_words=("label_property",))
+  mix = common.method(augment="none", synthetic="label_property", alpha=0.5)
   methods = {
       "no_aug": common.method(augment="none"),
       "colour_aug": common.method(augment="standard"),
       "synth_label": common.method(augment="none", synthetic="label", alpha=0.5),
-      "synth_label_property": common.method(augment="none", synthetic="label_property", alpha=0.5),
+      "synth_label_property": mix,
       "synthetic_only": common.method(augment="none", synthetic="label_property", alpha=0.0),
-      **common.controls(common.method(augment="none", synthetic="label_property", alpha=0.5)),
+      **common.controls(mix),
   }
   if "baselines" in words:  # the synthetic mixes with colour augmentation too
     methods["synth_label_colour"] = common.method(augment="standard", synthetic="label", alpha=0.5)

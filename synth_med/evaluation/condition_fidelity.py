@@ -16,11 +16,14 @@ overall and per requested property value.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from synth_med.errors import SynthMedError
+from synth_med.evaluation.paired import load_predictions, metric_values
+from synth_med.experiments import artifacts
 
 
 def image_features(images: np.ndarray) -> np.ndarray:
@@ -91,13 +94,10 @@ def fidelity(probes: Mapping[str, dict[str, Any]], synthetic: Mapping[str, np.nd
 def study_fidelity(config: Any, workdir: str) -> dict[str, Any]:
   """`fidelity` of each finished synthetic store of a study, against the real val + ID test images
   (unskewed, labelled) at the classifier's resolution."""
-  import os
-
   from synth_med.data.pipeline import WorldSource, materialise
   from synth_med.data.schema import concat_batches
   from synth_med.data.shards import read_shards
   from synth_med.data.worlds import make_world
-  from synth_med.experiments import artifacts
   from synth_med.experiments.study import stage_config
   stores = {m: os.path.join(workdir, "synthetic", m) for m in config.generate.modes}
   stores = {m: f for m, f in stores.items() if artifacts.is_done(f)}
@@ -122,15 +122,10 @@ AGREEMENT = {"softmax": "top1", "multilabel": "mean_auc", "binary": "accuracy"}
 def classifier_fidelity(run_dirs: list[str], attribute: str, value_names: tuple[str, ...] = ()) -> dict[str, Any]:
   """{store: {metric, synthetic_as_requested, real_heldout, ratio, synthetic_per_value}} averaged over the
   real-data runs in `run_dirs` (each with predictions.npz and synthetic_predictions.npz)."""
-  import json
-  import os
-
-  from synth_med.evaluation.paired import load_predictions, metric_values
   runs = [d for d in run_dirs if os.path.exists(os.path.join(d, "synthetic_predictions.npz"))]
   if not runs:
     return {}
-  with open(os.path.join(runs[0], "metrics.json")) as f:
-    kind = json.load(f).get("label_kind", "softmax")
+  kind = artifacts.read_json(os.path.join(runs[0], "metrics.json")).get("label_kind", "softmax")
   metric = AGREEMENT[kind]
   per_store: dict[str, dict[str, list[float]]] = {}
   real = []
