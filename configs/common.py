@@ -50,7 +50,7 @@ def data_config(world: str, image_size: int) -> ConfigDict:
       # --config.data.domain_prevalence.ood1='(0.5, 0.5)' for a 2-class skin world.
       "domain_prevalence": {d: () for d in id_domains + ood_domains},
       "augment": "standard",  # none | standard (002 App. E.1, per modality)
-      # Real data (data.source != 'world'; see README "Real data sets" and "Use your own data").
+      # Real data (data.source != 'world'; see docs/data.md).
       "manual_dir": "",  # the data set's folder, as its owners distribute it
       "preprocessed_dir": "",  # where resized shards go ('' = ~/.cache/synth_med/preprocessed)
       "corrupt_images": "skip",  # skip (and count) | fail
@@ -174,7 +174,7 @@ def mix_config(world: str) -> ConfigDict:
       "filter_dominant": 0,  # w2: drop synthetic examples of the k most frequent classes; 0 = off
       "attribute": {"skin": "sex", "chest": "sex", "tissue": "hospital"}[world],  # for w1 and oversampling
       "oversample": False,  # repeat rows so the attribute's values are equally frequent (E.2 baseline)
-      # Controls that keep the synthetic store's rows but swap in real training images (README "Controls"):
+      # Controls that keep the synthetic store's rows but swap in real training images (docs/design.md, "Controls"):
       # '' (synthetic images) | real_images (same label and property) | label_prior (same label).
       "control": "",
   })
@@ -251,7 +251,7 @@ def unet_config(model_channels: int, channel_mult: tuple[int, ...], num_res_bloc
       "resblock_updown": False,
       "dtype": "float32",  # float32 | bfloat16 (compute dtype; params stay float32)
       # float32 | bfloat16: the 3x3 convolutions' products on bfloat16-rounded operands, summed
-      # in float32 (AMX tiles on recent Xeons, about 4x; see README "Precision").
+      # in float32 (AMX tiles on recent Xeons, about 4x; see docs/design.md, "Precision").
       "matmul_precision": "float32",
   })
 
@@ -286,7 +286,7 @@ def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
   })
   config.sampler = ConfigDict({
       # DDPM on a respaced chain: with briefly trained CPU models DDIM (eta=0) kept the initial
-      # noise in our samples while respaced DDPM gave skin-like images (see the README).
+      # noise in our samples while respaced DDPM gave skin-like images (see docs/design.md).
       "name": "ddpm",  # ddpm | ddim
       "steps": 100,
       "eta": 0.0,
@@ -527,7 +527,7 @@ def study_smoke_sizes(config: ConfigDict, base_size: int, size: int) -> None:
 
 
 def cascade_cpu_scale(config: ConfigDict) -> None:
-  """A 16 px base + 16 -> 32 px upsampler + 32 px classifier for a 2-core CPU (README "Budgets").
+  """A 16 px base + 16 -> 32 px upsampler + 32 px classifier for a 2-core CPU (README results).
 
   Measured with bench/generator_fidelity.py on the skin world (500 images per point, probe agreement
   with the requested label / each requested sex; real 16 px images: label 0.587, sex 0.994; bench/README):
@@ -569,7 +569,7 @@ def converged_classifiers(config: ConfigDict, steps: int) -> None:
   """CPU study classifiers that converge, and converge alike over seeds.
 
   Gradients are clipped at norm 1: without it, 1 of 5 real-data seeds of the skin study diverged at
-  the tuned lr (ID top-3 0.586 +- 0.119 over seeds; with clipping 0.720 +- 0.011, README). The tune
+  the tuned lr (ID top-3 0.586 +- 0.119 over seeds; with clipping 0.720 +- 0.011). The tune
   stage runs each learning rate on 2 seeds for `steps` steps, then doubles the winner's steps while
   its mean validation score gains at least 0.01 (at most twice)."""
   config.classifier.train.optimizer.grad_clip = 1.0

@@ -1,4 +1,4 @@
-"""Paper 002's method end to end on your own data (README "Use your own data").
+"""Paper 002's method end to end on your own data (docs/data.md "Use your own data").
 
     python launch/main.py --config=configs/custom_cascade.py:attribute=tone --workdir=/tmp/mine \
         --config.data.csv=/data/mine/metadata.csv --config.data.columns.label=diagnosis \

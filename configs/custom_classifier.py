@@ -1,4 +1,4 @@
-"""BiT-ResNet on your own data: one CSV naming images, labels, attributes, sites (README "Use your own data").
+"""BiT-ResNet on your own data: one CSV naming images, labels, attributes, sites (docs/data.md "Use your own data").
 
     python launch/main.py --config=configs/custom_classifier.py --workdir=/tmp/mine \
         --config.data.csv=/data/mine/metadata.csv --config.data.columns.image=file \

@@ -11,7 +11,7 @@ RandAugment + ImageNet-style augmentation, focal loss, the synthetic mix and
 synthetic only; 5 seeds), evaluation (mean AUC and per-finding AUC, ID and
 OOD; gap = best - worst sex on mean AUC) and report.html.
 Arguments: smoke, full; chexpert / chestxray14 / mimic_cxr / csv run it on a local copy of that data set
-(with --config.data.manual_dir=..., or --config.data.csv=... for csv; README "Real data sets").
+(with --config.data.manual_dir=..., or --config.data.csv=... for csv; docs/data.md "Real data sets").
 """
 from configs import common, cxr_classifier, cxr_diffusion
 

@@ -19,7 +19,7 @@ Arguments (comma list):
                         without w2 (002 G.3.5), and, our addition, alpha in {0.25, 0.5, 0.75}
   less / more / most / unskewed   the skew of that attribute (Table A2; default: more)
   scin / fitzpatrick17k / ddi / ham10000 / csv   a local copy of that data set instead of the procedural
-                        world (--config.data.manual_dir=..., or --config.data.csv=...; README "Real data
+                        world (--config.data.manual_dir=..., or --config.data.csv=...; docs/data.md "Real data
                         sets"); Fitzpatrick17k and DDI have no sex, so they use tone
 Defaults we chose where 002 is silent: α = 0.5 for the synthetic mixes, w2 on
 the 4 dominant classes of the training data (no w1), 500 images per mode on CPU

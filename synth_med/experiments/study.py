@@ -16,7 +16,7 @@ continues where it stopped. `--config.stages=classifiers,evaluate` runs a
 subset. One generator conditioned on label + property serves both modes: for
 label-only samples the property part of the condition is null, which the model
 learnt through the per-part condition dropout (our choice, halving the
-generator cost; see the README).
+generator cost; see docs/design.md).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Real data sets from local folders, served like the procedural worlds (see table.py, table_world.py).
 
 `data.source` picks the loader; `data.manual_dir` names the folder holding the
-data set exactly as its owners distribute it (README: "Real data sets").
+data set exactly as its owners distribute it (docs/data.md: "Real data sets").
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ generator.
 
 Centres become the tissue world's hospitals h0..h4. The WILDS split: train
 centres 0, 3, 4 (ID); OOD validation centre 1; OOD test centre 2. 002's Table
-A1 swaps the names of the last two (README). WILDS' id_val rows (split 1 in the
+A1 swaps the names of the last two (docs/data.md). WILDS' id_val rows (split 1 in the
 training centres) are our ID validation split; our ID test split is a slide-level
 held-out slice (`data.id_test_fraction`) of the training rows.
 """

@@ -95,7 +95,7 @@ def require_folder(path: str, what: str, key: str = "data.manual_dir") -> str:
   path = os.path.expanduser(str(path))
   if not os.path.isdir(path):
     raise SynthMedError(f"{what}: folder {path!r} does not exist; set --config.{key} to the folder "
-                        "that holds the data set (see the README's data section for the layout).")
+                        "that holds the data set (see docs/data.md for the layout).")
   return path
 
 
