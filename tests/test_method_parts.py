@@ -211,6 +211,30 @@ def test_condition_fidelity_probe_tells_a_faithful_generator_from_one_that_ignor
   assert fidelity(probes, label_only, "sex")["sex"]["synthetic_as_requested"] is None
 
 
+def test_condition_fidelity_scores_a_binary_label():
+  """A single binary column (the tissue world's tumour label) is probed as label >= 0.5, not argmax
+  (always 0), and a binary 0 still counts as labelled."""
+  from synth_med.evaluation.condition_fidelity import fidelity, fit_probes
+  rng = np.random.default_rng(1)
+
+  def images(tumour):  # tumour tissue is darker
+    return np.clip(rng.normal(180 - 100 * tumour[:, None, None, None], 20, (len(tumour), 8, 8, 3)), 0, 255
+                   ).astype(np.uint8)
+
+  y = rng.integers(0, 2, 300)
+  real = {"image": images(y), "label": y[:, None].astype(np.float32), "labelled": np.ones(300, bool),
+          "attrs/hospital": rng.integers(0, 3, 300).astype(np.int32)}
+  probes = fit_probes(real, "hospital")
+  assert probes["label"]["real_heldout"] > 0.95
+  asked = rng.integers(0, 2, 100)
+  faithful = {"image": images(asked), "label": asked[:, None].astype(np.float32), "labelled": np.ones(100, bool),
+              "attrs/hospital": np.full(100, -1, np.int32)}
+  flipped = dict(faithful, image=images(1 - asked))
+  assert fidelity(probes, faithful, "hospital")["label"]["synthetic_as_requested"] > 0.95
+  assert fidelity(probes, flipped, "hospital")["label"]["synthetic_as_requested"] < 0.05
+  assert fidelity(probes, faithful, "hospital")["label"]["n_synthetic_scored"] == 100
+
+
 def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path, monkeypatch):
   """tune.seeds = 3 (the cascade CPU defaults): lr 0.1 has the single best run, lr 0.01 the best mean."""
   from ml_collections import ConfigDict

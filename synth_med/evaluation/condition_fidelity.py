@@ -5,7 +5,7 @@ For the property (e.g. sex) a gradient-boosted probe on simple image features
 real labelled images and scored twice: on held-out real images (how visible the
 property is at this resolution at all) and on synthetic images against the
 property they were *asked* for (how well the generator renders it). The same is
-done for the label (top-1 of the probe). A synthetic score far below the real
+done for the label (the probe's class: top-1, or label >= 0.5 when binary). A synthetic score far below the real
 one means the generator ignores that part of the condition, so fair sampling
 over it cannot help the classifier.
 
@@ -46,13 +46,27 @@ def _probe(features: np.ndarray, target: np.ndarray, seed: int):
   return HistGradientBoostingClassifier(max_iter=60, learning_rate=0.2, random_state=seed).fit(features, target)
 
 
+def label_classes(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """(int class per row, bool labelled) for the label probe: the argmax of a one-hot, soft or multi-hot
+  label, or label >= 0.5 for a single binary column. Rows with `labelled` False (or, without that key,
+  an all-zero one-hot label) are not labelled."""
+  label = np.asarray(arrays["label"], np.float32)
+  if label.ndim == 2 and label.shape[-1] == 1:
+    classes = (label[:, 0] >= 0.5).astype(np.int64)
+    ok = np.asarray(arrays["labelled"], bool) if "labelled" in arrays else np.ones(len(label), bool)
+  else:
+    classes = np.argmax(label, -1)
+    ok = np.asarray(arrays["labelled"], bool) if "labelled" in arrays else label.sum(-1) > 0
+  return classes, ok
+
+
 def fit_probes(real: Mapping[str, np.ndarray], attribute: str, seed: int = 0,
                holdout: float = 0.25) -> dict[str, dict[str, Any]]:
-  """Label (argmax) and `attribute` probes fitted on real images; each with its real held-out accuracy."""
+  """Label (`label_classes`) and `attribute` probes fitted on real images; each with its real held-out accuracy."""
   rng = np.random.default_rng(seed)
   feats = image_features(real["image"])
   test = rng.random(len(feats)) < holdout
-  targets = {"label": (np.argmax(real["label"], -1), real["label"].sum(-1) > 0)}
+  targets = {"label": label_classes(real)}
   if f"attrs/{attribute}" in real:
     targets[attribute] = (real[f"attrs/{attribute}"], real[f"attrs/{attribute}"] >= 0)
   probes = {}
@@ -77,8 +91,11 @@ def fidelity(probes: Mapping[str, dict[str, Any]], synthetic: Mapping[str, np.nd
   feats = image_features(synthetic["image"])
   out: dict[str, Any] = {"n_synthetic": int(len(feats))}
   for name, p in probes.items():
-    y = np.argmax(synthetic["label"], -1) if name == "label" else synthetic[f"attrs/{attribute}"]
-    ok = synthetic["label"].sum(-1) > 0 if name == "label" else y >= 0
+    if name == "label":
+      y, ok = label_classes(synthetic)
+    else:
+      y = synthetic[f"attrs/{attribute}"]
+      ok = y >= 0
     entry = {k: v for k, v in p.items() if k != "probe"}
     entry["n_synthetic_scored"] = int(ok.sum())
     entry["synthetic_as_requested"] = None
