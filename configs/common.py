@@ -280,6 +280,9 @@ def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
       "drop_prob": 0.1,  # per-part null probability for classifier-free guidance (paper 000: 0.1)
       # > 0: Min-SNR-γ loss weighting (Hang et al. 2023); 0: the plain ε-MSE of 002 Table E1.
       "min_snr_gamma": 0.0,
+      # What the network predicts: 'eps' (the noise, 002 Table E1) or 'v' = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x_0
+      # (Salimans & Ho 2022); the sampler turns either into ε.
+      "prediction": "eps",
       # The upsampler's low-resolution input (002 App. E); ignored by the base model.
       "low_res": {"size": image_size // 2, "antialias_prob": 0.5, "noise_prob": 0.2, "noise_std": 4.0,
                   "blur_prob": 0.5, "blur_sigma_scale": 0.2, "blur_size": 7},

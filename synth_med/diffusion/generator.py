@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synth_med.diffusion import samplers, superres_preprocess
+from synth_med.diffusion import gaussian, samplers, superres_preprocess
 from synth_med.diffusion.conditioning import ConditioningSpec
 from synth_med.diffusion.schedules import Schedule
 from synth_med.errors import SynthMedError
@@ -22,10 +22,15 @@ from synth_med.train import sharding
 from synth_med.train.progress import Progress
 
 
-def model_apply(model: Any) -> samplers.ApplyFn:
-  """apply(params, x, t, cond, low_res) for a unet/superres_unet Model in eval mode."""
+def model_apply(model: Any, schedule: Schedule | None = None, prediction: str = "eps") -> samplers.ApplyFn:
+  """apply(params, x, t, cond, low_res) -> ε for a unet/superres_unet Model in eval mode; a v-prediction
+  model's output is turned into ε with `schedule`."""
+  if gaussian.check_prediction(prediction) == "v" and schedule is None:
+    raise SynthMedError("model_apply: a v-prediction model needs its schedule to give ε.")
+
   def apply(params, x, t, cond, low_res):
-    return model.apply({"params": params}, x, t, cond, low_res, train=False)
+    out = model.apply({"params": params}, x, t, cond, low_res, train=False)
+    return out if prediction == "eps" else gaussian.eps_from_v(schedule, x, t, out)
   return apply
 
 
@@ -47,14 +52,15 @@ class Generator:
   def __init__(self, model: Any, params: Any, schedule: Schedule, cond_spec: ConditioningSpec,
                sampler: samplers.SamplerConfig, image_shape: tuple[int, int, int],
                mesh: jax.sharding.Mesh, batch_size: int = 64, low_res: bool = False,
-               name: str = "sampling"):
+               name: str = "sampling", prediction: str = "eps"):
     sharding.check_batch_size(batch_size, mesh, "sampler.batch_size")
     self.model, self.schedule = model, schedule
     self.cond_spec, self.sampler, self.image_shape = cond_spec, sampler, tuple(image_shape)
     self.mesh, self.batch_size, self.low_res, self.name = mesh, batch_size, low_res, name
     self.set_params(params)
     data, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    apply = model_apply(model)
+    self.prediction = prediction
+    apply = model_apply(model, schedule, prediction)
 
     def run(params, seed, indices, cond_batch, low, w):
       keys = samplers.image_keys(seed, indices)

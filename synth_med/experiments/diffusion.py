@@ -158,7 +158,7 @@ def run_diffusion(config: Any, workdir: str) -> dict[str, Any]:
   cond_spec = build_cond_spec(config, spec)
   low_aug = low_res_augment(config)
   task = DiffusionTask(model, schedule, cond_spec, float(config.diffusion.drop_prob), low_aug,
-                       float(config.diffusion.min_snr_gamma))
+                       float(config.diffusion.min_snr_gamma), str(config.diffusion.prediction))
   size = int(config.data.image_size)
   labelled = {k: v[: counts["labelled"]] for k, v in source.arrays.items()}
   writer = create_writer(os.path.join(workdir, "tensorboard", "samples"), console=False)
@@ -178,7 +178,7 @@ def run_diffusion(config: Any, workdir: str) -> dict[str, Any]:
     if not generators:
       generators.append(Generator(model, params, schedule, cond_spec, sampler_config(config),
                                   (size, size, spec.channels), mesh, int(config.sampler.batch_size),
-                                  low_res=low_aug is not None))
+                                  low_res=low_aug is not None, prediction=str(config.diffusion.prediction)))
     generators[0].set_params(params)
     return generators[0]
 

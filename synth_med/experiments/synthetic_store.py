@@ -61,7 +61,7 @@ def load_generator(stage_cfg: Any, folder: str, spec: Any, mesh: Any, low_res: b
   gen = Generator(build_model(stage_cfg.model, spec.channels), params, build_schedule(stage_cfg),
                   build_cond_spec(stage_cfg, spec), sampler_config(stage_cfg), (size, size, spec.channels),
                   mesh, int(stage_cfg.sampler.batch_size), low_res=low_res,
-                  name="upsampling" if low_res else "sampling")
+                  name="upsampling" if low_res else "sampling", prediction=str(stage_cfg.diffusion.prediction))
   return gen, step
 
 

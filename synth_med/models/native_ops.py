@@ -42,7 +42,7 @@ whole (replicated) kernel; the kernel gradients sum each device's images and all
 XLA does for its own matmul over the batch. `custom_partitioning` has no
 batching rule, so a model using these ops cannot be `jax.vmap`ped (JAX raises "Batching rule
 for 'custom_partitioning' not implemented"); set `SYNTH_MED_NATIVE_KERNELS=0` for that.
-Nothing in synth_med vmaps a model. Speed figures are in `bench/README.md`.
+Nothing in synth_med vmaps a model. Speed figures: `bench/unet.py` and `bench/README.md`.
 """
 from __future__ import annotations
 

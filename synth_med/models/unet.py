@@ -69,7 +69,7 @@ def _group_stats(xf: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
   """Per (image, channel) copies of each group's mean and 1/std over (H, W, channels of the group).
 
   Written as per-channel sums (one pass for Σx and Σx²), which XLA's CPU backend runs
-  ~2-5x faster than the generic reshape-and-reduce form (bench/README.md).
+  ~2-5x faster than the generic reshape-and-reduce form (measured with `bench/unet.py`).
   """
   _, h, w, c = xf.shape
   n = h * w * (c // groups)
@@ -85,7 +85,7 @@ def group_norm_act(x: jax.Array, a: jax.Array, b: jax.Array, groups: int, silu: 
   One op for the UNet's norm → affine (and scale-shift) → SiLU chain, so its gradient
   is two passes over x and dy (one for the four per-channel sums, one for dx), with
   the normalised input and the SiLU recomputed instead of stored. Autodiff of the
-  same chain stores and re-reads more, and is 20-30 % slower on CPU (bench/README.md).
+  same chain stores and re-reads more, and is 20-30 % slower on CPU (measured with `bench/unet.py`).
   On CPUs both directions are `native_ops`' C++ kernels where they apply (float32,
   channels a multiple of the SIMD width), which work image by image in cache.
   """
@@ -500,7 +500,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, precision: str = "float32")
   """softmax(q k^T / sqrt(d)) v for [batch, tokens, heads, head_dim] inputs, softmax in float32.
 
   On GPU in 16-bit this is cuDNN's fused (flash) attention; elsewhere two
-  heads-major matmuls, which XLA's CPU backend runs fastest (bench/README.md), or with
+  heads-major matmuls, which XLA's CPU backend runs fastest (measured with `bench/unet.py`), or with
   precision 'bfloat16' `attend_bf16`.
   """
   if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):

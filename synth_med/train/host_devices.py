@@ -5,7 +5,7 @@ convolutions, matmuls and norms of CPU-scale models split badly over threads.
 With one single-threaded XLA device per core and the batch sharded over them
 (the mesh's 'data' axis, as on a GPU/TPU mesh), every core runs whole ops on its
 own share of the batch. On this project's 2-core machine that makes the UNet
-train step about 1.3x and DDIM sampling about 1.8x faster (bench/README.md).
+train step about 1.3x and DDIM sampling about 1.8x faster (measured with `bench/unet.py`).
 
 The split is an XLA flag read when JAX first creates its CPU client, so
 `configure_host_devices` must run before anything touches a device; the

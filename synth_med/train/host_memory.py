@@ -8,7 +8,7 @@ second of kernel time a step at 9M). glibc's tunable `glibc.malloc.hugetlb=1`
 (glibc >= 2.35) makes malloc `madvise(MADV_HUGEPAGE)` those chunks, so a kernel
 whose transparent huge pages are in `madvise` or `always` mode backs them with
 2 MiB pages: 5-6x fewer faults, and the UNet train step 1.1-1.4x faster
-(bench/README.md). Other allocations are unchanged.
+(measured with `bench/unet.py`). Other allocations are unchanged.
 
 The tunable is read by the dynamic loader when a process starts, so
 `reexec_with_huge_pages` restarts the interpreter once, with the same
