@@ -4,11 +4,8 @@
 """
 import argparse
 import importlib
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":  # as launch/main.py: huge pages for XLA's step buffers (SYNTH_MED_HUGE_PAGES=0: off)
   from synth_med.train.host_memory import reexec_with_huge_pages  # noqa: E402

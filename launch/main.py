@@ -1,8 +1,5 @@
 """synth_med entry point: `python launch/main.py --config=configs/derm_classifier.py[:smoke] --workdir=DIR`."""
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":  # before JAX loads: huge pages for XLA's per-step buffers (Linux, glibc >= 2.35)
   from synth_med.train.host_memory import reexec_with_huge_pages  # noqa: E402

@@ -25,6 +25,8 @@ from ml_collections import ConfigDict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+# Subprocesses (launch/main.py, bench scripts) import this tree, whatever synth_med is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def load_config(name: str, arg: str = "smoke") -> ConfigDict:

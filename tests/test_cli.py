@@ -72,3 +72,12 @@ def test_cli_unknown_key_wrong_type_bad_mesh_and_workdir(tmp_path):
   assert r.returncode == 1 and "writable --workdir" in r.stderr and "Traceback" not in r.stderr
   r = run_main(cfg, "--config.data.world=retina", f"--workdir={tmp_path}/d")
   assert r.returncode == 1 and "data.world='retina'" in r.stderr and "skin" in r.stderr
+
+
+def test_cli_bad_config_argument_and_missing_config_file_are_one_line(tmp_path):
+  r = run_main("--config=configs/derm_classifier.py:smok", f"--workdir={tmp_path}/a")
+  assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  assert "unknown config argument(s) ['smok']" in r.stderr and "smoke" in r.stderr
+  r = run_main("--config=configs/nope.py", f"--workdir={tmp_path}/b")
+  assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  assert "'configs/nope.py' does not exist" in r.stderr and "configs/derm_cascade.py" in r.stderr

@@ -30,6 +30,9 @@ def load_config_file(spec: str) -> Any:
   """Loads 'path.py[:arg]' by calling the file's get_config(arg)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
   path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise SynthMedError(f"config file {path!r} does not exist; the configs are the files in configs/ "
+                        "(e.g. --config=configs/derm_cascade.py).")
   module_spec = importlib.util.spec_from_file_location("_synth_med_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -43,7 +46,7 @@ def _config_from_argv(argv: Sequence[str]) -> tuple[Any, str | None]:
       try:
         return load_config_file(arg[len("--config="):]), None
       except Exception as e:  # noqa: BLE001 - reported as such
-        return None, f"cannot load {arg}: {e}"
+        return None, f"cannot load {arg}: {e}".splitlines()[0]
   return None, None
 
 
@@ -88,12 +91,20 @@ def _wrong_type_message(argv: Sequence[str], config: Any, text: str) -> str:
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl flags parser with readable errors for config mistakes."""
+  for arg in argv[1:]:  # ml_collections defers a missing file's error to the first use of the config
+    path = arg[len("--config="):].partition(":")[0] if arg.startswith("--config=") else None
+    if path is not None and not os.path.isfile(path):
+      sys.stderr.write(f"synth_med: bad command line: config file {path!r} does not exist; the configs are "
+                       "the files in configs/ (e.g. --config=configs/derm_cascade.py).\n")
+      sys.exit(2)
   try:
     return flags.FLAGS(list(argv))
   except Exception as e:  # noqa: BLE001 - absl raises several types here
     config, load_error = _config_from_argv(argv)
     text = str(e).strip().replace("\\n", " ")
-    if isinstance(e, flags.IllegalFlagValueError):
+    if load_error is not None:
+      msg = load_error
+    elif isinstance(e, flags.IllegalFlagValueError):
       msg = _wrong_type_message(argv, config, text) if config is not None else text
     else:
       msg = load_error or _unknown_key_message(argv, config) or text
