@@ -30,8 +30,10 @@ def test_resume_at_step_matches_uninterrupted():
   s = TrainStream(_src(), 8, seed=3, num_threads=2)
   full = [b["index"] for _, b in zip(range(9), s.iterate(0))]
   resumed = [b["index"] for _, b in zip(range(4), s.iterate(5))]
+  assert len(full) == 9 and len(resumed) == 4  # zip alone would pass on an empty iterator
   for a, b in zip(full[5:], resumed):
     np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(full[0], full[5])  # the batches differ, so the match means something
 
 
 def test_host_shards_form_the_global_batch():
