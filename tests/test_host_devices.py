@@ -72,3 +72,16 @@ def test_every_batch_splits_over_the_automatic_cpu_device_count(name, arg):
   sizes = dict(_batch_sizes(c))
   assert c.cpu_devices == 0 and sizes
   assert {k: v for k, v in sizes.items() if v % auto_count(10 ** 6)} == {}
+
+
+def test_accelerator_expected_from_jax_platforms_or_plugin_and_device_nodes():
+  from synth_med.train.host_devices import accelerator_expected
+  none = lambda name: False  # noqa: E731
+  assert accelerator_expected({"JAX_PLATFORMS": "cuda,cpu"}, none, lambda p: [])
+  assert accelerator_expected({"JAX_PLATFORMS": "tpu"}, none, lambda p: [])
+  assert not accelerator_expected({"JAX_PLATFORMS": "cpu"}, lambda name: True, lambda p: [p])
+  cuda = lambda name: name == "jax_cuda12_plugin"  # noqa: E731
+  assert accelerator_expected({}, cuda, lambda p: [p] if "nvidia" in p else [])
+  assert not accelerator_expected({}, cuda, lambda p: [])  # the plugin without a GPU: a CPU host
+  assert not accelerator_expected({}, none, lambda p: [p])  # device nodes without a plugin
+  assert accelerator_expected({}, lambda name: name == "libtpu", lambda p: [p] if "accel" in p else [])

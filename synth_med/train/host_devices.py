@@ -10,12 +10,15 @@ train step about 1.3x and DDIM sampling about 1.8x faster (measured with `bench/
 The split is an XLA flag read when JAX first creates its CPU client, so
 `configure_host_devices` must run before anything touches a device; the
 command line calls it first thing, from the config key `cpu_devices`. It never
-overrides a device count the user already put in XLA_FLAGS, and accelerators
-are unaffected (the flag only shapes the CPU platform).
+overrides a device count the user already put in XLA_FLAGS, and on a GPU/TPU host
+(`accelerator_expected`) it does nothing.
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
+from typing import Callable, Mapping
 
 from absl import logging
 
@@ -23,6 +26,36 @@ from synth_med.errors import SynthMedError
 
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
 _THREADS_FLAG = "--xla_cpu_multi_thread_eigen"
+
+
+# (JAX plugin modules, device nodes): an accelerator JAX will pick when both are there.
+_ACCELERATORS = {
+    "cuda": (("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13"),
+             ("/dev/nvidiactl", "/dev/nvidia[0-9]*")),
+    "rocm": (("jax_rocm60_plugin", "jax_rocm7_plugin", "jax_plugins.xla_rocm60", "jax_plugins.xla_rocm7"),
+             ("/dev/kfd",)),
+    "tpu": (("libtpu",), ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")),
+}
+
+
+def _module_exists(name: str) -> bool:
+  try:
+    return importlib.util.find_spec(name) is not None
+  except (ImportError, ValueError):
+    return False
+
+
+def accelerator_expected(environ: Mapping[str, str] = os.environ,
+                         module_exists: Callable[[str], bool] = _module_exists,
+                         device_nodes: Callable[[str], list[str]] = glob.glob) -> bool:
+  """Whether JAX will run on a GPU/TPU here, decided without starting JAX: JAX_PLATFORMS's first
+  entry when set, else an installed accelerator plugin whose device nodes exist. The CPU-only
+  start-up (huge pages, per-core CPU devices) is skipped when it is True."""
+  platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return platforms[0] in ("cuda", "gpu", "rocm", "tpu")
+  return any(any(module_exists(m) for m in modules) and any(device_nodes(d) for d in nodes)
+             for modules, nodes in _ACCELERATORS.values())
 
 
 def available_cores() -> int:
@@ -63,7 +96,9 @@ def host_device_flags(requested: int, cores: int, xla_flags: str) -> str:
 
 def configure_host_devices(requested: int) -> None:
   """Sets XLA_FLAGS for `requested` CPU devices before JAX creates its CPU client (see module doc)."""
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel  (JAX must not load earlier)
+  if accelerator_expected():
+    return
   current = os.environ.get("XLA_FLAGS", "")
   wanted = host_device_flags(requested, available_cores(), current)
   if wanted == current:

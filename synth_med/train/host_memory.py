@@ -14,7 +14,8 @@ The tunable is read by the dynamic loader when a process starts, so
 `reexec_with_huge_pages` restarts the interpreter once, with the same
 arguments, before anything heavy is imported. `launch/main.py`,
 `bench/unet.py` and `bench/classifier_step.py` call it first thing. It does
-nothing where the tunable cannot work (not Linux, glibc older than 2.35,
+nothing on a GPU/TPU host (`host_devices.accelerator_expected`), where the tunable
+cannot work (not Linux, glibc older than 2.35,
 transparent huge pages off), when it is already set, or when the environment
 says `SYNTH_MED_HUGE_PAGES=0`.
 """
@@ -24,6 +25,8 @@ import os
 import re
 import sys
 from typing import Mapping
+
+from synth_med.train.host_devices import accelerator_expected
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "SYNTH_MED_HUGE_PAGES"
@@ -80,7 +83,7 @@ def reexec_with_huge_pages() -> None:
   Returns only when no restart is needed; otherwise it replaces the process
   (same interpreter, same interpreter options and arguments).
   """
-  if not wants_reexec(os.environ, glibc_version(), thp_mode()):
+  if accelerator_expected() or not wants_reexec(os.environ, glibc_version(), thp_mode()):
     return
   os.environ["GLIBC_TUNABLES"] = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES", ""))
   sys.stdout.flush()
