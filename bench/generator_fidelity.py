@@ -55,7 +55,7 @@ def main() -> None:
   from synth_med.experiments.study import stage_config
   from synth_med.experiments.synthetic_store import labelled_training_data, load_generator, property_pool
   from synth_med.experiments.tuning import apply_overrides
-  from synth_med.train import sharding
+  from synth_med.infra import sharding
 
   attr = str(config.generate.attribute)
   base_cfg = stage_config(config, "base")

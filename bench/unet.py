@@ -84,7 +84,7 @@ def build_ours(size: str, batch: int, res: int, precision: str = "float32") -> d
   batch_np = {"image": np.random.RandomState(0).randint(0, 256, (batch, res, res, 3)).astype(np.uint8),
               "label": np.zeros((batch, 1), np.float32), "labelled": np.zeros(batch, bool)}
   # The batch is split over every XLA device (one per core by default, --cpu-devices), as the loop does.
-  from synth_med.train import sharding
+  from synth_med.infra import sharding
   mesh = sharding.make_mesh({"data": -1})
   data, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   b = jax.device_put(batch_np, data)

@@ -9,6 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from synth_med.errors import SynthMedError
+from synth_med.data.augment import AUGMENTS
+from synth_med.data.worlds import WORLDS
+from synth_med.data.worlds.base import SKEW_FRACTIONS
+from synth_med.data.label_policy import LABEL_POLICIES
+from synth_med.train.optimizers import OPTIMIZERS, SCHEDULES
+from synth_med.data.tables import SOURCES
+from synth_med.models.bit_resnet import DEPTHS
+from synth_med.objectives.classification import LOSSES
+from synth_med.data.mixing import check_alpha
+from synth_med.diffusion.samplers import SAMPLERS
+from synth_med.diffusion.schedules import SCHEDULES as NOISE_SCHEDULES, VARIANCES
+from synth_med.models.diffusion_unets import MODELS
 
 EXPERIMENTS = ("classifier", "diffusion", "study")
 
@@ -31,18 +43,11 @@ def _positive(config: Any, dotted: str, allow_zero: bool = False) -> None:
 
 def validate(config: Any) -> None:
   """Raises SynthMedError naming the first invalid key and its valid choices."""
-  from synth_med.data.augment import AUGMENTS
-  from synth_med.data.worlds import WORLDS
-  from synth_med.data.worlds.base import SKEW_FRACTIONS
-  from synth_med.data.label_policy import LABEL_POLICIES
-  from synth_med.train.optimizers import OPTIMIZERS, SCHEDULES
 
   _choice(config, "experiment", EXPERIMENTS)
-  if config.experiment == "study":  # its stage configs are validated one by one
-    from synth_med.experiments.study import validate as validate_study
-    validate_study(config)
-    return
-  from synth_med.data.tables import SOURCES
+  if config.experiment == "study":
+    raise SynthMedError("configuration.validate checks one stage's config; a study config is checked by "
+                        "synth_med.experiments.run.validate (which validates each of its stages).")
   _choice(config, "data.source", ("world",) + SOURCES)
   _choice(config, "data.world", WORLDS)
   _choice(config, "data.label_policy", LABEL_POLICIES)
@@ -71,8 +76,6 @@ def validate(config: Any) -> None:
 
 
 def _validate_classifier(config: Any) -> None:
-  from synth_med.models.bit_resnet import DEPTHS
-  from synth_med.objectives.classification import LOSSES
 
   _choice(config, "model.name", ("bit_resnet",))
   if not config.model.block_units:
@@ -81,7 +84,6 @@ def _validate_classifier(config: Any) -> None:
   sized = ("data.test_size", "data.ood_size") if str(config.data.source) == "world" else ()
   for key in sized + ("eval.batch_size", "model.width"):
     _positive(config, key)
-  from synth_med.data.mixing import check_alpha
   check_alpha(config.mix.alpha)
   _positive(config, "mix.equality_level", allow_zero=True)
   _positive(config, "mix.filter_dominant", allow_zero=True)
@@ -92,9 +94,6 @@ def _validate_classifier(config: Any) -> None:
 
 
 def _validate_diffusion(config: Any) -> None:
-  from synth_med.diffusion.samplers import SAMPLERS
-  from synth_med.diffusion.schedules import SCHEDULES as NOISE_SCHEDULES, VARIANCES
-  from synth_med.models.diffusion_unets import MODELS
 
   _choice(config, "model.name", MODELS)
   _choice(config, "model.dtype", ("float32", "bfloat16"))

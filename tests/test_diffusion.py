@@ -17,7 +17,7 @@ from synth_med.diffusion.generator import CascadeGenerator, Generator
 from synth_med.diffusion.schedules import from_betas, make_schedule, respaced_timesteps
 from synth_med.errors import SynthMedError
 from synth_med.models import superres_unet, unet
-from synth_med.train import sharding
+from synth_med.infra import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -395,7 +395,7 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np, sys
     sys.path.insert(0, %r)
     from tests.test_diffusion import tiny_generator, conds
-    from synth_med.train import sharding
+    from synth_med.infra import sharding
     assert len(jax.devices()) == 8
     c = conds(12)
     one = tiny_generator(batch_size=8, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1])).generate(c, seed=5)

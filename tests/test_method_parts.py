@@ -239,7 +239,8 @@ def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path,
   """tune.seeds = 3 (the cascade CPU defaults): lr 0.1 has the single best run, lr 0.01 the best mean."""
   from ml_collections import ConfigDict
 
-  from synth_med.experiments import artifacts, classifier, tuning
+  from synth_med.experiments import classifier, tuning
+  from synth_med.infra import artifacts
   val_top3 = {(0.01, 7): 0.50, (0.01, 8): 0.52, (0.01, 9): 0.54,   # mean 0.52
               (0.1, 7): 0.60, (0.1, 8): 0.40, (0.1, 9): 0.41}      # mean 0.47, best single run
   seen = []

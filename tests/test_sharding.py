@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from synth_med.errors import SynthMedError
-from synth_med.train import sharding
+from synth_med.infra import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +46,7 @@ _EIGHT = textwrap.dedent("""
   assert len(jax.devices()) == 8, jax.devices()
   from synth_med.data.pipeline import ArraySource, TrainStream
   from synth_med.train.loop import train
-  from synth_med.train import sharding
+  from synth_med.infra import sharding
   from tests.conftest import LinearTask, loop_config, toy_arrays
   out = {{}}
   for name, devs, mesh_cfg, rules in [

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from synth_med import configuration
+from synth_med.experiments.run import validate
 from synth_med.data.shards import read_shards
 from synth_med.errors import SynthMedError
 from tests.conftest import ROOT, load_config
@@ -25,7 +25,7 @@ STUDIES = ["derm_cascade", "cxr_cascade", "histo_study"]
 @pytest.mark.parametrize("arg", ["", "smoke", "full"])
 def test_study_configs_validate(name, arg):
   c = load_config(name, arg)
-  configuration.validate(c)
+  validate(c)
   assert c.experiment == "study" and c.seeds >= 1
   if name == "derm_cascade" and arg == "":
     assert c.seeds == 5 and c.data.skew.setting == "more" and c.data.skew.attribute == "sex"
@@ -56,32 +56,32 @@ def test_bad_stage_names_alpha_and_methods_fail_clearly():
   with c.unlocked():
     c.stages = "base,evaluate,sample"
   with pytest.raises(SynthMedError, match=r"stages has \['sample'\]; choose from"):
-    configuration.validate(c)
+    validate(c)
   c = load_config("histo_study", "smoke")
   with c.unlocked():
     c.stages = "upsampler"
   with pytest.raises(SynthMedError, match="upsampler"):
-    configuration.validate(c)
+    validate(c)
   c = load_config("derm_cascade", "smoke")
   with c.unlocked():
     c.methods.synth_label.alpha = 1.5
   with pytest.raises(SynthMedError, match=r"mix.alpha=1.5 must lie in \[0, 1\]"):
-    configuration.validate(c)
+    validate(c)
   c = load_config("derm_cascade", "smoke")
   with c.unlocked():  # a stage's key is named as the study names it
     c.upsampler.model.matmul_precision = "fp16"
   with pytest.raises(SynthMedError, match=r"--config.upsampler.model.matmul_precision='fp16' is not valid"):
-    configuration.validate(c)
+    validate(c)
   c = load_config("derm_cascade", "smoke")
   with c.unlocked():  # ... but the data keys the study shares keep their study name
     c.data.label_policy = "bogus"
   with pytest.raises(SynthMedError, match=r"^--config.data.label_policy='bogus' is not valid"):
-    configuration.validate(c)
+    validate(c)
   c = load_config("derm_cascade", "smoke")
   with c.unlocked():
     c.method_names = "real,magic"
   with pytest.raises(SynthMedError, match=r"unknown methods \['magic'\]"):
-    configuration.validate(c)
+    validate(c)
   # Through the real main: a clear one-line error and exit code 1, no traceback.
   r = run_main("--config=configs/derm_cascade.py:smoke", "--config.stages=trian", "--workdir=/tmp/unused")
   assert r.returncode == 1 and "stages has ['trian']" in r.stderr and "Traceback" not in r.stderr
@@ -226,4 +226,4 @@ def test_pretrained_baseline_runs_only_with_a_bit_checkpoint():
   with c.unlocked():
     c.method_names = "real,pretrained"
   with pytest.raises(SynthMedError, match="needs --config.pretrained_npz"):
-    configuration.validate(c)
+    validate(c)

@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 from synth_med.errors import SynthMedError
 from synth_med.train.metric_writers import TensorBoardXWriter, create_writer, interface, tag
 from synth_med.train.optimizers import make_optimizer, make_schedule
-from synth_med.train.progress import Progress
+from synth_med.infra.progress import Progress
 
 
 def _opt(**kw):
@@ -68,7 +68,7 @@ def test_progress_reports_rate_and_eta():
 
 def test_image_grid_layout_and_png(tmp_path):
   from PIL import Image
-  from synth_med.evaluation.image_grid import make_grid, save_png
+  from synth_med.infra.image_grid import make_grid, save_png
   imgs = np.stack([np.full((4, 4, 3), i * 20, np.uint8) for i in range(5)])
   grid = make_grid(imgs, ncol=3, pad=1)
   assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)

@@ -20,7 +20,7 @@ import numpy as np
 
 from synth_med.data.schema import concat_batches, take
 from synth_med.data.worlds.base import Split, World
-from synth_med.train.progress import Progress
+from synth_med.infra.progress import Progress
 
 
 class Source(Protocol):

@@ -16,7 +16,7 @@ import numpy as np
 from synth_med.data.pipeline import ArraySource
 from synth_med.data.schema import concat_batches
 from synth_med.errors import SynthMedError
-from synth_med.experiments import artifacts
+from synth_med.infra import artifacts
 
 SHARD_PATTERN = "shard-{:05d}.npz"
 

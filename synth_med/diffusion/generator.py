@@ -18,8 +18,8 @@ from synth_med.diffusion import gaussian, samplers, superres_preprocess
 from synth_med.diffusion.conditioning import ConditioningSpec
 from synth_med.diffusion.schedules import Schedule
 from synth_med.errors import SynthMedError
-from synth_med.train import sharding
-from synth_med.train.progress import Progress
+from synth_med.infra import sharding
+from synth_med.infra.progress import Progress
 
 
 def model_apply(model: Any, schedule: Schedule | None = None, prediction: str = "eps") -> samplers.ApplyFn:

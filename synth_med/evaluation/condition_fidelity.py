@@ -23,7 +23,7 @@ import numpy as np
 
 from synth_med.errors import SynthMedError
 from synth_med.evaluation.paired import load_predictions, metric_values
-from synth_med.experiments import artifacts
+from synth_med.infra import artifacts
 
 
 def image_features(images: np.ndarray) -> np.ndarray:
@@ -105,31 +105,6 @@ def fidelity(probes: Mapping[str, dict[str, Any]], synthetic: Mapping[str, np.nd
       if name != "label":  # per requested value: does each group come out right?
         entry["synthetic_per_value"] = {int(v): float(np.mean(pred[y[ok] == v] == v)) for v in np.unique(y[ok])}
     out[name] = entry
-  return out
-
-
-def study_fidelity(config: Any, workdir: str) -> dict[str, Any]:
-  """`fidelity` of each finished synthetic store of a study, against the real val + ID test images
-  (unskewed, labelled) at the classifier's resolution."""
-  from synth_med.data.pipeline import WorldSource, materialise
-  from synth_med.data.schema import concat_batches
-  from synth_med.data.shards import read_shards
-  from synth_med.data.worlds import make_world
-  from synth_med.experiments.study import stage_config
-  stores = {m: os.path.join(workdir, "synthetic", m) for m in config.generate.modes}
-  stores = {m: f for m, f in stores.items() if artifacts.is_done(f)}
-  if not stores:
-    return {}
-  world = make_world(stage_config(config, "classifier").data)
-  real = concat_batches([materialise(WorldSource(world, world.split(s)), f"{s} split").arrays for s in ("val", "id")])
-  attribute = str(config.generate.attribute)
-  probes = fit_probes(real, attribute, int(config.seed))
-  out = {m: fidelity(probes, read_shards(f).arrays, attribute) for m, f in stores.items()}
-  spec = next((a for a in world.spec.attributes if a.name == attribute), None)
-  for entry in out.values():  # name the requested values as the data do (female / male, tone=dark)
-    per = entry.get(attribute, {}).get("synthetic_per_value")
-    if per and spec is not None:
-      entry[attribute]["synthetic_per_value"] = {spec.value_name(int(k)): v for k, v in per.items()}
   return out
 
 

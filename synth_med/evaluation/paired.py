@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats
 
 from synth_med.evaluation.metrics import Predictions, topk_hits
-from synth_med.experiments import artifacts
+from synth_med.infra import artifacts
 
 LOWER_IS_BETTER = ("gap",)
 PREDICTIONS_FILE = "predictions.npz"  # a classifier run's per-example outputs of every split

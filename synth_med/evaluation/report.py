@@ -8,15 +8,14 @@ Fig. 7); stage timings.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import io
-import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from synth_med.experiments import artifacts
+from synth_med.infra import artifacts
+from synth_med.evaluation.study_results import fmt
 
 
 def _png_data_uri(fig: Any) -> str:
@@ -91,7 +90,6 @@ def scatter_figure(res: dict[str, Any]) -> Any:
 
 
 def _table(res: dict[str, Any], split: str) -> str:
-  from synth_med.evaluation.study_results import fmt
   cols = list(res["metrics"]) + ["gap"]
   head = "".join(f"<th>{html.escape(c if c != 'gap' else res['attribute'] + ' gap')}</th>" for c in cols)
   rows = []
@@ -154,39 +152,27 @@ def comparison_section(res: dict[str, Any]) -> str:
           f"{head}</tr>" + "".join(rows) + "</table>" + (f"<p>Controls:</p><ul>{notes}</ul>" if notes else ""))
 
 
-def write_report(config: Any, workdir: str) -> str:
-  """Writes `<workdir>/report.html` (atomically) and returns its path."""
-  from synth_med.data.pipeline import WorldSource, materialise
-  from synth_med.data.shards import read_shards
-  from synth_med.data.worlds import make_world
-  from synth_med.experiments.study import output_path, stage_config
+def write_report(path: str, res: Mapping[str, Any] | None, timings: Mapping[str, Any],
+                 summary: Mapping[str, Any], samples: Mapping[str, Any] | None = None) -> str:
+  """Writes the study report to `path` (atomically) and returns it.
 
-  res_path = output_path(config, workdir, "results")
-  res = artifacts.read_json(res_path) if os.path.exists(res_path) else None
-  timings_path = os.path.join(workdir, "timings.json")
-  timings = artifacts.read_json(timings_path) if os.path.exists(timings_path) else {}
-  parts = [f"<h1>synth_med study: {html.escape(str(config.data.world))} world</h1>",
-           f"<p>Skew setting <b>{html.escape(str(config.data.skew.setting))}</b> on "
-           f"<b>{html.escape(str(config.data.skew.attribute))}</b>; fair sampling over "
-           f"<b>{html.escape(str(config.generate.attribute))}</b>; {int(config.seeds)} seed(s); "
-           f"{int(config.generate.num_images)} synthetic images per conditioning mode.</p>"]
+  `res` is the study's results.json (None before the evaluate stage), `timings` its timings.json,
+  `summary` the study's world, skew_setting, skew_attribute, attribute, seeds and num_images, and
+  `samples` (or None) real and synthetic arrays for the sample grid: {real, synthetic, spec, store}.
+  """
+  parts = [f"<h1>synth_med study: {html.escape(str(summary['world']))} world</h1>",
+           f"<p>Skew setting <b>{html.escape(str(summary['skew_setting']))}</b> on "
+           f"<b>{html.escape(str(summary['skew_attribute']))}</b>; fair sampling over "
+           f"<b>{html.escape(str(summary['attribute']))}</b>; {int(summary['seeds'])} seed(s); "
+           f"{int(summary['num_images'])} synthetic images per conditioning mode.</p>"]
 
   if res and res.get("comparisons"):
     parts.append(comparison_section(res))
 
   parts.append("<h2>Samples: real next to synthetic</h2>")
-  cls_cfg = stage_config(config, "classifier")
-  attr = str(config.generate.attribute)
-  store = next((os.path.join(workdir, "synthetic", m) for m in ("label_property", "label")
-                if os.path.isdir(os.path.join(workdir, "synthetic", m))), None)
-  if store is not None:
-    world = make_world(cls_cfg.data)
-    split = world.split("train")
-    n = min(len(split), 2000)
-    real = materialise(WorldSource(world, dataclasses.replace(split, ids=split.ids[:n])), "report samples").arrays
-    synth = read_shards(store).arrays
-    fig = sample_grid_figure(real, synth, world.spec, attr)
-    parts.append(f"<p>Store: <code>{html.escape(os.path.relpath(store, workdir))}</code></p>"
+  if samples is not None:
+    fig = sample_grid_figure(samples["real"], samples["synthetic"], samples["spec"], str(summary["attribute"]))
+    parts.append(f"<p>Store: <code>{html.escape(str(samples['store']))}</code></p>"
                  f"<img alt='sample grid' src='{_png_data_uri(fig)}'>")
   else:
     parts.append("<p>No synthetic store yet (the generate stage has not run).</p>")
@@ -263,6 +249,5 @@ def write_report(config: Any, workdir: str) -> str:
            "font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
   page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>synth_med report</title>"
           f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-  path = output_path(config, workdir, "report")
   artifacts.atomic_write(path, lambda f: f.write(page), "w", ".html")
   return path

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from synth_med.evaluation.paired import PREDICTIONS_FILE, compare, load_predictions
-from synth_med.experiments import artifacts
+from synth_med.infra import artifacts
 
 # Headline metrics per world (002 App. F) and the metric whose best-worst gap is the fairness gap.
 HEADLINE = {"skin": ("top3", "high_risk_sensitivity", "balanced_top3"), "chest": ("mean_auc",),

@@ -23,15 +23,16 @@ from synth_med.data.shards import read_shards
 from synth_med.data.tables import save_vocabulary
 from synth_med.data.worlds import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
-from synth_med.evaluation.image_grid import make_grid, save_png
+from synth_med.infra.image_grid import make_grid, save_png
 from synth_med.evaluation.paired import PREDICTIONS_FILE, save_predictions
 from synth_med.errors import SynthMedError
-from synth_med.experiments import artifacts
+from synth_med.infra import artifacts
 from synth_med.models import bit_resnet
 from synth_med.objectives.classification import ClassifierTask, probabilities
 from synth_med.objectives.reweighting import (dominant_classes, equality_weights, filter_weights, label_keys,
                                               oversample_rows)
-from synth_med.train import jit_cache, sharding
+from synth_med.infra import sharding
+from synth_med.train import jit_cache
 from synth_med.train.loop import train
 from synth_med.train.metric_writers import create_writer
 

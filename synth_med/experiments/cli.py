@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from absl import flags
 
 from synth_med.errors import SynthMedError
+from synth_med.experiments.run import run
+from synth_med.train.host_devices import configure_host_devices
 
 
 def _keys(config: Any, prefix: str = "") -> list[str]:
@@ -130,8 +132,6 @@ def enable_compilation_cache() -> None:
 def run_main(config: Any, workdir: str) -> None:
   """Runs the experiment; user-facing errors print without a traceback."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  from synth_med.experiments.run import run  # pylint: disable=import-outside-toplevel
-  from synth_med.train.host_devices import configure_host_devices  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep our progress readable
     absl_logging.set_verbosity(absl_logging.WARNING)
   try:

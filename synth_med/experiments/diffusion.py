@@ -28,12 +28,12 @@ from synth_med.diffusion.schedules import Schedule, make_schedule
 from synth_med.diffusion.superres_preprocess import LowResAugment
 from synth_med.diffusion.training import DiffusionTask
 from synth_med.errors import SynthMedError
-from synth_med.evaluation.image_grid import make_grid, save_png
-from synth_med.experiments import artifacts
+from synth_med.infra.image_grid import make_grid, save_png
+from synth_med.infra import artifacts
 from synth_med.experiments.generation import run_generation
 from synth_med.models import unet
 from synth_med.models.diffusion_unets import build_model
-from synth_med.train import sharding
+from synth_med.infra import sharding
 from synth_med.train.loop import train
 from synth_med.train.metric_writers import create_writer
 

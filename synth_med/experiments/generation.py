@@ -18,8 +18,8 @@ import numpy as np
 
 from synth_med.data import shards
 from synth_med.errors import SynthMedError
-from synth_med.experiments import artifacts
-from synth_med.train.progress import Progress
+from synth_med.infra import artifacts
+from synth_med.infra.progress import Progress
 
 
 def conditions_digest(conditions: Mapping[str, np.ndarray]) -> str:

@@ -3,26 +3,37 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+
 from synth_med import configuration
-from synth_med.experiments.artifacts import ensure_writable_dir
 from synth_med.errors import SynthMedError
+from synth_med.experiments.classifier import run_classifier
+from synth_med.experiments.diffusion import run_diffusion
+from synth_med.experiments.study import run_study
+from synth_med.experiments.study import validate as validate_study
+from synth_med.infra.artifacts import ensure_writable_dir
+
+
+def validate(config: Any) -> None:
+  """Raises SynthMedError naming the first invalid key: a study's own keys and each stage's, or one
+  classifier / diffusion config's."""
+  if config.get("experiment") == "study":
+    validate_study(config)
+  else:
+    configuration.validate(config)
 
 
 def run(config: Any, workdir: str) -> Any:
   """Validates the config and runs its experiment in `workdir`."""
-  configuration.validate(config)
+  validate(config)
   ensure_writable_dir(workdir)
   if config.distributed:
-    import jax
     jax.distributed.initialize()
   if config.experiment == "classifier":
-    from synth_med.experiments.classifier import run_classifier
     return run_classifier(config, workdir)
   if config.experiment == "diffusion":
-    from synth_med.experiments.diffusion import run_diffusion
     return run_diffusion(config, workdir)
   if config.experiment == "study":
-    from synth_med.experiments.study import run_study
     return run_study(config, workdir)
   raise SynthMedError(f"experiment {config.experiment!r} is unknown; choose one of "
                       f"{list(configuration.EXPERIMENTS)}.")

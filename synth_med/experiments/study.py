@@ -21,14 +21,26 @@ generator cost; see docs/design.md).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 import time
 from typing import Any
 
+from synth_med import configuration
+from synth_med.data.pipeline import WorldSource, materialise
+from synth_med.data.schema import concat_batches
+from synth_med.data.shards import read_shards
 from synth_med.data.worlds import make_world
 from synth_med.errors import SynthMedError
-from synth_med.experiments import artifacts
+from synth_med.evaluation.condition_fidelity import classifier_fidelity, fidelity, fit_probes
+from synth_med.evaluation.report import write_report
+from synth_med.evaluation.study_results import aggregate, comparison_table, comparisons, results_table
+from synth_med.experiments.classifier import run_classifier
+from synth_med.experiments.diffusion import run_diffusion
+from synth_med.experiments.synthetic_store import generate_fair
+from synth_med.experiments.tuning import apply_overrides, best_path, grid_points, read_best, run_tuning
+from synth_med.infra import artifacts
 
 STAGES = ("base", "upsampler", "generate", "tune", "classifiers", "evaluate", "report")
 # The world's identity and splits: one value for every stage (the image size stays per stage).
@@ -93,7 +105,6 @@ def stage_config(config: Any, part: str) -> Any:
 def classifier_config(config: Any, workdir: str, method: str, seed: int,
                       tuned: dict[str, Any] | None = None) -> Any:
   """The classifier stage config of one method and seed, with the tune stage's values (`tuned`) applied."""
-  from synth_med.experiments.tuning import apply_overrides
   m = config.methods[method]
   c = stage_config(config, "classifier")
   with c.unlocked():
@@ -121,7 +132,6 @@ def _name_stage_key(message: str, part: str) -> str:
 
 def validate(config: Any) -> None:
   """Checks the parts of a study config before any work (sub-configs are validated as stages)."""
-  from synth_med import configuration
   has_up = config.get("upsampler") is not None
   parse_stages(config.stages, has_up)
   names = method_names(config)
@@ -142,7 +152,6 @@ def validate(config: Any) -> None:
       raise SynthMedError(_name_stage_key(str(e), part)) from None
   for name in names:
     configuration.validate(classifier_config(config, "/tmp", name, 0))
-  from synth_med.experiments.tuning import grid_points
   if config.tune.method not in config.methods:
     raise SynthMedError(f"tune.method={config.tune.method!r}; choose one of {list(config.methods)}.")
   for point in grid_points(config.tune.grid):
@@ -200,7 +209,6 @@ def run_study(config: Any, workdir: str) -> dict[str, Any]:
 
 def _stage_diffusion(part: str, config: Any, workdir: str) -> bool:
   """The base model or the upsampler (`part`), trained in workdir/<part>/."""
-  from synth_med.experiments.diffusion import run_diffusion
   folder = os.path.join(workdir, part)
   done = artifacts.is_done(folder)
   run_diffusion(stage_config(config, part), folder)
@@ -208,18 +216,15 @@ def _stage_diffusion(part: str, config: Any, workdir: str) -> bool:
 
 
 def _stage_generate(config: Any, workdir: str) -> bool:
-  from synth_med.experiments.synthetic_store import generate_fair
-  return generate_fair(config, workdir)
+  up_cfg = stage_config(config, "upsampler") if config.get("upsampler") is not None else None
+  return generate_fair(config, workdir, stage_config(config, "base"), up_cfg)
 
 
 def _stage_tune(config: Any, workdir: str) -> bool:
-  from synth_med.experiments.tuning import run_tuning
   return run_tuning(config, workdir, lambda method, seed: classifier_config(config, workdir, method, seed))
 
 
 def _stage_classifiers(config: Any, workdir: str) -> bool:
-  from synth_med.experiments.classifier import run_classifier
-  from synth_med.experiments.tuning import grid_points, read_best
   tuned = read_best(workdir)
   if tuned is None and grid_points(config.tune.grid):
     raise SynthMedError(f"tune.grid is set but {workdir}/tune/best.json is missing; run the tune stage first "
@@ -246,21 +251,37 @@ def _stage_classifiers(config: Any, workdir: str) -> bool:
   return all_done
 
 
+def store_fidelity(config: Any, workdir: str) -> dict[str, Any]:
+  """The probe's `fidelity` of each finished synthetic store, against the real val + ID test images
+  (unskewed, labelled) at the classifier's resolution."""
+  stores = {m: os.path.join(workdir, "synthetic", m) for m in config.generate.modes}
+  stores = {m: f for m, f in stores.items() if artifacts.is_done(f)}
+  if not stores:
+    return {}
+  world = make_world(stage_config(config, "classifier").data)
+  real = concat_batches([materialise(WorldSource(world, world.split(s)), f"{s} split").arrays for s in ("val", "id")])
+  attribute = str(config.generate.attribute)
+  probes = fit_probes(real, attribute, int(config.seed))
+  out = {m: fidelity(probes, read_shards(f).arrays, attribute) for m, f in stores.items()}
+  spec = next((a for a in world.spec.attributes if a.name == attribute), None)
+  for entry in out.values():  # name the requested values as the data do (female / male, tone=dark)
+    per = entry.get(attribute, {}).get("synthetic_per_value")
+    if per and spec is not None:
+      entry[attribute]["synthetic_per_value"] = {spec.value_name(int(k)): v for k, v in per.items()}
+  return out
+
+
 def _stage_evaluate(config: Any, workdir: str) -> bool:
-  from synth_med.evaluation.study_results import aggregate, comparison_table, comparisons, results_table
   names = method_names(config)
   res = aggregate(config, workdir, names, int(config.seeds))
   res["reference"] = reference_method(config)
   res["comparisons"] = comparisons(workdir, res, res["reference"], names, int(config.seeds),
                                    int(config.classifier.eval.min_group_size), int(config.comparisons.bootstrap),
                                    int(config.seed))
-  from synth_med.experiments.tuning import best_path
   if os.path.exists(best_path(workdir)):
     res["tuning"] = artifacts.read_json(best_path(workdir))
   if config.get("fidelity", True):
-    from synth_med.evaluation.condition_fidelity import study_fidelity
-    res["fidelity"] = study_fidelity(config, workdir)
-    from synth_med.evaluation.condition_fidelity import classifier_fidelity
+    res["fidelity"] = store_fidelity(config, workdir)
     ref = reference_method(config)
     world_attrs = {a.name: a.values for a in make_world(stage_config(config, "classifier").data).spec.attributes}
     res["fidelity_classifier"] = classifier_fidelity(
@@ -273,8 +294,24 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
 
 
 def _stage_report(config: Any, workdir: str) -> bool:
-  from synth_med.evaluation.report import write_report
-  path = write_report(config, workdir)
+  res_path = output_path(config, workdir, "results")
+  res = artifacts.read_json(res_path) if os.path.exists(res_path) else None
+  timings_path = os.path.join(workdir, "timings.json")
+  timings = artifacts.read_json(timings_path) if os.path.exists(timings_path) else {}
+  summary = {"world": str(config.data.world), "skew_setting": str(config.data.skew.setting),
+             "skew_attribute": str(config.data.skew.attribute), "attribute": str(config.generate.attribute),
+             "seeds": int(config.seeds), "num_images": int(config.generate.num_images)}
+  samples = None
+  store = next((os.path.join(workdir, "synthetic", m) for m in ("label_property", "label")
+                if os.path.isdir(os.path.join(workdir, "synthetic", m))), None)
+  if store is not None:  # real training images next to the label + property store's
+    world = make_world(stage_config(config, "classifier").data)
+    split = world.split("train")
+    n = min(len(split), 2000)
+    real = materialise(WorldSource(world, dataclasses.replace(split, ids=split.ids[:n])), "report samples").arrays
+    samples = {"real": real, "synthetic": read_shards(store).arrays, "spec": world.spec,
+               "store": os.path.relpath(store, workdir)}
+  path = write_report(output_path(config, workdir, "report"), res, timings, summary, samples)
   print(f"wrote {path}", flush=True)
   return False
 

@@ -1,6 +1,6 @@
 """The synthetic data store: fair samples from the trained cascade, generated once per study.
 
-`generate_fair(config, workdir)` loads the EMA weights of `base/` (and
+`generate_fair(config, workdir, base_cfg, up_cfg)` loads the EMA weights of `base/` (and
 `upsampler/`), draws the fair conditions (`diffusion.fair_sampler`) from the
 labelled training data, and runs the resumable generation job into
 `synthetic/<mode>/` for each of `generate.modes`. Every classifier seed and
@@ -20,11 +20,11 @@ from synth_med.diffusion.fair_sampler import fair_conditions, known_values
 from synth_med.diffusion.generator import CascadeGenerator, Generator
 from synth_med.errors import SynthMedError
 from synth_med.evaluation.condition_fidelity import fidelity, fit_probes
-from synth_med.experiments import artifacts
+from synth_med.infra import artifacts
 from synth_med.experiments.diffusion import build_cond_spec, build_model, build_schedule, sampler_config
 from synth_med.experiments.generation import run_generation
 from synth_med.models import unet
-from synth_med.train import sharding
+from synth_med.infra import sharding
 
 
 def labelled_training_data(world: Any) -> dict[str, np.ndarray]:
@@ -103,20 +103,18 @@ def choose_guidance(generator: Generator, world: Any, labelled: dict[str, np.nda
   return float(best["guidance"])
 
 
-def generate_fair(config: Any, workdir: str) -> bool:
-  """Generates every configured mode's store; returns True if all were already finished."""
-  from synth_med.experiments.study import stage_config
+def generate_fair(config: Any, workdir: str, base_cfg: Any, up_cfg: Any | None = None) -> bool:
+  """Generates every configured mode's store of the study `config` with its base (and upsampler) stage
+  configs; returns True if all were already finished."""
   folders = {m: os.path.join(workdir, "synthetic", m) for m in config.generate.modes}
   if all(artifacts.is_done(f) for f in folders.values()):
     print("synthetic stores are finished; skipping", flush=True)
     return True
-  base_cfg = stage_config(config, "base")
   world = make_world(base_cfg.data)
   spec = world.spec
   mesh = sharding.make_mesh(config.mesh)
   generator, step = load_generator(base_cfg, os.path.join(workdir, "base"), spec, mesh, low_res=False)
-  if config.get("upsampler") is not None:
-    up_cfg = stage_config(config, "upsampler")
+  if up_cfg is not None:
     up, _ = load_generator(up_cfg, os.path.join(workdir, "upsampler"), spec, mesh, low_res=True)
     generator = CascadeGenerator(generator, up)
   attr = str(config.generate.attribute)

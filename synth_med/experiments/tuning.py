@@ -20,8 +20,9 @@ import itertools
 import os
 from typing import Any
 
+from synth_med.experiments.classifier import run_classifier
 from synth_med.errors import SynthMedError
-from synth_med.experiments import artifacts
+from synth_med.infra import artifacts
 
 
 def parse_grid(grid: str) -> list[tuple[str, list[Any]]]:
@@ -139,7 +140,6 @@ def run_tuning(config: Any, workdir: str, classifier_config) -> bool:
   `tune.widen` doublings): the classifiers train to where more steps stop helping, whatever the
   learning-rate schedule. `best.json` records every point and whether the result sits on an edge.
   """
-  from synth_med.experiments.classifier import run_classifier
   tune = config.tune
   points = grid_points(tune.grid)
   if not points:

@@ -8,7 +8,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from synth_med.errors import SynthMedError
-from synth_med.experiments.artifacts import ensure_writable_dir
+from synth_med.infra.artifacts import ensure_writable_dir
 
 
 class Checkpointer:

@@ -18,12 +18,13 @@ import numpy as np
 
 from synth_med.data.pipeline import TrainStream
 from synth_med.errors import SynthMedError
-from synth_med.experiments.artifacts import ensure_writable_dir
+from synth_med.infra.artifacts import ensure_writable_dir
 from synth_med.train import checkpoint as ckpt_lib
-from synth_med.train import jit_cache, sharding, state as state_lib
+from synth_med.infra import sharding
+from synth_med.train import jit_cache, state as state_lib
 from synth_med.train.metric_writers import create_writer
 from synth_med.train.optimizers import make_optimizer
-from synth_med.train.progress import Progress
+from synth_med.infra.progress import Progress
 from synth_med.train.step import make_train_step
 
 TrainState = state_lib.TrainState

@@ -23,7 +23,7 @@ from tensorboardX import summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
 
-from synth_med.evaluation.image_grid import make_grid
+from synth_med.infra.image_grid import make_grid
 
 
 def _import_clu_writers():

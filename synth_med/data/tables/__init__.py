@@ -5,14 +5,17 @@ data set exactly as its owners distribute it (docs/data.md: "Real data sets").
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from synth_med.data.tables.table import ImageTable
 from synth_med.errors import SynthMedError
+from synth_med.data.tables import camelyon17, chest_xray, csv_table, dermatology
+from synth_med.data.tables.table_world import TableWorld
+from synth_med.infra.artifacts import write_json
 
 
 def _loaders() -> dict[str, Callable[[Any], ImageTable]]:
-  from synth_med.data.tables import camelyon17, chest_xray, csv_table, dermatology
   return {"chexpert": chest_xray.load_chexpert, "chestxray14": chest_xray.load_chestxray14,
           "mimic_cxr": chest_xray.load_mimic_cxr, "camelyon17": camelyon17.load_camelyon17,
           "scin": dermatology.load_scin, "fitzpatrick17k": dermatology.load_fitzpatrick17k,
@@ -33,19 +36,16 @@ def load_table(data_config: Any) -> ImageTable:
 
 def make_table_world(data_config: Any):
   """A `TableWorld` over `data.source` at `data.image_size` (preprocessing the images on first use)."""
-  from synth_med.data.tables.table_world import TableWorld
   return TableWorld(data_config, load_table(data_config))
 
 
 def save_vocabulary(world: Any, workdir: str) -> None:
   """Writes `<workdir>/vocabulary.json` (classes, attribute values, domains) for a real data set; a
   procedural world's vocabulary is fixed in code, so nothing is written for it."""
-  from synth_med.data.tables.table_world import TableWorld
   if isinstance(world, TableWorld):
     table = world.table
-    import os
 
-    from synth_med.experiments.artifacts import write_json
+
     write_json(os.path.join(workdir, "vocabulary.json"), table.vocabulary())
 
 

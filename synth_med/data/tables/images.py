@@ -22,8 +22,8 @@ import numpy as np
 
 from synth_med.data.tables.table import ImageTable
 from synth_med.errors import SynthMedError
-from synth_med.experiments.artifacts import atomic_write
-from synth_med.train.progress import Progress
+from synth_med.infra.artifacts import atomic_write
+from synth_med.infra.progress import Progress
 
 CHUNK = 512
 CORRUPT_POLICIES = ("skip", "fail")

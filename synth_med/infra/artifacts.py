@@ -7,6 +7,7 @@ import tempfile
 from typing import Any, Callable
 
 import numpy as np
+from synth_med.errors import SynthMedError
 
 
 def _default(o: Any):
@@ -23,7 +24,6 @@ def _default(o: Any):
 
 def ensure_writable_dir(path: str, what: str = "--workdir") -> str:
   """Creates `path` if needed and proves it writable; SynthMedError names the fix otherwise."""
-  from synth_med.errors import SynthMedError  # pylint: disable=import-outside-toplevel
   try:
     os.makedirs(path, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".write_test-", dir=path)
