@@ -37,7 +37,7 @@ def data_config(world: str, image_size: int) -> ConfigDict:
       "test_size": 1000,
       "ood_size": 1000,
       "unlabelled_size": 2000,
-      "label_policy": "002",
+      "label_policy": "drop_uncertain",
       "skew": {
           "attribute": skew_attr,
           # Codes of the under-represented group(s): male for sex, hospitals 3

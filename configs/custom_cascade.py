@@ -44,7 +44,7 @@ def get_config(arg=None):
   common.use_real_data(config, "csv")
   config.tune.metric = "auto"  # top1 / mean_auc / accuracy, whichever the CSV's label kind gives
   config.data.channels = 1 if grey else 3
-  config.data.label_policy = "000"
+  config.data.label_policy = "mask_uncertain"
   config.data.skew.attribute = attribute
   config.classifier.mix.attribute = attribute
   for part in (config.base, config.upsampler) if cascade else (config.base,):

@@ -19,5 +19,5 @@ def get_config(arg=None):
   with config.unlocked():
     common.use_real_data(config, "csv")
     config.data.channels = 1 if "grey" in words else 3
-    config.data.label_policy = "000"  # uncertain findings (label_format 'findings') masked; set '002' to drop them
+    config.data.label_policy = "mask_uncertain"  # uncertain findings (label_format 'findings') masked; set 'drop_uncertain' to drop them
   return config

@@ -92,7 +92,7 @@ def test_findings_columns_follow_the_label_policy_and_a_given_split(tmp_path):
   assert table.raw_label[:4, 0].tolist() == [1, 0, -1, 0] and table.label_kind == "multilabel"
   assert table.split[4] == "val" and table.split[6] == "test"
   with cfg.unlocked():
-    cfg.label_policy = "000"
+    cfg.label_policy = "mask_uncertain"
   world = TableWorld(cfg, table)
   assert world.metadata(np.array([2]))["label_mask"][0].tolist() == [0.0, 1.0]
   assert world.examples(np.array([0]))["image"].shape == (1, 16, 16, 1)

@@ -90,7 +90,7 @@ def test_chexpert_schema_policies_and_patient_split(tmp_path):
   ex = world.examples(unl[:2], labelled=False)
   assert ex["image"].shape == (2, 16, 16, 1) and not ex["labelled"].any() and ex["label"].sum() == 0
   with cfg.unlocked():
-    cfg.label_policy = "000"
+    cfg.label_policy = "mask_uncertain"
   w0 = TableWorld(cfg, table)
   m = w0.metadata(np.nonzero(eff == -1)[0])
   assert (m["label_mask"][:, 3] == 0).all() and (m["label_mask"][:, [0, 1, 2, 4]] == 1).all()

@@ -138,7 +138,7 @@ def test_chest_policy_002_moves_uncertain_images_to_unlabelled(tiny_world_config
 
 def test_chest_policy_000_masks_uncertain(tiny_world_config):
   c = tiny_world_config("chest")
-  c.label_policy = "000"
+  c.label_policy = "mask_uncertain"
   w = make_world(c)
   meta = w.metadata(w.split("train").ids)
   unc = meta["raw_label"] == -1

@@ -151,7 +151,7 @@ def load_csv(cfg: Any) -> ImageTable:
   df = read_csv(path, needed, "data.csv", dtype=str, keep_default_na=True)
   if len(df) == 0:
     raise SynthMedError(f"data.csv {path!r} has no rows.")
-  names, kind, label, raw = _labels(df, cols, f"data.label_policy={cfg.get('label_policy', '002')!r}")
+  names, kind, label, raw = _labels(df, cols, f"data.label_policy={cfg.get('label_policy', 'drop_uncertain')!r}")
   if fmt in ("class", "soft"):
     labelled = label.sum(1) > 0
   else:

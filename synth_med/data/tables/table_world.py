@@ -38,7 +38,7 @@ class TableWorld:
   def __init__(self, data_config: Any, table: ImageTable):
     self.config = data_config
     self.image_size = int(data_config.image_size)
-    policy = str(data_config.get("label_policy", "002"))
+    policy = str(data_config.get("label_policy", "drop_uncertain"))
     if table.raw_label is not None:
       label, mask = apply_label_policy(table.raw_label, policy)
       usable = usable_for_classifier(table.raw_label, policy)

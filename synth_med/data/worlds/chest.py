@@ -10,9 +10,9 @@ cardiomegaly (a wide heart), effusion (a fluid level with a meniscus) and edema
 labels, a different prevalence and sex ratio).
 
 Label policies for uncertain findings (shared with the real loaders):
-- '002': blank = negative; images with an uncertain finding are left out of the
+- 'drop_uncertain' (paper 002's choice): blank = negative; images with an uncertain finding are left out of the
   labelled classifier set but still train the generator (unlabelled pool);
-- '000': uncertain findings are masked in training and evaluation;
+- 'mask_uncertain' (paper 000's choice): uncertain findings are masked in training and evaluation;
 - 'ones' / 'zeros': uncertain = positive / negative.
 """
 from __future__ import annotations
@@ -88,8 +88,8 @@ class ChestWorld(World):
     return usable_for_classifier(meta["raw_label"], self.policy)
 
   def _unlabelled_ids(self, domains: tuple[str, ...]) -> np.ndarray:
-    """002: the generator's extra data are the ID images whose labels are uncertain."""
-    if self.policy != "002":
+    """drop_uncertain: the generator's extra data are the ID images whose labels are uncertain."""
+    if self.policy != "drop_uncertain":
       return super()._unlabelled_ids(domains)
     n, out, start = int(self.config.unlabelled_size), [], 0
     doms = [self.spec.domain_id(d) for d in domains]
