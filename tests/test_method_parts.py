@@ -239,7 +239,7 @@ def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path,
   """tune.seeds = 3 (the cascade CPU defaults): lr 0.1 has the single best run, lr 0.01 the best mean."""
   from ml_collections import ConfigDict
 
-  from synth_med.experiments import classifier, tuning
+  from synth_med.experiments import tuning
   from synth_med.infra import artifacts
   val_top3 = {(0.01, 7): 0.50, (0.01, 8): 0.52, (0.01, 9): 0.54,   # mean 0.52
               (0.1, 7): 0.60, (0.1, 8): 0.40, (0.1, 9): 0.41}      # mean 0.47, best single run
@@ -249,7 +249,7 @@ def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path,
     seen.append((float(c.train.optimizer.lr), int(c.seed)))
     return {"splits": {"val": {"overall": {"top3": val_top3[seen[-1]]}}}}
 
-  monkeypatch.setattr(classifier, "run_classifier", fake_run)
+  monkeypatch.setattr(tuning, "run_classifier", fake_run)
   config = ConfigDict({"seed": 7, "tune": {"grid": "train.optimizer.lr=0.01|0.1", "method": "real",
                                            "split": "val", "metric": "top3", "seeds": 3}})
   make = lambda method, seed: ConfigDict({"seed": seed, "train": {"optimizer": {"lr": 0.03}}})  # noqa: E731
@@ -294,7 +294,7 @@ def test_tuning_widens_an_edge_winner_and_doubles_steps_until_the_score_stops_ga
   so the classifiers train 400 steps."""
   import math
 
-  from synth_med.experiments import classifier, tuning
+  from synth_med.experiments import tuning
   from tests.conftest import load_config
   config = load_config("derm_cascade", "smoke")
   with config.unlocked():
@@ -309,7 +309,7 @@ def test_tuning_widens_an_edge_winner_and_doubles_steps_until_the_score_stops_ga
     top3 = (0.8 - 0.1 * abs(math.log10(lr / 0.3))) * (1 - math.exp(-steps / 60))
     return {"splits": {"val": {"overall": {"top3": top3}}}}
 
-  monkeypatch.setattr(classifier, "run_classifier", fake_run)
+  monkeypatch.setattr(tuning, "run_classifier", fake_run)
   from synth_med.experiments.study import classifier_config
   tuning.run_tuning(config, str(tmp_path), lambda m, s: classifier_config(config, str(tmp_path), m, s))
   best = tuning.artifacts.read_json(tuning.best_path(str(tmp_path)))
