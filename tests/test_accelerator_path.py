@@ -81,6 +81,7 @@ def _rel(a, b) -> float:
   return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_accelerator_branches_match_the_cpu_float32_maths(precision, on_gpu, monkeypatch):
   x, t = _inputs()
@@ -141,6 +142,7 @@ def _check_lowers_for_cuda(step, state, batch, attention_asked: list) -> str:
   return text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale_shift", [True, False])
 def test_the_train_step_lowers_for_cuda_and_sums_in_float32(scale_shift, on_gpu):
   """The whole step (loss, grads, Adam, EMA) of a bfloat16 model conditioned on a label and sex:
@@ -160,6 +162,7 @@ def test_the_train_step_lowers_for_cuda_and_sums_in_float32(scale_shift, on_gpu)
   assert "stablehlo.convolution" in _check_lowers_for_cuda(step, state, batch, on_gpu)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base", "upsampler"])
 def test_the_full_table_e1_train_steps_lower_for_cuda(stage, on_gpu):
   """`derm_cascade:full`'s base (64 px, 276 M params, batch 128) and upsampler (64 -> 256 px,

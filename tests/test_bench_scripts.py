@@ -1,10 +1,14 @@
-"""The benchmark scripts still run (tiny sizes): a device session has minutes, not time to debug them."""
+"""The benchmark scripts still run, at tiny sizes: they are run rarely, often on a borrowed accelerator."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # each runs a script in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,6 +24,7 @@ def test_r50_has_bit_parameter_count_and_names():
       jax.eval_shape(lambda: _init(bit_resnet.Model(num_outputs=2, depth=101))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outputs", [1, 5, 27])
 def test_heads_and_zero_init(outputs):
   m = bit_resnet.Model(num_outputs=outputs, width=0.125, block_units=(1, 1, 1, 1))
@@ -82,6 +83,7 @@ def test_load_sums_rgb_root_for_greyscale(tmp_path):
                              written["resnet/root_block/standardized_conv2d/kernel"].sum(2, keepdims=True))
 
 
+@pytest.mark.slow
 def test_load_errors_name_the_problem(tmp_path):
   m = bit_resnet.Model(num_outputs=2, width=0.125, block_units=(1, 1, 1, 1))
   p = _init(m)

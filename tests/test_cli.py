@@ -57,6 +57,7 @@ def test_bad_choice_names_key_and_choices():
     configuration.validate(c)
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_wrong_type_bad_mesh_and_workdir(tmp_path):
   cfg = "--config=configs/derm_classifier.py:smoke"
   r = run_main(cfg, "--config.train.stpes=3", f"--workdir={tmp_path}/a")
@@ -74,6 +75,7 @@ def test_cli_unknown_key_wrong_type_bad_mesh_and_workdir(tmp_path):
   assert r.returncode == 1 and "data.world='retina'" in r.stderr and "skin" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_config_argument_and_missing_config_file_are_one_line(tmp_path):
   r = run_main("--config=configs/derm_classifier.py:smok", f"--workdir={tmp_path}/a")
   assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -130,6 +130,7 @@ def test_custom_data_errors(tmp_path):
     load_config("custom_cascade", "smoke")
 
 
+@pytest.mark.slow
 def test_custom_cascade_smoke_runs_the_method_on_a_csv_and_names_groups_as_written(tmp_path):
   csv = fake.write_custom_csv(str(tmp_path / "mine"), n=60)
   workdir = tmp_path / "run"

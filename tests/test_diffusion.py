@@ -136,6 +136,7 @@ def perturbed_params(model, x, cond, low=None, scale=0.05):
   return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 def test_unet_zero_init_output_and_conditioning_path():
   m = tiny_unet()
   x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
@@ -154,6 +155,7 @@ def test_unet_zero_init_output_and_conditioning_path():
     unet.check_image_size(20, (1, 2, 2, 2))
 
 
+@pytest.mark.slow
 def test_superres_unet_upsamples_a_smaller_low_res_input():
   m = superres_unet.Model(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1)
   x = jnp.zeros((2, 16, 16, 3))
@@ -179,6 +181,7 @@ def test_conv3x3_gradient_matches_xla_convolution():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c, groups", [(12, 3), (32, 8), (48, 3)])
 def test_group_norm_act_matches_autodiff_of_the_plain_chain(c, groups):
   # Groups of several channels, h != w, per-image scale/shift: a group or image mix-up fails.
@@ -329,6 +332,7 @@ def conds(n=6):
   return condition_table(spec, n, np.eye(3, dtype=np.float32)[np.arange(n) % 3], {"sex": np.arange(n) % 2})
 
 
+@pytest.mark.slow
 def test_cfg_w0_equals_plain_conditional_sampling():
   from synth_med.diffusion.generator import model_apply
   g = tiny_generator(guidance=0.0)
@@ -360,6 +364,7 @@ def test_cfg_pushes_towards_the_condition_not_away_from_it():
                                                             None))[:, 0, 0, 0], e_c)
 
 
+@pytest.mark.slow
 def test_image_k_depends_only_on_seed_and_k():
   c = conds(6)
   full = tiny_generator(batch_size=4).generate(c, seed=7)
@@ -373,6 +378,7 @@ def test_image_k_depends_only_on_seed_and_k():
   assert ddpm.shape == full.shape and ddpm.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_cascade_base_then_upsampler():
   base = tiny_generator(size=8)
   up = tiny_generator(size=16, low_res=True)
@@ -406,6 +412,7 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_8_device_mesh_sampling_equals_1_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", MESH_SCRIPT % ROOT], capture_output=True, text=True, env=env,
@@ -489,6 +496,7 @@ def _train_tiny(c, workdir):
   return mean_loss(init), mean_loss(result.state.params), result, mean_loss
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_checkpoint_round_trips_through_load(tmp_path):
   c = tiny_diffusion_config()
   before, after, result, mean_loss = _train_tiny(c, tmp_path)
@@ -504,6 +512,7 @@ def test_loss_decreases_and_checkpoint_round_trips_through_load(tmp_path):
     unet.load(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_bfloat16_products_train_the_generator_as_well(tmp_path):
   """model.matmul_precision='bfloat16' (AMX kernels where the CPU has them, else the same maths in
   float32 on rounded operands): the tiny run's loss falls as far as in float32."""
@@ -589,6 +598,7 @@ def band_world(n, seed, k=3):
           "index": np.arange(n)}, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_conditioning_works_samples_hit_the_requested_label(tmp_path, prediction):
   """A tiny UNet trained 300 steps (ε- or v-prediction); its samples are classified by a classifier

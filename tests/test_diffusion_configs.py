@@ -63,6 +63,7 @@ def test_histo_has_no_upsampler_and_bad_values_are_named():
     configuration.validate(c)
 
 
+@pytest.mark.slow
 def test_main_trains_base_and_upsampler_and_writes_grids(tmp_path):
   base = tmp_path / "base"
   r = run_main("--config=configs/derm_diffusion.py:smoke,label_property", f"--workdir={base}",

@@ -10,6 +10,7 @@ from tests.conftest import load_config
 from tests.test_cli import run_main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["derm_classifier", "cxr_classifier", "histo_classifier"])
 def test_main_smoke_run_writes_everything(name, tmp_path):
   workdir = tmp_path / name
@@ -41,6 +42,7 @@ def test_main_smoke_run_writes_everything(name, tmp_path):
   assert r2.returncode == 0 and "skipping" in r2.stdout
 
 
+@pytest.mark.slow
 def test_trained_tissue_classifier_beats_chance(tmp_path):
   c = load_config("histo_classifier", "smoke")
   with c.unlocked():
@@ -56,6 +58,7 @@ def test_trained_tissue_classifier_beats_chance(tmp_path):
   assert m["splits"]["id"]["overall"]["auc"] > 0.8
 
 
+@pytest.mark.slow
 def test_skew_hurts_the_under_represented_hospitals(tmp_path):
   """The tissue world is built so that capping hospitals 3 and 4 costs accuracy on them
   (their stains differ from hospital 0's), more than it costs on hospital 0."""
@@ -115,6 +118,7 @@ def test_killed_classifier_stage_resumes_to_the_same_result(tmp_path, monkeypatc
   assert resumed["splits"]["id"]["overall"] == full["splits"]["id"]["overall"]
 
 
+@pytest.mark.slow
 def test_classifier_starts_from_a_local_bit_checkpoint(tmp_path):
   """model.pretrained_npz: backbone weights come from the file, the head is new."""
   import jax
@@ -142,6 +146,7 @@ def test_classifier_starts_from_a_local_bit_checkpoint(tmp_path):
   assert np.abs(np.asarray(state["params"]["head"]["kernel"])).max() < 1e-6  # zero-initialised head
 
 
+@pytest.mark.slow
 def test_equal_classifier_runs_share_one_jitted_step_and_match_a_fresh_run(tmp_path, monkeypatch):
   """train.jit_cache: a second equal run traces nothing new, and trains exactly as an unshared run."""
   from synth_med.train import jit_cache

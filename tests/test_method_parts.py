@@ -104,6 +104,7 @@ def _sources(n_real=50, n_synth=30):
   return classifier_arrays(arr(n_real, 0)), classifier_arrays(arr(n_synth, 255), np.full(n_synth, 0.5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.75, 1.0])
 def test_alpha_is_the_real_proportion_of_batch_slots(alpha):
   real, synth = _sources()

@@ -182,6 +182,7 @@ def test_switched_off_or_unbuildable_it_falls_back_to_xla_with_a_warning(tmp_pat
   assert not list(tmp_path.glob("*.so"))  # nothing half-written is left behind
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_build_is_cached_per_source_and_written_atomically(tmp_path, monkeypatch):
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
@@ -226,6 +227,7 @@ def test_eight_device_mesh_splits_the_batch_and_all_reduces():
     assert "f32[2,8,8," in out["local"], name  # each device runs the custom call on its 2 images
 
 
+@pytest.mark.slow
 @needs_compiler
 @pytest.mark.skipif(native_ops.simd_width() != 16, reason="the AVX2 variant is the default build on this CPU")
 def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
@@ -389,6 +391,7 @@ def test_eight_device_mesh_runs_norm_attention_and_conv_per_device():
   assert out["shardings"][4] in ("P()", "PartitionSpec()")  # the kernel gradient is summed over every device
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_an_unwritable_cache_directory_builds_in_the_temp_dir(tmp_path, monkeypatch):
   blocker = tmp_path / "not_a_dir"
@@ -496,6 +499,7 @@ def test_bf16_layers_and_their_gradients_are_float32_maths_on_rounded_operands(a
     assert all(t in hlo for t in targets) == amx, name
 
 
+@pytest.mark.slow
 def test_unet_matmul_precision_keeps_the_parameters_and_changes_only_the_rounding():
   kw = dict(out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
             num_head_channels=32)

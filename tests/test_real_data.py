@@ -253,6 +253,7 @@ def test_real_data_config_switches(tmp_path):
     load_config("derm_cascade", "chexpert")
 
 
+@pytest.mark.slow
 def test_chexpert_smoke_study_runs_end_to_end_on_a_fake_copy(tmp_path):
   """`cxr_cascade.py:chexpert,smoke` on a CheXpert-v1.0-small tree: every stage, unchanged, on real-format data."""
   import json

@@ -74,6 +74,7 @@ _EIGHT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_matches_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _EIGHT.format(root=ROOT)], capture_output=True, text=True,

@@ -91,6 +91,7 @@ def _mtimes(paths):
   return {p: os.stat(p).st_mtime_ns for p in paths}
 
 
+@pytest.mark.slow
 def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
   """The main command on the smoke study: killed once a classifier has finished, rerun to the end.
   Finished stages are skipped (their files untouched), the report has every section."""
@@ -184,6 +185,7 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
 
 @pytest.mark.parametrize("name,methods,metric", [("histo_study", "no_aug,synth_label_property", "accuracy"),
                                                  ("cxr_cascade", "real,synth_label", "mean_auc")])
+@pytest.mark.slow
 def test_tissue_and_chest_studies_run_end_to_end(name, methods, metric, tmp_path):
   workdir = tmp_path / name
   r = run_main(f"--config=configs/{name}.py:smoke", f"--workdir={workdir}", f"--config.method_names={methods}",
