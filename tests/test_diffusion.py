@@ -508,7 +508,7 @@ def test_loss_decreases_and_checkpoint_round_trips_through_load(tmp_path):
     np.testing.assert_array_equal(a, b)
   raw, _ = unet.load(str(tmp_path / "checkpoints"), ema=False)
   assert mean_loss(raw) == pytest.approx(after, rel=1e-5)
-  with pytest.raises(SynthMedError, match="no diffusion checkpoint"):
+  with pytest.raises(SynthMedError, match="no checkpoint folder"):
     unet.load(str(tmp_path / "missing"))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from synth_med.errors import SynthMedError
+from synth_med.infra.checkpoint import read_checkpoint
 from synth_med.models import native_ops
 
 
@@ -701,25 +701,9 @@ def load(checkpoint_dir: str, step: int | None = None, ema: bool = True) -> Any:
   `checkpoint_dir` is a stage's `checkpoints/` folder (or the stage folder).
   The parameters are host numpy arrays in the model's parameter tree.
   """
-  import orbax.checkpoint as ocp
-
-  path = checkpoint_dir
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if not os.path.isdir(path):
-    raise SynthMedError(f"no diffusion checkpoint folder at {checkpoint_dir!r}; train the model first "
-                        "or point to its stage folder.")
-  mngr = ocp.CheckpointManager(os.path.abspath(path))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise SynthMedError(f"{path!r} holds no finished checkpoint; train the model first.")
-  try:
-    tree = mngr.restore(step, args=ocp.args.StandardRestore())
-  except Exception as e:  # noqa: BLE001
-    raise SynthMedError(f"cannot read checkpoint step {step} in {path!r}: {e}") from e
-  finally:
-    mngr.close()
+  tree, step = read_checkpoint(checkpoint_dir, step)
   key = "ema_params" if ema else "params"
   if key not in tree:
-    raise SynthMedError(f"checkpoint {path!r} step {step} has no {key!r}; is it a train-state checkpoint?")
-  return tree[key], int(step)
+    raise SynthMedError(f"checkpoint {checkpoint_dir!r} step {step} has no {key!r}; is it a train-state "
+                        "checkpoint?")
+  return tree[key], step

@@ -19,7 +19,7 @@ import numpy as np
 from synth_med.data.pipeline import TrainStream
 from synth_med.errors import SynthMedError
 from synth_med.infra.artifacts import ensure_writable_dir
-from synth_med.train import checkpoint as ckpt_lib
+from synth_med.infra import checkpoint as ckpt_lib
 from synth_med.infra import sharding
 from synth_med.train import jit_cache, state as state_lib
 from synth_med.train.metric_writers import create_writer

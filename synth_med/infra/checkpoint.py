@@ -1,4 +1,6 @@
-"""Checkpoints through orbax `CheckpointManager`: keep-N, atomic, resume from the workdir."""
+"""Checkpoints through orbax `CheckpointManager`: keep-N, atomic, resume from the workdir. The training
+loop saves and restores through `Checkpointer`; `read_checkpoint` reads a finished one back as host arrays
+(what `models.*.load()` use)."""
 from __future__ import annotations
 
 import os
@@ -48,3 +50,26 @@ class Checkpointer:
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def read_checkpoint(directory: str, step: int | None = None) -> tuple[Any, int]:
+  """(tree, step): the latest (or `step`'s) checkpoint under `directory` as host arrays, with no template.
+
+  `directory` is a run's `checkpoints/` folder or the run folder holding one.
+  """
+  path = directory
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(path):
+    raise SynthMedError(f"no checkpoint folder at {directory!r}; train the model first or point to its run folder.")
+  manager = ocp.CheckpointManager(os.path.abspath(path))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise SynthMedError(f"{path!r} holds no finished checkpoint; train the model first.")
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore()), int(step)
+    except Exception as e:  # noqa: BLE001 - missing step, corrupt files
+      raise SynthMedError(f"cannot read checkpoint step {step} in {path!r}: {e}") from e
+  finally:
+    manager.close()
