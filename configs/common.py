@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from synth_med.experiments.study import SHARED_DATA_KEYS
+
 
 def parse_arg(arg: str | None, known: tuple[str, ...]) -> set[str]:
   """'smoke,less' -> {'smoke', 'less'}; an unknown word fails with the choices."""
@@ -431,6 +433,12 @@ def controls(mix: ConfigDict) -> dict[str, ConfigDict]:
 TUNE_METRIC = {"skin": "top3", "chest": "mean_auc", "tissue": "accuracy"}
 
 
+# The classifier keys a study's methods set (common.method -> experiments.study.classifier_config).
+METHOD_KEYS = (("data", "augment"), ("loss", "name"), ("model", "pretrained_npz"), ("mix", "alpha"),
+               ("mix", "synthetic_dir"), ("mix", "equality_level"), ("mix", "filter_dominant"),
+               ("mix", "oversample"), ("mix", "control"))
+
+
 def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDict | None,
                classifier: ConfigDict, methods: dict[str, ConfigDict]) -> ConfigDict:
   """A study: shared data + the stage configs (each a complete stage config) + methods."""
@@ -438,7 +446,8 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.experiment = "study"
   config.seed = 0
   config.distributed = False
-  config.data = copy_unlocked(classifier.data)  # the world and splits every stage shares
+  # The world and splits every stage shares; the rest of data (image size, augmentation, threads) is per stage.
+  config.data = ConfigDict({k: copy_unlocked(classifier.data)[k] for k in SHARED_DATA_KEYS})
   config.mesh = mesh_config()
   config.cpu_devices = CPU_DEVICES
   config.stages = "base,upsampler,generate,tune,classifiers,evaluate,report" if upsampler is not None else \
@@ -446,6 +455,8 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.base = copy_unlocked(base)
   config.upsampler = copy_unlocked(upsampler) if upsampler is not None else None
   config.classifier = copy_unlocked(classifier)
+  for part, key in METHOD_KEYS:  # each method sets these, so the study config has no such key
+    del config.classifier[part][key]
   config.generate = ConfigDict({
       "modes": ("label", "label_property"),
       "attribute": attribute,  # fair sampling is uniform over this property
@@ -521,7 +532,6 @@ def study_smoke(config: ConfigDict) -> None:
 
 def study_smoke_sizes(config: ConfigDict, base_size: int, size: int) -> None:
   """Smoke image sizes: the base model at base_size, the upsampler and classifier at size."""
-  config.data.image_size = size
   config.classifier.data.image_size = size
   config.base.data.image_size = base_size if config.upsampler is not None else size
   if config.upsampler is not None:
@@ -539,7 +549,6 @@ def cascade_cpu_scale(config: ConfigDict) -> None:
   6,000 steps at width 32 and the generate stage picks w on the validation probe.
   Classifiers: the tune stage chooses the learning rate, then doubles the step count from 300 while
   the real baseline's validation score still gains (converged_classifiers)."""
-  config.data.image_size = 32
   config.classifier.data.image_size = 32
   config.base.data.image_size = 16
   config.base.model.channel_mult = (1, 2)

@@ -85,6 +85,10 @@ def test_bad_stage_names_alpha_and_methods_fail_clearly():
   # Through the real main: a clear one-line error and exit code 1, no traceback.
   r = run_main("--config=configs/derm_cascade.py:smoke", "--config.stages=trian", "--workdir=/tmp/unused")
   assert r.returncode == 1 and "stages has ['trian']" in r.stderr and "Traceback" not in r.stderr
+  # A key each method sets, or a per-stage data key, does not exist at the study's level: no silent no-op.
+  for key in ("classifier.mix.alpha=0.7", "classifier.data.augment=none", "data.image_size=64"):
+    r = run_main("--config=configs/derm_cascade.py:smoke", f"--config.{key}", "--workdir=/tmp/unused")
+    assert r.returncode == 2 and f"unknown config key --config.{key.split('=')[0]}" in r.stderr, r.stderr
 
 
 def _mtimes(paths):
