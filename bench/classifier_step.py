@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from synth_med.data.augment import make_augment  # noqa: E402
-from synth_med.data.worlds import make_world  # noqa: E402
+from synth_med.data.sources import make_world  # noqa: E402
 from synth_med.experiments.classifier import build_model  # noqa: E402
 from synth_med.objectives.classification import ClassifierTask  # noqa: E402
 

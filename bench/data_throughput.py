@@ -15,7 +15,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from synth_med.data.worlds import make_world  # noqa: E402
+from synth_med.data.sources import make_world  # noqa: E402
 
 
 def main():

@@ -48,7 +48,7 @@ def main() -> None:
 
   from synth_med.data.pipeline import WorldSource, materialise
   from synth_med.data.schema import concat_batches
-  from synth_med.data.worlds import make_world
+  from synth_med.data.sources import make_world
   from synth_med.diffusion.fair_sampler import fair_conditions
   from synth_med.evaluation.condition_fidelity import fidelity, fit_probes
   from synth_med.experiments.diffusion import run_diffusion

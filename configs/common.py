@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from synth_med.data.tables import DATA_SOURCES
 from synth_med.experiments.study import SHARED_DATA_KEYS
 
 
@@ -70,37 +71,23 @@ def data_config(world: str, image_size: int) -> ConfigDict:
   })
 
 
-# Real data sets (synth_med/data/tables): modality, and the ID / OOD / unlabelled values of their domain column.
-REAL_SOURCES = {
-    "chexpert": ("chest", ("chexpert",), (), ("chexpert",)),
-    "chestxray14": ("chest", ("chestxray14",), (), ("chestxray14",)),
-    "mimic_cxr": ("chest", ("mimic_cxr",), (), ("mimic_cxr",)),
-    "camelyon17": ("tissue", ("h0", "h3", "h4"), ("h1", "h2"), ("h0", "h3", "h4")),
-    "scin": ("skin", ("scin",), (), ("scin",)),
-    "fitzpatrick17k": ("skin", ("fitzpatrick17k",), (), ("fitzpatrick17k",)),
-    "ddi": ("skin", ("ddi",), (), ("ddi",)),
-    "ham10000": ("skin", ("ham10000",), (), ("ham10000",)),
-    "csv": (None, (), (), ()),  # '' domains: every value ID (see csv_table.py)
-}
-
-
 def real_source(words: set[str], modality: str) -> str | None:
   """The real data set named among the config words (at most one, of this modality)."""
-  named = [w for w in words if w in REAL_SOURCES]
+  named = [w for w in words if w in DATA_SOURCES]
   if len(named) > 1:
     raise ValueError(f"name one data set, not {sorted(named)}")
-  if named and REAL_SOURCES[named[0]][0] not in (None, modality):
-    raise ValueError(f"{named[0]} is {REAL_SOURCES[named[0]][0]} data; this config is for {modality}")
+  if named and DATA_SOURCES[named[0]].modality not in (None, modality):
+    raise ValueError(f"{named[0]} is {DATA_SOURCES[named[0]].modality} data; this config is for {modality}")
   return named[0] if named else None
 
 
 def use_real_data(config: ConfigDict, source: str) -> None:
   """Points `config.data` at a local real data set: every row (no size caps), no extra skew, its domains.
   Set data.manual_dir (or data.csv) on the command line."""
-  _, id_domains, ood_domains, unlabelled = REAL_SOURCES[source]
+  src = DATA_SOURCES[source]
   d = config.data
   d.source = source
-  d.id_domains, d.ood_domains, d.unlabelled_domains = id_domains, ood_domains, unlabelled
+  d.id_domains, d.ood_domains, d.unlabelled_domains = src.id_domains, src.ood_domains, src.unlabelled_domains
   for k in ("train_size", "val_size", "test_size", "ood_size", "unlabelled_size"):
     d[k] = 0  # 0 = the whole split
   d.skew.setting = "none"
@@ -394,7 +381,12 @@ def diffusion_full(config: ConfigDict, base_size: int, up_size: int, ch: int, re
 
 # The attribute axes of the skin study: (skew/fair attribute, minority codes of Table A2).
 SKIN_AXES = {"sex": ("sex", (1,)), "age": ("age_bucket", (4, 5, 6)), "tone": ("skin_tone", (3, 4, 5))}
-STUDY_ARGS = ("smoke", "full", "age", "tone") + SKEW_ARGS + tuple(REAL_SOURCES)
+STUDY_ARGS = ("smoke", "full", "age", "tone") + SKEW_ARGS + tuple(DATA_SOURCES)
+
+
+def sources_of(modality: str) -> tuple[str, ...]:
+  """The real data sets a config of this modality can name as an argument (the CSV included)."""
+  return tuple(n for n, s in DATA_SOURCES.items() if s.modality in (None, modality))
 
 
 def stage_configs(classifier_module, diffusion_module, words: set[str], upsampler: bool = True,

@@ -17,7 +17,7 @@ from configs import common, cxr_classifier, cxr_diffusion
 
 
 def get_config(arg=None):
-  words = common.parse_arg(arg, ("smoke", "full", "chexpert", "chestxray14", "mimic_cxr", "csv"))
+  words = common.parse_arg(arg, ("smoke", "full") + common.sources_of("chest"))
   classifier, base, up = common.stage_configs(cxr_classifier, cxr_diffusion, words)
   methods = {
       "real": common.method(),

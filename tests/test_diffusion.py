@@ -472,7 +472,7 @@ def tiny_diffusion_config(steps=40, lr=2e-3):
 
 def _train_tiny(c, workdir):
   """Trains config c's generator; (mean loss on one fixed batch before, after, the train result, mean_loss)."""
-  from synth_med.data.worlds import make_world
+  from synth_med.data.sources import make_world
   from synth_med.experiments import diffusion as stage
   from synth_med.data.pipeline import TrainStream
   from synth_med.diffusion.training import DiffusionTask

@@ -124,7 +124,7 @@ def test_classifier_starts_from_a_local_bit_checkpoint(tmp_path):
   import jax
   import jax.numpy as jnp
 
-  from synth_med.data.worlds import make_world
+  from synth_med.data.sources import make_world
   from synth_med.experiments.classifier import build_model
   from tests.test_bit_resnet import _write_bit_npz
   c = load_config("derm_classifier", "smoke")

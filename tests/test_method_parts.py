@@ -264,7 +264,7 @@ def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path,
 
 def test_fair_sampler_draws_a_value_seen_only_in_unlabelled_data_and_refuses_an_unseen_one():
   from configs import common
-  from synth_med.data.worlds import make_world
+  from synth_med.data.sources import make_world
   from synth_med.diffusion.fair_sampler import known_values
   from synth_med.experiments.synthetic_store import labelled_training_data, property_pool
   data = common.data_config("skin", 16)
@@ -332,7 +332,7 @@ def test_guidance_is_chosen_on_the_validation_probe_and_kept(tmp_path):
 
   from configs import common
   from synth_med.data.pipeline import WorldSource, materialise
-  from synth_med.data.worlds import make_world
+  from synth_med.data.sources import make_world
   from synth_med.experiments.synthetic_store import choose_guidance, labelled_training_data, property_pool
   data = common.data_config("skin", 16)
   data.train_size, data.val_size, data.unlabelled_size = 1500, 400, 100

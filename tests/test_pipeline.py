@@ -2,7 +2,7 @@
 import numpy as np
 
 from synth_med.data.pipeline import ArraySource, TrainStream, WorldSource, eval_batches, materialise
-from synth_med.data.worlds import make_world
+from synth_med.data.sources import make_world
 from tests.conftest import toy_arrays
 
 

@@ -13,7 +13,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from synth_med.data.tables import load_table
-from synth_med.data.worlds import make_world
+from synth_med.data.sources import make_world
 from synth_med.experiments.diffusion import training_source
 from tests import fake_datasets as fake
 from tests.test_custom_data import csv_cfg

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from synth_med.data.soft_labels import aggregate_ranked, aggregate_rater_lists
-from synth_med.data.worlds import make_world
+from synth_med.data.sources import make_world
 from synth_med.data.worlds.base import TRAIN, make_ids, unpack_ids
 from synth_med.errors import SynthMedError
 

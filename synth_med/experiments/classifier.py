@@ -21,7 +21,7 @@ from synth_med.data.mixing import MixedStream, check_alpha, classifier_arrays
 from synth_med.data.pipeline import ArraySource, RowSubset, TrainStream, WorldSource, materialise
 from synth_med.data.shards import read_shards
 from synth_med.data.tables import save_vocabulary
-from synth_med.data.worlds import make_world
+from synth_med.data.sources import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
 from synth_med.infra.image_grid import make_grid, save_png
 from synth_med.evaluation.paired import PREDICTIONS_FILE, save_predictions

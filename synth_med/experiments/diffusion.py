@@ -19,7 +19,7 @@ import numpy as np
 from synth_med.data.pipeline import ArraySource, TrainStream, WorldSource, materialise
 from synth_med.data.schema import DatasetSpec, concat_batches
 from synth_med.data.tables import save_vocabulary
-from synth_med.data.worlds import make_world
+from synth_med.data.sources import make_world
 from synth_med.data.worlds.base import unlabelled_domains
 from synth_med.diffusion import samplers
 from synth_med.diffusion.conditioning import ConditioningSpec, condition_table, make_spec

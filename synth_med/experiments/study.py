@@ -31,7 +31,7 @@ from synth_med import configuration
 from synth_med.data.pipeline import WorldSource, materialise
 from synth_med.data.schema import concat_batches
 from synth_med.data.shards import read_shards
-from synth_med.data.worlds import make_world
+from synth_med.data.sources import make_world
 from synth_med.errors import SynthMedError
 from synth_med.evaluation.condition_fidelity import classifier_fidelity, fidelity, fit_probes
 from synth_med.evaluation.report import write_report

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from synth_med.data.pipeline import WorldSource, materialise
-from synth_med.data.worlds import make_world
+from synth_med.data.sources import make_world
 from synth_med.diffusion.fair_sampler import fair_conditions, known_values
 from synth_med.diffusion.generator import CascadeGenerator, Generator
 from synth_med.errors import SynthMedError

@@ -5,6 +5,7 @@ data set exactly as its owners distribute it (docs/data.md: "Real data sets").
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -15,23 +16,44 @@ from synth_med.data.tables.table_world import TableWorld
 from synth_med.infra.artifacts import write_json
 
 
-def _loaders() -> dict[str, Callable[[Any], ImageTable]]:
-  return {"chexpert": chest_xray.load_chexpert, "chestxray14": chest_xray.load_chestxray14,
-          "mimic_cxr": chest_xray.load_mimic_cxr, "camelyon17": camelyon17.load_camelyon17,
-          "scin": dermatology.load_scin, "fitzpatrick17k": dermatology.load_fitzpatrick17k,
-          "ddi": dermatology.load_ddi, "ham10000": dermatology.load_ham10000, "csv": csv_table.load_csv}
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """A real data set: its modality (None: any, a CSV), its loader and the ID / OOD / unlabelled values of
+  its domain column (empty: every domain, see csv_table.py)."""
+  modality: str | None
+  load: Callable[[Any], ImageTable]
+  id_domains: tuple[str, ...] = ()
+  ood_domains: tuple[str, ...] = ()
+  unlabelled_domains: tuple[str, ...] = ()
 
 
-SOURCES = ("chexpert", "chestxray14", "mimic_cxr", "camelyon17", "scin", "fitzpatrick17k", "ddi", "ham10000", "csv")
+def _single(name: str, modality: str, load: Callable[[Any], ImageTable]) -> DataSource:
+  """A data set from one site: one ID domain, which also supplies the unlabelled images."""
+  return DataSource(modality, load, (name,), (), (name,))
+
+
+# The one registry of real data sets: `data.source` names one; configs take their arguments from it.
+DATA_SOURCES: dict[str, DataSource] = {
+    "chexpert": _single("chexpert", "chest", chest_xray.load_chexpert),
+    "chestxray14": _single("chestxray14", "chest", chest_xray.load_chestxray14),
+    "mimic_cxr": _single("mimic_cxr", "chest", chest_xray.load_mimic_cxr),
+    "camelyon17": DataSource("tissue", camelyon17.load_camelyon17, ("h0", "h3", "h4"), ("h1", "h2"),
+                             ("h0", "h3", "h4")),
+    "scin": _single("scin", "skin", dermatology.load_scin),
+    "fitzpatrick17k": _single("fitzpatrick17k", "skin", dermatology.load_fitzpatrick17k),
+    "ddi": _single("ddi", "skin", dermatology.load_ddi),
+    "ham10000": _single("ham10000", "skin", dermatology.load_ham10000),
+    "csv": DataSource(None, csv_table.load_csv),
+}
+SOURCES = tuple(DATA_SOURCES)
 
 
 def load_table(data_config: Any) -> ImageTable:
   """The `ImageTable` of `data.source`."""
   source = str(data_config.source)
-  loaders = _loaders()
-  if source not in loaders:
-    raise SynthMedError(f"data.source={source!r}; choose 'world' (procedural) or one of {list(loaders)}.")
-  return loaders[source](data_config)
+  if source not in DATA_SOURCES:
+    raise SynthMedError(f"data.source={source!r}; choose 'world' (procedural) or one of {list(SOURCES)}.")
+  return DATA_SOURCES[source].load(data_config)
 
 
 def make_table_world(data_config: Any):
@@ -49,4 +71,4 @@ def save_vocabulary(world: Any, workdir: str) -> None:
     write_json(os.path.join(workdir, "vocabulary.json"), table.vocabulary())
 
 
-__all__ = ["ImageTable", "SOURCES", "load_table", "make_table_world", "save_vocabulary"]
+__all__ = ["DataSource", "DATA_SOURCES", "ImageTable", "SOURCES", "load_table", "make_table_world", "save_vocabulary"]

@@ -4,19 +4,16 @@ from __future__ import annotations
 from typing import Any
 
 from synth_med.data.worlds.base import Split, World
-from synth_med.errors import SynthMedError
-from synth_med.data.tables import make_table_world
-from synth_med.data.worlds.skin import SkinWorld
 from synth_med.data.worlds.chest import ChestWorld
+from synth_med.data.worlds.skin import SkinWorld
 from synth_med.data.worlds.tissue import TissueWorld
+from synth_med.errors import SynthMedError
 
 WORLDS = ("skin", "chest", "tissue")
 
 
-def make_world(data_config: Any) -> World:
-  """Builds the world named by `data_config.world`, or the real data set of `data.source` (data/tables)."""
-  if str(data_config.get("source", "world")) != "world":
-    return make_table_world(data_config)
+def make_procedural_world(data_config: Any) -> World:
+  """The procedural world named by `data_config.world` (real data sets: `synth_med.data.sources`)."""
   name = data_config.world
   if name == "skin":
     return SkinWorld(data_config)
@@ -27,4 +24,4 @@ def make_world(data_config: Any) -> World:
   raise SynthMedError(f"data.world={name!r} is unknown; choose one of {list(WORLDS)}.")
 
 
-__all__ = ["World", "Split", "make_world", "WORLDS"]
+__all__ = ["World", "Split", "make_procedural_world", "WORLDS"]
