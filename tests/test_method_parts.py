@@ -236,6 +236,15 @@ def test_condition_fidelity_scores_a_binary_label():
   assert fidelity(probes, faithful, "hospital")["label"]["n_synthetic_scored"] == 100
 
 
+def test_label_classes_binary_multi_hot_and_unlabelled_rows():
+  from synth_med.evaluation.condition_fidelity import label_classes
+  classes, ok = label_classes({"label": np.array([[0.0], [1.0], [1.0]]), "labelled": np.array([True, True, False])})
+  assert classes.tolist() == [0, 1, 1] and ok.tolist() == [True, True, False]  # a binary 0 is a class
+  multi = np.array([[0, 1, 1], [0, 0, 0], [1, 0, 0]], np.float32)  # the middle row has no finding
+  classes, ok = label_classes({"label": multi, "labelled": np.ones(3, bool)})
+  assert classes.tolist()[::2] == [1, 0] and ok.tolist() == [True, False, True]
+
+
 def test_tuning_picks_the_best_mean_over_seeds_not_the_best_single_run(tmp_path, monkeypatch):
   """tune.seeds = 3 (the cascade CPU defaults): lr 0.1 has the single best run, lr 0.01 the best mean."""
   from ml_collections import ConfigDict

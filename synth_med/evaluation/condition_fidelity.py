@@ -47,17 +47,14 @@ def _probe(features: np.ndarray, target: np.ndarray, seed: int):
 
 
 def label_classes(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """(int class per row, bool labelled) for the label probe: the argmax of a one-hot, soft or multi-hot
-  label, or label >= 0.5 for a single binary column. Rows with `labelled` False (or, without that key,
-  an all-zero one-hot label) are not labelled."""
+  """(int class per row, bool scored) for the label probe: label >= 0.5 for a single binary column, else
+  the argmax of a one-hot, soft or multi-hot label (the leading finding), scored only where the label has
+  some mass (a multi-hot row with no finding has no leading one). Rows with `labelled` False are not scored."""
   label = np.asarray(arrays["label"], np.float32)
+  labelled = np.asarray(arrays["labelled"], bool) if "labelled" in arrays else np.ones(len(label), bool)
   if label.ndim == 2 and label.shape[-1] == 1:
-    classes = (label[:, 0] >= 0.5).astype(np.int64)
-    ok = np.asarray(arrays["labelled"], bool) if "labelled" in arrays else np.ones(len(label), bool)
-  else:
-    classes = np.argmax(label, -1)
-    ok = np.asarray(arrays["labelled"], bool) if "labelled" in arrays else label.sum(-1) > 0
-  return classes, ok
+    return (label[:, 0] >= 0.5).astype(np.int64), labelled
+  return np.argmax(label, -1), labelled & (label.sum(-1) > 0)
 
 
 def fit_probes(real: Mapping[str, np.ndarray], attribute: str, seed: int = 0,
