@@ -113,3 +113,20 @@ def test_beta_posterior_matches_the_analytic_mean():
   assert post["a"]["mean"] == pytest.approx(31 / 42 - 0.5, abs=0.005)
   assert post["b"]["mean"] == pytest.approx(-(31 / 42 - 0.5), abs=0.005)
   assert post["a"]["ci"][0] < post["a"]["mean"] < post["a"]["ci"][1]
+
+
+def test_group_bootstrap_ci_matches_the_binomial_interval():
+  """fairlearn's bootstrap CI of a group's hit rate: p = 0.7 over ~400 rows gives about
+  ±1.96 sqrt(p (1 - p) / n) = ±0.045 around the value, and 0.9 over ~400 rows about ±0.029."""
+  rng = np.random.default_rng(0)
+  attr = np.repeat([0, 1], 400)
+  hits = np.concatenate([rng.permutation(np.r_[np.ones(280), np.zeros(120)]),
+                         rng.permutation(np.r_[np.ones(360), np.zeros(40)])])
+  groups = fairness.per_group({"hit": lambda rows: float(hits[rows].mean())}, attr, ("a", "b"), 1, 1000, 0)
+  for name, p in (("a", 0.7), ("b", 0.9)):
+    lo, hi = groups[name]["hit"]["ci"]
+    assert groups[name]["hit"]["value"] == pytest.approx(p)
+    assert lo < p < hi
+    assert (hi - lo) / 2 == pytest.approx(1.96 * np.sqrt(p * (1 - p) / 400), rel=0.2)
+  no_boot = fairness.per_group({"hit": lambda rows: float(hits[rows].mean())}, attr, ("a", "b"), 1, 0, 0)
+  assert no_boot["a"]["hit"]["ci"] is None

@@ -1,11 +1,12 @@
 """Per-group metrics, fairness gaps, bootstrap CIs and the Beta posterior (002 App. F.2).
 
-Disaggregation goes through fairlearn's `MetricFrame`: the metrics here take
-row indices, so MetricFrame hands each subgroup's rows to the same functions
-that compute the overall value.
+Disaggregation goes through fairlearn's `MetricFrame`: the metrics here take row indices, so
+MetricFrame hands each subgroup's rows to the same functions that compute the overall value, and
+its bootstrap gives the per-group CIs.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -18,37 +19,36 @@ def _nan_to_none(v: Any) -> float | None:
   return None if v is None or not np.isfinite(v) else float(v)
 
 
-def bootstrap_ci(fn: Metric, rows: np.ndarray, n: int, seed: int, level: float = 0.95
-                 ) -> list[float] | None:
-  """Percentile CI of fn over n resamples of rows (with replacement); None if undefined."""
-  if n <= 0 or len(rows) == 0:
-    return None
-  rng = np.random.default_rng(seed)
-  vals = [fn(rows[rng.integers(0, len(rows), len(rows))]) for _ in range(n)]
-  vals = np.array([v for v in vals if v is not None], np.float64)
-  if len(vals) < max(2, n // 2):
-    return None
-  a = (1.0 - level) / 2.0
-  return [float(np.quantile(vals, a)), float(np.quantile(vals, 1.0 - a))]
-
-
 def per_group(metrics: Mapping[str, Metric], attr: np.ndarray, value_names: Sequence[str],
-              min_group_size: int, bootstrap: int, seed: int) -> dict[str, Any]:
-  """{value name: {'n', 'small', metric: {'value', 'ci'}}} for the known values of attr."""
+              min_group_size: int, bootstrap: int, seed: int, level: float = 0.95) -> dict[str, Any]:
+  """{value name: {'n', 'small', metric: {'value', 'ci'}}} for the known values of attr.
+
+  The CIs are fairlearn's bootstrap (`MetricFrame(n_boot=bootstrap, ci_quantiles=...)`): the rows are
+  resampled with replacement `bootstrap` times and each group's metric recomputed; a CI is None where
+  the metric is undefined in the data or in any resample (e.g. a group's AUC with one class).
+  """
   known = attr >= 0
   rows = np.nonzero(known)[0]
   if len(rows) == 0:
     return {}
   wrapped = {name: (lambda yt, yp, f=fn: np.nan if f(np.asarray(yt)) is None else f(np.asarray(yt)))
              for name, fn in metrics.items()}
-  mf = MetricFrame(metrics=wrapped, y_true=rows, y_pred=rows, sensitive_features={"g": attr[rows]})
+  a = (1.0 - level) / 2.0
+  boot = {"n_boot": int(bootstrap), "ci_quantiles": [a, 1.0 - a], "random_state": int(seed)} if bootstrap > 0 else {}
+  with warnings.catch_warnings():  # an undefined metric is NaN in every resample: its CI is None below
+    warnings.simplefilter("ignore", RuntimeWarning)
+    mf = MetricFrame(metrics=wrapped, y_true=rows, y_pred=rows, sensitive_features={"g": attr[rows]}, **boot)
+  lo, hi = mf.by_group_ci if bootstrap > 0 else (None, None)
   out: dict[str, Any] = {}
   for code in sorted(np.unique(attr[rows])):
-    g_rows = rows[attr[rows] == code]
-    entry: dict[str, Any] = {"n": int(len(g_rows)), "small": bool(len(g_rows) < min_group_size)}
+    n = int(np.sum(attr[rows] == code))
+    entry: dict[str, Any] = {"n": n, "small": bool(n < min_group_size)}
     for name in metrics:
       value = _nan_to_none(mf.by_group.loc[code, name])
-      ci = bootstrap_ci(metrics[name], g_rows, bootstrap, seed + int(code)) if value is not None else None
+      ci = None
+      if lo is not None and value is not None:
+        bounds = [_nan_to_none(lo.loc[code, name]), _nan_to_none(hi.loc[code, name])]
+        ci = bounds if None not in bounds else None
       entry[name] = {"value": value, "ci": ci}
     out[value_names[int(code)]] = entry
   return out
