@@ -22,7 +22,7 @@ from synth_med.infra.artifacts import ensure_writable_dir
 from synth_med.infra import checkpoint as ckpt_lib
 from synth_med.infra import sharding
 from synth_med.train import jit_cache, state as state_lib
-from synth_med.train.metric_writers import create_writer
+from synth_med.train.metric_writers import create_writer, periodic_actions
 from synth_med.train.optimizers import make_optimizer
 from synth_med.infra.progress import Progress
 from synth_med.train.step import make_train_step
@@ -116,7 +116,6 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
   writer = create_writer(os.path.join(workdir, "tensorboard"))
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in _flat_config(config).items()})
-  log_every, ckpt_every = max(int(tcfg.log_every), 1), max(int(tcfg.checkpoint_every), 1)
   progress = Progress("train", total, start=start)
   pending: list[tuple[int, Any]] = []
   last_saved = start if start > 0 else None
@@ -136,6 +135,23 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
       return {}
     return {k: float(np.mean([np.asarray(m[k]) for _, m in host])) for k in host[0][1]}
 
+  def log(step: int, t: float) -> None:
+    del t
+    means = check_pending()
+    means["steps_per_s"] = progress.rate if progress.rate > 0 else 0.0
+    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+    progress.update(step, extra=f"loss {means['loss']:.4f}")
+
+  def save(step: int, t: float) -> None:
+    nonlocal last_saved
+    del t
+    check_pending()
+    ckpt.save(step, state)
+    last_saved = step
+
+  # clu's periodic actions, called after every step: every N steps and on the last one.
+  actions = [periodic_actions.PeriodicCallback(every_steps=max(int(every), 1), on_steps=[total], callback_fn=fn)
+             for every, fn in ((tcfg.log_every, log), (tcfg.checkpoint_every, save))]
   batches = stream.iterate(start)
   try:
     for step in range(start, total):
@@ -143,15 +159,8 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
       state, metrics = step_fn(state, batch)
       pending.append((step + 1, metrics))
       done = step + 1
-      if done % log_every == 0 or done == total:
-        means = check_pending()
-        means["steps_per_s"] = progress.rate if progress.rate > 0 else 0.0
-        writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
-        progress.update(done, extra=f"loss {means['loss']:.4f}")
-      if done % ckpt_every == 0 or done == total:
-        check_pending()
-        ckpt.save(done, state)
-        last_saved = done
+      for action in actions:
+        action(done)
       for hook in hooks:
         hook(done, state)
     ckpt.wait()

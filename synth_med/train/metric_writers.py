@@ -43,6 +43,7 @@ def _import_clu_writers():
 
 
 metric_writers = _import_clu_writers()
+from clu import periodic_actions  # noqa: E402  (it imports clu.metric_writers: after the placeholder above)
 interface = metric_writers.interface
 
 
