@@ -18,10 +18,10 @@ EMA) on a device-resident random batch, and reports
   for reference, the rate of a large bf16 matmul measured in the same run.
 - Variants: `default` (what the model does on this backend), `xla_attention`
   (attention as two matmuls instead of cuDNN's fused kernel),
-  `matmul_conv_grad` (the CPU path's 3x3 kernel gradient as one matmul over shifted copies;
-  session 4 measured its earlier 9-matmul form), `gather_upsample` (the resampling before
-  session 4), `autodiff_norm` (GroupNorm + SiLU differentiated by autodiff instead of
-  `unet.group_norm_act`'s custom VJP, which came after session 4's GPU run) and the
+  `matmul_conv_grad` (the CPU path's 3x3 kernel gradient as one matmul over shifted copies),
+  `gather_upsample` (`jax.image.resize` and `nn.avg_pool` resampling), `autodiff_norm`
+  (GroupNorm + SiLU differentiated by autodiff instead of `unet.group_norm_act`'s custom VJP)
+  and the
   diagnostic `affine_norm` (the norm without its statistics: not a valid model).
   `tests/test_bench_scripts.py` runs them on the smoke model.
 - Memory: each variant prints what its compiled step holds (XLA's buffer assignment: state,
@@ -83,8 +83,8 @@ def _matmul_conv_grad(x, kernel, precision="float32"):
 
 
 def _autodiff_norm_act(x, a, b, groups, silu):
-  """GroupNorm -> affine -> SiLU written out for autodiff (the model's norm before session 5's
-  custom VJP, which recomputes instead of storing)."""
+  """GroupNorm -> affine -> SiLU written out for autodiff (storing what `unet.group_norm_act`'s
+  custom VJP recomputes)."""
   xf = x.astype(jnp.float32)
   mean, inv = unet._group_stats(xf, groups)
   z = (xf - mean[:, None, None, :]) * inv[:, None, None, :] * a[:, None, None, :] + b[:, None, None, :]
@@ -97,7 +97,7 @@ VARIANTS = {
     "default": {},
     "xla_attention": {"attend": _reference_attend},
     "matmul_conv_grad": {"backend_conv3x3": _matmul_conv_grad},
-    # the resampling before session 4: jax.image.resize (gather, scatter-add gradient) and nn.avg_pool
+    # resampling by jax.image.resize (gather, scatter-add gradient) and nn.avg_pool
     "gather_upsample": {"_upsample": _gather_upsample,
                         "_avg_pool": lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))},
     # diagnostic only (not a valid model): GroupNorm replaced by its affine part, to price the norm

@@ -2,7 +2,7 @@
 
 `unet` picks its ops by `jax.default_backend()`: the native C++ kernels on CPUs; XLA's own
 convolutions and dots (bfloat16 operands at 'bfloat16' precision) and cuDNN's fused attention
-(16-bit) elsewhere. Device sessions are rare and short, so these branches are checked here: with
+(16-bit) elsewhere. An accelerator is not always at hand, so these branches are checked here: with
 the backend reported as 'gpu' (cuDNN's attention swapped for XLA's same maths, which runs on a
 CPU), the model must match the CPU path's float32 maths, use no native kernel, and its whole
 train step must lower for CUDA (`jax.export`).
@@ -166,7 +166,7 @@ def test_the_train_step_lowers_for_cuda_and_sums_in_float32(scale_shift, on_gpu)
 @pytest.mark.parametrize("stage", ["base", "upsampler"])
 def test_the_full_table_e1_train_steps_lower_for_cuda(stage, on_gpu):
   """`derm_cascade:full`'s base (64 px, 276 M params, batch 128) and upsampler (64 -> 256 px,
-  batch 32) train steps, as a device session runs them, lowered for CUDA on abstract shapes:
+  batch 32) train steps, as an accelerator runs them, lowered for CUDA on abstract shapes:
   the configs build, trace in bfloat16 with cuDNN attention, and sum no gradient in 16 bits."""
   config = load_config("derm_cascade", "full")[stage]
   assert config.model.dtype == "bfloat16"
