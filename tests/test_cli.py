@@ -83,3 +83,17 @@ def test_cli_bad_config_argument_and_missing_config_file_are_one_line(tmp_path):
   r = run_main("--config=configs/nope.py", f"--workdir={tmp_path}/b")
   assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
   assert "'configs/nope.py' does not exist" in r.stderr and "configs/derm_cascade.py" in r.stderr
+
+
+@pytest.mark.slow
+def test_main_finds_the_configs_package_from_any_folder(tmp_path):
+  """Config files import `configs.common`: launch/main.py loads them from another working folder, with
+  only the synth_med package itself importable (as after `pip install`), not the checkout's root."""
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "synth_med").symlink_to(os.path.join(ROOT, "synth_med"))
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(site))
+  r = subprocess.run([sys.executable, MAIN, f"--config={ROOT}/configs/derm_classifier.py:smok",
+                      f"--workdir={tmp_path}/w"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+  assert r.returncode == 2 and "unknown config argument(s) ['smok']" in r.stderr, r.stderr

@@ -28,6 +28,15 @@ def _keys(config: Any, prefix: str = "") -> list[str]:
   return out
 
 
+def make_config_package_importable(path: str) -> None:
+  """Config files import their siblings as a package (`from configs import common`): when the file's
+  folder is a package, the folder holding it goes on sys.path, wherever the command runs from."""
+  folder = os.path.dirname(os.path.abspath(path))
+  root = os.path.dirname(folder)
+  if os.path.isfile(os.path.join(folder, "__init__.py")) and root not in sys.path:
+    sys.path.insert(0, root)
+
+
 def load_config_file(spec: str) -> Any:
   """Loads 'path.py[:arg]' by calling the file's get_config(arg)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -35,6 +44,7 @@ def load_config_file(spec: str) -> Any:
   if not os.path.isfile(path):
     raise SynthMedError(f"config file {path!r} does not exist; the configs are the files in configs/ "
                         "(e.g. --config=configs/derm_cascade.py).")
+  make_config_package_importable(path)
   module_spec = importlib.util.spec_from_file_location("_synth_med_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -99,6 +109,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       sys.stderr.write(f"synth_med: bad command line: config file {path!r} does not exist; the configs are "
                        "the files in configs/ (e.g. --config=configs/derm_cascade.py).\n")
       sys.exit(2)
+    if path is not None:
+      make_config_package_importable(path)
   try:
     return flags.FLAGS(list(argv))
   except Exception as e:  # noqa: BLE001 - absl raises several types here
