@@ -439,7 +439,8 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.seed = 0
   config.distributed = False
   # The world and splits every stage shares; the rest of data (image size, augmentation, threads) is per stage.
-  config.data = ConfigDict({k: copy_unlocked(classifier.data)[k] for k in SHARED_DATA_KEYS})
+  data = copy_unlocked(classifier.data)
+  config.data = ConfigDict({k: data[k] for k in SHARED_DATA_KEYS})
   config.mesh = mesh_config()
   config.cpu_devices = CPU_DEVICES
   config.stages = "base,upsampler,generate,tune,classifiers,evaluate,report" if upsampler is not None else \

@@ -59,7 +59,6 @@ class Generator:
     self.mesh, self.batch_size, self.low_res, self.name = mesh, batch_size, low_res, name
     self.set_params(params)
     data, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    self.prediction = prediction
     apply = model_apply(model, schedule, prediction)
 
     def run(params, seed, indices, cond_batch, low, w):

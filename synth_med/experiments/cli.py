@@ -8,6 +8,7 @@ valid choices, and the process exits with status 2 (1 for run-time errors).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import sys
 from typing import Any, Sequence
@@ -28,9 +29,13 @@ def _keys(config: Any, prefix: str = "") -> list[str]:
   return out
 
 
-def make_config_package_importable(path: str) -> None:
-  """Config files import their siblings as a package (`from configs import common`): when the file's
-  folder is a package, the folder holding it goes on sys.path, wherever the command runs from."""
+def prepare_config_file(path: str) -> None:
+  """Stops with a clear error if the config file is missing. Config files import their siblings as a
+  package (`from configs import common`): when the file's folder is a package, the folder holding it
+  goes on sys.path, wherever the command runs from."""
+  if not os.path.isfile(path):
+    raise SynthMedError(f"config file {path!r} does not exist; the configs are the files in configs/ "
+                        "(e.g. --config=configs/derm_cascade.py).")
   folder = os.path.dirname(os.path.abspath(path))
   root = os.path.dirname(folder)
   if os.path.isfile(os.path.join(folder, "__init__.py")) and root not in sys.path:
@@ -39,12 +44,8 @@ def make_config_package_importable(path: str) -> None:
 
 def load_config_file(spec: str) -> Any:
   """Loads 'path.py[:arg]' by calling the file's get_config(arg)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise SynthMedError(f"config file {path!r} does not exist; the configs are the files in configs/ "
-                        "(e.g. --config=configs/derm_cascade.py).")
-  make_config_package_importable(path)
+  prepare_config_file(path)
   module_spec = importlib.util.spec_from_file_location("_synth_med_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -104,13 +105,12 @@ def _wrong_type_message(argv: Sequence[str], config: Any, text: str) -> str:
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl flags parser with readable errors for config mistakes."""
   for arg in argv[1:]:  # ml_collections defers a missing file's error to the first use of the config
-    path = arg[len("--config="):].partition(":")[0] if arg.startswith("--config=") else None
-    if path is not None and not os.path.isfile(path):
-      sys.stderr.write(f"synth_med: bad command line: config file {path!r} does not exist; the configs are "
-                       "the files in configs/ (e.g. --config=configs/derm_cascade.py).\n")
-      sys.exit(2)
-    if path is not None:
-      make_config_package_importable(path)
+    if arg.startswith("--config="):
+      try:
+        prepare_config_file(arg[len("--config="):].partition(":")[0])
+      except SynthMedError as e:
+        sys.stderr.write(f"synth_med: bad command line: {e}\n")
+        sys.exit(2)
   try:
     return flags.FLAGS(list(argv))
   except Exception as e:  # noqa: BLE001 - absl raises several types here
@@ -121,7 +121,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     elif isinstance(e, flags.IllegalFlagValueError):
       msg = _wrong_type_message(argv, config, text) if config is not None else text
     else:
-      msg = load_error or _unknown_key_message(argv, config) or text
+      msg = _unknown_key_message(argv, config) or text
     sys.stderr.write(f"synth_med: bad command line: {msg}\n")
     sys.exit(2)
 

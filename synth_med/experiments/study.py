@@ -251,14 +251,13 @@ def _stage_classifiers(config: Any, workdir: str) -> bool:
   return all_done
 
 
-def store_fidelity(config: Any, workdir: str) -> dict[str, Any]:
-  """The probe's `fidelity` of each finished synthetic store, against the real val + ID test images
-  (unskewed, labelled) at the classifier's resolution."""
+def store_fidelity(config: Any, workdir: str, world: Any) -> dict[str, Any]:
+  """The probe's `fidelity` of each finished synthetic store, against the real val + ID test images of
+  `world` (the classifier's: unskewed, labelled, at its resolution)."""
   stores = {m: os.path.join(workdir, "synthetic", m) for m in config.generate.modes}
   stores = {m: f for m, f in stores.items() if artifacts.is_done(f)}
   if not stores:
     return {}
-  world = make_world(stage_config(config, "classifier").data)
   real = concat_batches([materialise(WorldSource(world, world.split(s)), f"{s} split").arrays for s in ("val", "id")])
   attribute = str(config.generate.attribute)
   probes = fit_probes(real, attribute, int(config.seed))
@@ -281,12 +280,13 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
   if os.path.exists(best_path(workdir)):
     res["tuning"] = artifacts.read_json(best_path(workdir))
   if config.get("fidelity", True):
-    res["fidelity"] = store_fidelity(config, workdir)
-    ref = reference_method(config)
-    world_attrs = {a.name: a.values for a in make_world(stage_config(config, "classifier").data).spec.attributes}
+    world = make_world(stage_config(config, "classifier").data)
+    attribute = str(config.generate.attribute)
+    res["fidelity"] = store_fidelity(config, workdir, world)
+    value_names = next((tuple(a.values) for a in world.spec.attributes if a.name == attribute), ())
     res["fidelity_classifier"] = classifier_fidelity(
-        [os.path.join(workdir, "classifiers", ref, f"seed{s}") for s in range(int(config.seeds))],
-        str(config.generate.attribute), tuple(world_attrs.get(str(config.generate.attribute), ())))
+        [os.path.join(workdir, "classifiers", res["reference"], f"seed{s}") for s in range(int(config.seeds))],
+        attribute, value_names)
   artifacts.write_json(output_path(config, workdir, "results"), res)
   print(results_table(res), flush=True)
   print(comparison_table(res), flush=True)
