@@ -71,13 +71,14 @@ def build_ours(size: str, batch: int, res: int, precision: str = "float32") -> d
   from synth_med.diffusion.schedules import make_schedule
   from synth_med.diffusion.training import DiffusionTask
   from synth_med.models import unet
+  from synth_med.ops import cpu_ops
   from synth_med.train import state as state_lib
   from synth_med.train.step import make_train_step
 
   ch, mult, nrb, attn, head = SIZES[size]
   model = unet.Model(out_channels=3, model_channels=ch, channel_mult=mult, num_res_blocks=nrb,
                      attention_resolutions=attn, num_head_channels=head, use_scale_shift_norm=True,
-                     matmul_precision=precision)
+                     ops=cpu_ops(precision))
   sched = make_schedule("linear", 1000)
   spec = ConditioningSpec("softmax", 0)
   task = DiffusionTask(model, sched, spec, 0.0)
@@ -214,9 +215,9 @@ def main() -> None:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
   theirs_precision = args.diffusers_precision or args.precision
-  from synth_med.models import native_ops
+  from synth_med.ops.cpu_native import kernels
   amx = "" if args.precision == "float32" else (
-      " (AMX kernels)" if native_ops.amx_available() else " (no AMX here: float32 kernels on rounded operands)")
+      " (AMX kernels)" if kernels.amx_available() else " (no AMX here: float32 kernels on rounded operands)")
   print(f"precision: ours {args.precision}{amx}, diffusers {theirs_precision}"
         f"{' (torch.autocast)' if theirs_precision == 'bfloat16' else ''}", flush=True)
   precision = {"ours": args.precision, "diffusers": theirs_precision}

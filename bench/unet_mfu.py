@@ -12,17 +12,16 @@ EMA) on a device-resident random batch, and reports
 - Model FLOPs: 2 x the multiply-adds of every convolution and matmul in the
   step's jaxpr (forward and backward), traced with the reference ops (plain
   convolutions, attention as two matmuls), so every variant is charged the
-  same work. `--flops_only` on a CPU also prints XLA's cost analysis of the
+  same work (`synth_med.ops.xla_ops`). `--flops_only` on a CPU also prints XLA's cost analysis of the
   same step (GPU backends return none) as a cross-check.
 - Peak is the datasheet dense bf16 rate (989 TFLOP/s for H100/H200 SXM) and,
   for reference, the rate of a large bf16 matmul measured in the same run.
-- Variants: `default` (what the model does on this backend), `xla_attention`
-  (attention as two matmuls instead of cuDNN's fused kernel),
-  `matmul_conv_grad` (the CPU path's 3x3 kernel gradient as one matmul over shifted copies),
-  `gather_upsample` (`jax.image.resize` and `nn.avg_pool` resampling), `autodiff_norm`
-  (GroupNorm + SiLU differentiated by autodiff instead of `unet.group_norm_act`'s custom VJP)
-  and the
-  diagnostic `affine_norm` (the norm without its statistics: not a valid model).
+- Variants, each the model built on this backend's `Ops` with one op swapped: `default`,
+  `xla_attention` (attention as two matmuls instead of cuDNN's fused kernel),
+  `matmul_conv_grad` (the 3x3 kernel gradient as one matmul over shifted copies, as CPUs
+  compute it), `autodiff_norm` (GroupNorm + SiLU differentiated by autodiff instead of
+  `xla.group_norm_act`'s custom VJP) and the diagnostic `affine_norm` (the norm without its
+  statistics: not a valid model).
   `tests/test_bench_scripts.py` runs them on the smoke model.
 - Memory: each variant prints what its compiled step holds (XLA's buffer assignment: state,
   batch and temporaries) against the device's limit, and after timing the device's peak use;
@@ -31,39 +30,27 @@ EMA) on a device-resident random batch, and reports
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-from configs import derm_diffusion  # noqa: E402
-from synth_med.diffusion.conditioning import ConditioningSpec  # noqa: E402
-from synth_med.diffusion.schedules import make_schedule  # noqa: E402
-from synth_med.diffusion.training import DiffusionTask  # noqa: E402
-from synth_med.models import unet  # noqa: E402
-from synth_med.models.diffusion_unets import build_model  # noqa: E402
-from synth_med.train import state as state_lib  # noqa: E402
-from synth_med.train.optimizers import make_optimizer  # noqa: E402
-from synth_med.train.step import make_train_step  # noqa: E402
+from configs import derm_diffusion
+from synth_med.diffusion.conditioning import ConditioningSpec
+from synth_med.diffusion.schedules import make_schedule
+from synth_med.diffusion.training import DiffusionTask
+from synth_med.models import unet
+from synth_med.models.diffusion_unets import build_model
+from synth_med.ops import Ops, select_ops, xla, xla_ops
+from synth_med.train import state as state_lib
+from synth_med.train.optimizers import make_optimizer
+from synth_med.train.step import make_train_step
 
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12}
-
-
-def _reference_attend(q, k, v, precision="float32"):
-  del precision  # the :full model computes in bfloat16: its operands are bfloat16 already
-  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-  logits = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / np.sqrt(q.shape[-1])
-  w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.matmul(w, v).transpose(0, 2, 1, 3)
-
-
-def _gather_upsample(x):
-  b, h, w, c = x.shape
-  return jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
 
 
 def _affine_norm_act(x, a, b, groups, silu):
@@ -72,45 +59,31 @@ def _affine_norm_act(x, a, b, groups, silu):
   return (jax.nn.silu(z) if silu else z).astype(x.dtype)
 
 
-def _reference_conv(x, kernel, precision="float32"):
-  del precision
-  return unet._conv(x, kernel)
-
-
-def _matmul_conv_grad(x, kernel, precision="float32"):
-  del precision
-  return unet.conv3x3(x, kernel)
-
-
 def _autodiff_norm_act(x, a, b, groups, silu):
-  """GroupNorm -> affine -> SiLU written out for autodiff (storing what `unet.group_norm_act`'s
+  """GroupNorm -> affine -> SiLU written out for autodiff (storing what `xla.group_norm_act`'s
   custom VJP recomputes)."""
   xf = x.astype(jnp.float32)
-  mean, inv = unet._group_stats(xf, groups)
+  mean, inv = xla.group_stats(xf, groups)
   z = (xf - mean[:, None, None, :]) * inv[:, None, None, :] * a[:, None, None, :] + b[:, None, None, :]
   return (jax.nn.silu(z) if silu else z).astype(x.dtype)
 
 
-ORIGINAL = {"attend": unet.attend, "backend_conv3x3": unet.backend_conv3x3,
-            "_upsample": unet._upsample, "_avg_pool": unet._avg_pool, "group_norm_act": unet.group_norm_act}
-VARIANTS = {
-    "default": {},
-    "xla_attention": {"attend": _reference_attend},
-    "matmul_conv_grad": {"backend_conv3x3": _matmul_conv_grad},
-    # resampling by jax.image.resize (gather, scatter-add gradient) and nn.avg_pool
-    "gather_upsample": {"_upsample": _gather_upsample,
-                        "_avg_pool": lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))},
-    # diagnostic only (not a valid model): GroupNorm replaced by its affine part, to price the norm
-    "affine_norm": {"group_norm_act": _affine_norm_act},
-    # the norm as autodiff sees the plain chain, to price group_norm_act's custom VJP on this device
-    "autodiff_norm": {"group_norm_act": _autodiff_norm_act},
-}
-REFERENCE_OPS = {"attend": _reference_attend, "backend_conv3x3": _reference_conv}
+def variant_ops(name: str, precision: str) -> Ops:
+  """The ops a variant builds the model with: this backend's, with one op swapped."""
+  ops = select_ops(jax.default_backend(), precision)
+  swaps = {
+      "default": {},
+      "xla_attention": {"attention": functools.partial(xla.attend_qkv, bf16_products=precision == "bfloat16")},
+      "matmul_conv_grad": {"conv3x3": xla.conv3x3_matmul_grad},
+      # diagnostic only (not a valid model): GroupNorm replaced by its affine part, to price the norm
+      "affine_norm": {"norm_act": _affine_norm_act},
+      # the norm as autodiff sees the plain chain, to price group_norm_act's custom VJP on this device
+      "autodiff_norm": {"norm_act": _autodiff_norm_act},
+  }[name]
+  return dataclasses.replace(ops, name=f"{ops.name}+{name}", **swaps)
 
 
-def _patch(ops: dict) -> None:
-  for name, fn in {**ORIGINAL, **ops}.items():
-    setattr(unet, name, fn)
+VARIANTS = ("default", "xla_attention", "matmul_conv_grad", "affine_norm", "autodiff_norm")
 
 
 def jaxpr_flops(jaxpr) -> float:
@@ -261,25 +234,24 @@ def main() -> None:
         f"attn {tuple(config.model.attention_resolutions)} dtype {config.model.dtype}  batch {batch_size}",
         flush=True)
 
-  model = build_model(config.model, 3)
   d = config.diffusion
-  task = DiffusionTask(model, make_schedule(d.schedule, int(d.num_steps), d.variance),
-                       ConditioningSpec("softmax", 27, (("sex", 2),)), float(d.drop_prob))
+  precision = str(config.model.matmul_precision)
   tx, schedule = make_optimizer(config.train.optimizer, int(config.train.steps))
-  # A fresh step function per variant: jax.jit caches traces by function, and the
-  # patched ops are read when the step is traced.
-  new_step = lambda: make_train_step(task, tx, schedule, float(config.train.ema_decay))  # noqa: E731
   batch = jax.device_put(random_batch(batch_size, size, 27, np.random.default_rng(0)))
 
-  def init(rng):
-    return state_lib.create(task.init(rng, batch), tx, jax.random.fold_in(rng, 1))
+  def step_and_init(ops: Ops):
+    """The loop's train step and state initialiser for the model built on `ops`."""
+    task = DiffusionTask(build_model(config.model, 3, ops), make_schedule(d.schedule, int(d.num_steps), d.variance),
+                         ConditioningSpec("softmax", 27, (("sex", 2),)), float(d.drop_prob))
+    init = lambda rng: state_lib.create(task.init(rng, batch), tx, jax.random.fold_in(rng, 1))  # noqa: E731
+    return make_train_step(task, tx, schedule, float(config.train.ema_decay)), init
 
   # Model FLOPs, from the step with the reference ops.
-  _patch(REFERENCE_OPS)
+  step, init = step_and_init(xla_ops(precision))
   abstract = jax.eval_shape(init, jax.random.key(0))
-  flops = jaxpr_flops(jax.make_jaxpr(new_step())(abstract, batch).jaxpr)
+  flops = jaxpr_flops(jax.make_jaxpr(step)(abstract, batch).jaxpr)
   if args.flops_only and jax.default_backend() == "cpu":
-    cost = jax.jit(new_step()).lower(abstract, batch).cost_analysis()
+    cost = jax.jit(step).lower(abstract, batch).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     print(f"XLA cost analysis (CPU): {float(cost['flops']) / 1e12:.3f} TFLOP/step")
   n_params = unet.num_params(abstract.params)
@@ -296,10 +268,10 @@ def main() -> None:
   rows = []
   for name in args.variants.split(","):
     try:
-      _patch(VARIANTS[name])
+      step, init = step_and_init(variant_ops(name, precision))
       state = jax.jit(init)(jax.random.key(0))
       t0 = time.perf_counter()
-      fn = jax.jit(new_step(), donate_argnums=(0,)).lower(state, batch).compile()
+      fn = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile()
       compile_s = time.perf_counter() - t0
       print(f"{name}: {memory_report(fn, dev)}", flush=True)
       state, m = fn(state, batch)
@@ -330,7 +302,6 @@ def main() -> None:
       hint = (f" (out of device memory at batch {batch_size}: try --batch={batch_size // 2}, or a device "
               "with more memory)") if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e) else ""
       print(f"{name}: FAILED {type(e).__name__}{hint}: {str(e)[:400]}", flush=True)
-  _patch({})
 
   print("\nvariant            ms/step   img/s  TFLOP/s  MFU(datasheet)  MFU(measured matmul)")
   for name, s, _, _ in rows:

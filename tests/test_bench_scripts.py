@@ -21,7 +21,7 @@ def _run_script(*args: str) -> str:
 
 
 def test_unet_mfu_runs_every_variant_on_the_smoke_model():
-  """`bench/unet_mfu.py` patches `unet`'s ops per variant, so a changed op signature breaks it.
+  """`bench/unet_mfu.py` builds the model on swapped `Ops` per variant, so a changed op signature breaks it.
   Each variant must train the same model to the same loss, but the diagnostic `affine_norm` (not a
   valid model)."""
   variants = ["default", "xla_attention", "matmul_conv_grad", "autodiff_norm"]

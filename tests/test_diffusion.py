@@ -18,8 +18,13 @@ from synth_med.diffusion.schedules import from_betas, make_schedule, respaced_ti
 from synth_med.errors import SynthMedError
 from synth_med.models import superres_unet, unet
 from synth_med.infra import sharding
+from synth_med.ops import select_ops, xla, xla_ops
+from synth_med.ops.cpu_native import kernels
+from synth_med.ops.cpu_native import layers as cpu_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = select_ops(jax.default_backend())  # what build_model gives a float32 model here
+OPS_BF16 = select_ops(jax.default_backend(), "bfloat16")
 
 
 # --- schedules and the closed-form maths -------------------------------------------------------
@@ -122,7 +127,7 @@ def test_condition_dropout_nulls_each_part_with_its_probability():
 
 def tiny_unet(**kw):
   args = dict(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-              attention_resolutions=(2,), num_head_channels=8)
+              attention_resolutions=(2,), num_head_channels=8, ops=OPS)
   args.update(kw)
   return unet.Model(**args)
 
@@ -157,7 +162,7 @@ def test_unet_zero_init_output_and_conditioning_path():
 
 @pytest.mark.slow
 def test_superres_unet_upsamples_a_smaller_low_res_input():
-  m = superres_unet.Model(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1)
+  m = superres_unet.Model(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, ops=OPS)
   x = jnp.zeros((2, 16, 16, 3))
   t = jnp.zeros((2,), jnp.int32)
   low = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1, maxval=1)
@@ -177,8 +182,9 @@ def test_conv3x3_gradient_matches_xla_convolution():
   ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
-  for a, b in zip(jax.grad(loss(unet.conv3x3), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  for conv in (cpu_layers.conv3x3, xla.conv3x3_matmul_grad):  # native kernels; one matmul
+    for a, b in zip(jax.grad(loss(conv), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -187,7 +193,6 @@ def test_group_norm_act_matches_autodiff_of_the_plain_chain(c, groups):
   # Groups of several channels, h != w, per-image scale/shift: a group or image mix-up fails.
   # 12 channels run XLA's path; 32 and 48 the native C++ kernels where a compiler exists
   # (48 in 3 groups: a group spans several SIMD vectors).
-  from synth_med.models import native_ops
   ks = jax.random.split(jax.random.key(c), 5)
   x = 2.0 * jax.random.normal(ks[0], (2, 5, 7, c)) + 1.0
   gamma, beta = 1.0 + 0.3 * jax.random.normal(ks[1], (c,)), 0.3 * jax.random.normal(ks[2], (c,))
@@ -201,21 +206,23 @@ def test_group_norm_act_matches_autodiff_of_the_plain_chain(c, groups):
     y = y * (1 + scale[:, None, None]) + shift[:, None, None]
     return jax.nn.silu(y) if silu else y
 
-  def fused(x, gamma, beta, scale, shift, silu):
-    a = gamma * (1 + scale)
-    return unet.group_norm_act(x, a, beta * (1 + scale) + shift, groups, silu)
+  def fused(op):
+    def norm(x, gamma, beta, scale, shift, silu):
+      return op(x, gamma * (1 + scale), beta * (1 + scale) + shift, groups, silu)
+    return norm
 
   weight = jax.random.normal(jax.random.key(9), x.shape)
   args = (x, gamma, beta, scale, shift)
-  native = native_ops.norm_fits(x, groups)
-  assert native == (c != 12 and native_ops.simd_width() is not None)
-  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(fused(*a, True)), range(5))).lower(*args).as_text()
-  assert (native_ops.NORM_FWD in hlo and native_ops.NORM_BWD in hlo) == native
-  for silu in (True, False):
-    loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args, silu)) * weight)  # noqa: E731
-    np.testing.assert_allclose(fused(*args, silu), plain(*args, silu), rtol=1e-4, atol=1e-5)
-    for a, b in zip(jax.grad(loss(fused), range(5))(*args), jax.grad(loss(plain), range(5))(*args)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  native = kernels.norm_fits(x, groups)
+  assert native == (c != 12 and kernels.simd_width() is not None)
+  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(fused(cpu_layers.group_norm_act)(*a, True)), range(5))).lower(*args).as_text()
+  assert (kernels.NORM_FWD in hlo and kernels.NORM_BWD in hlo) == native
+  for op in (cpu_layers.group_norm_act, xla.group_norm_act):
+    for silu in (True, False):
+      loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args, silu)) * weight)  # noqa: E731
+      np.testing.assert_allclose(fused(op)(*args, silu), plain(*args, silu), rtol=1e-4, atol=1e-5)
+      for a, b in zip(jax.grad(loss(fused(op)), range(5))(*args), jax.grad(loss(plain), range(5))(*args)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_resampling_ops_match_nearest_resize_and_avg_pool():
@@ -228,19 +235,19 @@ def test_resampling_ops_match_nearest_resize_and_avg_pool():
 
 
 def test_down_conv_is_the_strided_nn_conv_it_replaced():
-  """DownConv3x3 named Conv_<k> has nn.Conv's parameters (so older checkpoints load), its float32
-  outputs, and out[i, j] = the stride-1 convolution at (2i, 2j), which its AMX path computes."""
+  """Conv3x3(stride=2) named Conv_<k> has nn.Conv's parameters (checkpoints are interchangeable), its
+  float32 outputs, and out[i, j] = the stride-1 convolution at (2i, 2j), which its AMX path computes."""
   from flax import linen as nn
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 16))  # odd height: ceil(9 / 2) = 5 rows out
   ref = nn.Conv(32, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  ours = unet.DownConv3x3(32)
+  ours = unet.Conv3x3(32, stride=2)
   p_ref, p_ours = ref.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
   jax.tree.map(np.testing.assert_array_equal, p_ref, p_ours)
   y = ours.apply(p_ours, x)
   assert y.shape == (2, 5, 4, 32)
   np.testing.assert_allclose(y, ref.apply(p_ref, x), rtol=1e-5, atol=1e-5)
   k = p_ours["params"]["kernel"]
-  np.testing.assert_allclose(unet._strided_conv(x, k), unet._conv(x, k)[:, ::2, ::2], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(xla.down_conv3x3(x, k), xla.conv3x3(x, k)[:, ::2, ::2], rtol=1e-5, atol=1e-5)
   model = unet.Model(out_channels=3, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                      attention_resolutions=(), num_head_channels=16)
   params = model.init(jax.random.key(2), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32))["params"]
@@ -316,7 +323,7 @@ def test_truncated_start_begins_at_the_noised_low_res_image():
 
 def tiny_generator(batch_size=4, guidance=0.0, mesh=None, name="ddim", steps=3, low_res=False, size=8):
   spec = ConditioningSpec("softmax", 3, (("sex", 2),))
-  model = (superres_unet.Model(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1)
+  model = (superres_unet.Model(out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, ops=OPS)
            if low_res else tiny_unet())
   x = jnp.zeros((1, size, size, 3))
   params = perturbed_params(model, x, jnp.zeros((1, spec.dim)),
@@ -482,7 +489,7 @@ def _train_tiny(c, workdir):
   source, counts = stage.training_source(world, c)
   assert counts["labelled"] > 0 and counts["unlabelled"] == c.data.unlabelled_size
   model = stage.build_model(c.model, world.spec.channels)
-  assert model.matmul_precision == c.model.matmul_precision
+  assert model.ops is select_ops(jax.default_backend(), c.model.matmul_precision)
   task = DiffusionTask(model, stage.build_schedule(c), stage.build_cond_spec(c, world.spec), 0.1)
   stream = TrainStream(source, 16, seed=0, num_threads=0)
   batch = jax.tree.map(jnp.asarray, stream.batch(0))
@@ -620,7 +627,7 @@ def test_conditioning_works_samples_hit_the_requested_label(tmp_path, prediction
     c.train.log_every = 100
     c.train.checkpoint_every = 300
   model = unet.Model(out_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(), num_head_channels=16)
+                     attention_resolutions=(), num_head_channels=16, ops=OPS)
   spec = ConditioningSpec("softmax", 3)
   schedule = make_schedule("cosine", 1000)
   res = train(DiffusionTask(model, schedule, spec, 0.1, prediction=prediction), c,
@@ -637,3 +644,24 @@ def test_conditioning_works_samples_hit_the_requested_label(tmp_path, prediction
   acc = float(np.mean(clf.predict(flat(imgs)) == requested))
   print(f"conditioning accuracy of samples: {acc:.3f} (chance 0.333)")
   assert acc >= 0.8, acc
+
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "unet_checkpoint")
+
+
+@pytest.mark.parametrize("name", ["unet", "superres_unet"])
+def test_a_stored_checkpoint_loads_and_computes_its_stored_output(name):
+  """`tests/fixtures/unet_checkpoint`: orbax checkpoints (step 7) of a tiny base UNet (strided
+  downsampling, attention) and super-resolution UNet (resblock up/down), with random parameters
+  and their outputs on fixed inputs (`expected.npz`). The parameter names are the checkpoint
+  format: the models must load them and compute the same outputs on every set of ops."""
+  expected = np.load(os.path.join(FIXTURE, "expected.npz"))
+  module = unet if name == "unet" else superres_unet
+  params, step = module.load(os.path.join(FIXTURE, name))
+  assert step == 7
+  args = (expected["x"], expected["t"], expected["cond"]) + ((expected["low_res"],) if name != "unet" else ())
+  for ops, tol in ((select_ops(jax.default_backend()), 1e-5), (xla_ops(), 1e-5), (OPS_BF16, 3e-2)):
+    model = module.Model(3, 8, (1, 2), 1, (2,) if name == "unet" else (), 8, resblock_updown=name != "unet", ops=ops)
+    out = np.asarray(model.apply({"params": params}, *args))
+    want = expected[f"{name}_out"]
+    assert np.abs(out - want).max() <= tol * np.abs(want).max(), ops.name

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 
 from synth_med.errors import SynthMedError
-from synth_med.models import native_ops, unet
+from synth_med.models import unet
+from synth_med.ops import cpu_ops, xla
+from synth_med.ops.cpu_native import kernels, layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_compiler = pytest.mark.skipif(native_ops.compiler() is None, reason="no C++ compiler on this machine")
+needs_compiler = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler on this machine")
 
 
 def _autodiff_kernel_grad(x, g):
   """XLA's own gradient of its own convolution: an independent reference."""
-  return jax.grad(lambda k: jnp.sum(unet._conv(x, k) * g))(jnp.zeros((3, 3, x.shape[-1], g.shape[-1])))
+  return jax.grad(lambda k: jnp.sum(xla.conv3x3(x, k) * g))(jnp.zeros((3, 3, x.shape[-1], g.shape[-1])))
 
 
 @needs_compiler
@@ -30,7 +32,7 @@ def test_native_silu_is_float32_accurate_over_a_wide_range():
   from its own statistics to 2e-6 of max(|y|, 1), for z = xhat * a over about [-100, 100]."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 32))
   a = jnp.broadcast_to(jnp.linspace(1.0, 30.0, 32), (2, 32))
-  y, mean, inv = native_ops.group_norm_act_fwd(x, a, jnp.zeros((2, 32)), 8, True)
+  y, mean, inv = kernels.group_norm_act_fwd(x, a, jnp.zeros((2, 32)), 8, True)
   px = lambda v: np.asarray(v, np.float64)[:, None, None, :]  # noqa: E731
   z = (np.asarray(x, np.float64) - px(mean)) * px(inv) * px(a)
   assert z.min() < -60 and z.max() > 60
@@ -46,11 +48,11 @@ def test_native_silu_is_float32_accurate_over_a_wide_range():
                                    (2, 1, 4, 16, 16),    # one-row images: only the middle taps see data
                                    (4, 16, 16, 64, 64)])
 def test_native_kernel_grad_matches_autodiff(shape):
-  assert native_ops.simd_width() in (8, 16)
+  assert kernels.simd_width() in (8, 16)
   b, h, w, c, o = shape
   kx, kg = jax.random.split(jax.random.PRNGKey(sum(shape)))
   x, g = jax.random.normal(kx, (b, h, w, c)), jax.random.normal(kg, (b, h, w, o))
-  got = jax.jit(native_ops.kernel_grad)(x, g)
+  got = jax.jit(kernels.kernel_grad)(x, g)
   assert got is not None and got.shape == (3, 3, c, o)
   ref = _autodiff_kernel_grad(x, g)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
@@ -59,7 +61,7 @@ def test_native_kernel_grad_matches_autodiff(shape):
 def _xla_conv_input_grad(g, k):
   """XLA's own input gradient of its own convolution, for output gradient g: an independent reference."""
   x0 = jnp.zeros(g.shape[:3] + (k.shape[2],))
-  return jax.vjp(lambda x: unet._conv(x, k), x0)[1](g)[0]
+  return jax.vjp(lambda x: xla.conv3x3(x, k), x0)[1](g)[0]
 
 
 @needs_compiler
@@ -69,15 +71,15 @@ def _xla_conv_input_grad(g, k):
                                    (2, 12, 20, 32, 48),  # 48 outputs: two vectors, then one
                                    (2, 4, 4, 128, 64)])
 def test_native_conv3x3_and_its_input_gradient_match_xla(shape):
-  assert native_ops.simd_width() in (8, 16)
+  assert kernels.simd_width() in (8, 16)
   b, h, w, c, o = shape
   kx, kk, kg = jax.random.split(jax.random.PRNGKey(sum(shape)), 3)
   x, k, g = jax.random.normal(kx, (b, h, w, c)), jax.random.normal(kk, (3, 3, c, o)), jax.random.normal(kg, (b, h, w, o))
   close = lambda got, ref: np.testing.assert_allclose(  # noqa: E731
       np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-5 * float(jnp.abs(ref).max()))
-  close(jax.jit(native_ops.conv3x3)(x, k), unet._conv(x, k))
-  if c % native_ops.simd_width() == 0:
-    close(jax.jit(lambda g, k: native_ops.conv3x3(g, k, flip=True))(g, k), _xla_conv_input_grad(g, k))
+  close(jax.jit(kernels.conv3x3)(x, k), xla.conv3x3(x, k))
+  if c % kernels.simd_width() == 0:
+    close(jax.jit(lambda g, k: kernels.conv3x3(g, k, flip=True))(g, k), _xla_conv_input_grad(g, k))
 
 
 @needs_compiler
@@ -88,22 +90,22 @@ def test_native_dense_kernel_grad_matches_a_matmul(shapes):
   lead, m, n = shapes
   x = jax.random.normal(jax.random.PRNGKey(m), lead + (m,))
   g = jax.random.normal(jax.random.PRNGKey(n), lead + (n,))
-  got = jax.jit(native_ops.dense_kernel_grad)(x, g)
+  got = jax.jit(kernels.dense_kernel_grad)(x, g)
   ref = np.asarray(x).reshape(-1, m).T @ np.asarray(g).reshape(-1, n)
   assert got is not None and got.shape == (m, n)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
   kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (m, n)))
-  if n % native_ops.simd_width() == 0:  # the product itself
-    np.testing.assert_allclose(native_ops.dense(x, kernel), np.asarray(x) @ kernel, rtol=1e-4, atol=1e-4)
-  if m % native_ops.simd_width() == 0:  # the input gradient, g @ kernel.T
-    np.testing.assert_allclose(native_ops.dense(g, kernel, transpose_kernel=True), np.asarray(g) @ kernel.T,
+  if n % kernels.simd_width() == 0:  # the product itself
+    np.testing.assert_allclose(kernels.dense(x, kernel), np.asarray(x) @ kernel, rtol=1e-4, atol=1e-4)
+  if m % kernels.simd_width() == 0:  # the input gradient, g @ kernel.T
+    np.testing.assert_allclose(kernels.dense(g, kernel, transpose_kernel=True), np.asarray(g) @ kernel.T,
                                rtol=1e-4, atol=1e-4)
 
 
 def test_pixel_dense_is_nn_dense_with_the_same_parameters_and_gradients():
   from flax import linen as nn
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16))
-  ours, theirs = unet.PixelDense(32), nn.Dense(32)
+  ours, theirs = unet.PixelDense(32, cpu_ops()), nn.Dense(32)
   params = theirs.init(jax.random.PRNGKey(1), x)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, params)
   params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
@@ -113,8 +115,8 @@ def test_pixel_dense_is_nn_dense_with_the_same_parameters_and_gradients():
                   jax.tree.leaves(jax.grad(loss(theirs), (0, 1))(params, x))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   hlo = jax.jit(jax.grad(loss(ours))).lower(params, x).as_text()
-  native = native_ops.simd_width() is not None
-  assert (native_ops.DENSE_GRAD in hlo) == native and (f"@{native_ops.DENSE}(" in hlo) == native
+  native = kernels.simd_width() is not None
+  assert (kernels.DENSE_GRAD in hlo) == native and (f"@{kernels.DENSE}(" in hlo) == native
 
 
 @needs_compiler
@@ -122,41 +124,42 @@ def test_conv3x3_gradients_use_the_native_kernel_and_match():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 32)) * 0.1
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
-  hlo = jax.jit(jax.grad(loss(unet.conv3x3), (0, 1))).lower(x, k).as_text()
-  assert native_ops.KERNEL_GRAD in hlo and native_ops.CONV in hlo and "conv_general_dilated" not in hlo
-  got = jax.grad(loss(unet.conv3x3), (0, 1))(x, k)
-  ref = jax.grad(loss(unet._conv), (0, 1))(x, k)
+  hlo = jax.jit(jax.grad(loss(layers.conv3x3), (0, 1))).lower(x, k).as_text()
+  assert kernels.KERNEL_GRAD in hlo and kernels.CONV in hlo and "conv_general_dilated" not in hlo
+  got = jax.grad(loss(layers.conv3x3), (0, 1))(x, k)
+  ref = jax.grad(loss(xla.conv3x3), (0, 1))(x, k)
   for a, r in zip(got, ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
 
 
 def test_channels_that_fit_no_simd_width_fall_back(monkeypatch):
-  monkeypatch.setitem(native_ops._state, "width", 16)
-  assert native_ops.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5))) is None
-  assert native_ops.dense_kernel_grad(jnp.zeros((1, 4, 3)), jnp.zeros((1, 4, 5))) is None
-  assert native_ops.dense(jnp.zeros((1, 4, 16)), jnp.zeros((16, 5))) is None
+  monkeypatch.setitem(kernels._state, "width", 16)
+  assert kernels.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5))) is None
+  assert kernels.dense_kernel_grad(jnp.zeros((1, 4, 3)), jnp.zeros((1, 4, 5))) is None
+  assert kernels.dense(jnp.zeros((1, 4, 16)), jnp.zeros((16, 5))) is None
   with pytest.raises(ValueError, match="do not match"):
-    native_ops.dense(jnp.zeros((1, 4, 16)), jnp.zeros((16, 32)), transpose_kernel=True)
+    kernels.dense(jnp.zeros((1, 4, 16)), jnp.zeros((16, 32)), transpose_kernel=True)
   with pytest.raises(ValueError, match="agree"):
-    native_ops.dense_kernel_grad(jnp.zeros((1, 4, 3)), jnp.zeros((1, 5, 16)))
-  assert native_ops.conv3x3(jnp.zeros((1, 4, 4, 32)), jnp.zeros((3, 3, 32, 3))) is None  # the output conv
-  assert native_ops.conv3x3(jnp.zeros((1, 4, 4, 16), jnp.bfloat16), jnp.zeros((3, 3, 16, 16), jnp.bfloat16)) is None
+    kernels.dense_kernel_grad(jnp.zeros((1, 4, 3)), jnp.zeros((1, 5, 16)))
+  assert kernels.conv3x3(jnp.zeros((1, 4, 4, 32)), jnp.zeros((3, 3, 32, 3))) is None  # the output conv
+  assert kernels.conv3x3(jnp.zeros((1, 4, 4, 16), jnp.bfloat16), jnp.zeros((3, 3, 16, 16), jnp.bfloat16)) is None
   with pytest.raises(ValueError, match="do not match"):
-    native_ops.conv3x3(jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 16, 16)))
+    kernels.conv3x3(jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 16, 16)))
   with pytest.raises(ValueError, match="same"):
-    native_ops.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 5, 16)))
+    kernels.kernel_grad(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 5, 16)))
 
 
 _SUBPROCESS = """
 import json, sys, logging
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp
-from synth_med.models import native_ops, unet
+from synth_med.ops import xla
+from synth_med.ops.cpu_native import kernels, layers
 logging.basicConfig(level=logging.WARNING)
 x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16)); k = jnp.ones((3, 3, 16, 16)) * 0.1
-dk = jax.grad(lambda k: jnp.sum(unet.conv3x3(x, k) ** 2))(k)
-ref = jax.grad(lambda k: jnp.sum(unet._conv(x, k) ** 2))(k)
-print("RESULT" + json.dumps({{"width": native_ops.simd_width(), "err": float(jnp.abs(dk - ref).max())}}))
+dk = jax.grad(lambda k: jnp.sum(layers.conv3x3(x, k) ** 2))(k)
+ref = jax.grad(lambda k: jnp.sum(xla.conv3x3(x, k) ** 2))(k)
+print("RESULT" + json.dumps({{"width": kernels.simd_width(), "err": float(jnp.abs(dk - ref).max())}}))
 """
 
 
@@ -186,13 +189,13 @@ def test_switched_off_or_unbuildable_it_falls_back_to_xla_with_a_warning(tmp_pat
 @needs_compiler
 def test_build_is_cached_per_source_and_written_atomically(tmp_path, monkeypatch):
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
-  first = native_ops.build()
+  first = kernels.build()
   assert first.parent == tmp_path and first.stat().st_size > 0
   mtime = first.stat().st_mtime_ns
-  assert native_ops.build() == first and first.stat().st_mtime_ns == mtime  # cached, not rebuilt
+  assert kernels.build() == first and first.stat().st_mtime_ns == mtime  # cached, not rebuilt
   assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
-  monkeypatch.setattr(native_ops, "_cpu_fingerprint", lambda: "another CPU")  # -march=native: per CPU
-  assert native_ops.library_path(native_ops.compiler()) != first
+  monkeypatch.setattr(kernels, "_cpu_fingerprint", lambda: "another CPU")  # -march=native: per CPU
+  assert kernels.library_path(kernels.compiler()) != first
 
 
 _EIGHT = """
@@ -201,14 +204,15 @@ import numpy as np
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from synth_med.models import native_ops, unet
+from synth_med.ops import xla
+from synth_med.ops.cpu_native import kernels, layers
 mesh = Mesh(np.array(jax.devices()), ("data",))
 x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 32)); g = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 3))
 shard = NamedSharding(mesh, P("data"))
 xs, gs = jax.device_put(x, shard), jax.device_put(g, shard)
 out = {{}}
-for name, op, target in (("conv", native_ops.kernel_grad, native_ops.KERNEL_GRAD),
-                         ("dense", native_ops.dense_kernel_grad, native_ops.DENSE_GRAD)):
+for name, op, target in (("conv", kernels.kernel_grad, kernels.KERNEL_GRAD),
+                         ("dense", kernels.dense_kernel_grad, kernels.DENSE_GRAD)):
   f = jax.jit(op)
   hlo = f.lower(xs, gs).compile().as_text()
   local = [ln for ln in hlo.splitlines() if target in ln]
@@ -229,14 +233,14 @@ def test_eight_device_mesh_splits_the_batch_and_all_reduces():
 
 @pytest.mark.slow
 @needs_compiler
-@pytest.mark.skipif(native_ops.simd_width() != 16, reason="the AVX2 variant is the default build on this CPU")
+@pytest.mark.skipif(kernels.simd_width() != 16, reason="the AVX2 variant is the default build on this CPU")
 def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
   """Machines without AVX-512 get the 8-float variant (other register tiles, 8-wide exp); check
   all three ops of it here too, against XLA's paths, with channel counts that only 8 divides;
   and, where the CPU has AMX, the bfloat16 kernels' scalar (non-AVX512-BF16) paths."""
   import ctypes
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(tmp_path))
-  lib = ctypes.cdll.LoadLibrary(str(native_ops.build(extra_flags=("-mno-avx512f",))))
+  lib = ctypes.cdll.LoadLibrary(str(kernels.build(extra_flags=("-mno-avx512f",))))
   assert lib.synth_med_simd_width() == 8
   for name in ("Conv3x3", "KernelGrad", "Dense", "DenseGrad", "GroupNormActFwd", "GroupNormActBwd", "AttentionFwd", "AttentionBwd"):
     jax.ffi.register_ffi_target(f"avx2_{name}", jax.ffi.pycapsule(getattr(lib, f"SynthMed{name}")), platform="cpu")
@@ -245,7 +249,7 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
   ks = jax.random.split(jax.random.PRNGKey(3), 8)
 
   x, g = jax.random.normal(ks[0], (3, 6, 9, 13)), jax.random.normal(ks[1], (3, 6, 9, 24))
-  close(native_ops._local(x, g, True, target="avx2_KernelGrad"), _autodiff_kernel_grad(x, g))
+  close(kernels._local(x, g, True, target="avx2_KernelGrad"), _autodiff_kernel_grad(x, g))
   close(jax.ffi.ffi_call("avx2_DenseGrad", jax.ShapeDtypeStruct((13, 24), jnp.float32))(x, g),
         np.asarray(x).reshape(-1, 13).T @ np.asarray(g).reshape(-1, 24))
   w = jax.random.normal(ks[4], (24, 13))  # 24 outputs: a 6-row group and 3 vectors of 8
@@ -253,7 +257,7 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
         np.asarray(x) @ np.asarray(w).T)
   k = jax.random.normal(ks[2], (3, 3, 13, 24))
   close(jax.ffi.ffi_call("avx2_Conv3x3", jax.ShapeDtypeStruct(g.shape, jnp.float32))(x, k, flip=False),
-        unet._conv(x, k))
+        xla.conv3x3(x, k))
   k = jax.random.normal(ks[3], (3, 3, 24, 8))
   close(jax.ffi.ffi_call("avx2_Conv3x3", jax.ShapeDtypeStruct(g.shape, jnp.float32))(
       g[..., :8], k, flip=True), _xla_conv_input_grad(g[..., :8], k))
@@ -261,9 +265,9 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
   x = 2.0 * jax.random.normal(ks[2], (2, 5, 7, 24)) + 1.0  # 24 channels: 3 vectors of 8, groups of 6
   a, b = 1 + 0.3 * jax.random.normal(ks[3], (2, 24)), 0.3 * jax.random.normal(ks[4], (2, 24))
   dy = jax.random.normal(ks[5], x.shape)
-  monkeypatch.setattr(native_ops, "norm_fits", lambda x, groups: False)  # the reference: XLA's path
-  y_ref, res = unet._group_norm_act_fwd(x, a, b, 4, True)
-  grads_ref = unet._group_norm_act_bwd(4, True, res, dy)
+  monkeypatch.setattr(kernels, "norm_fits", lambda x, groups: False)  # the reference: XLA's path
+  y_ref, res = xla.group_norm_act_fwd(x, a, b, 4, True)
+  grads_ref = xla.group_norm_act_bwd(4, True, res, dy)
   bc = jax.ShapeDtypeStruct((2, 24), jnp.float32)
   y, mean, inv = jax.ffi.ffi_call("avx2_GroupNormActFwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32), bc, bc))(
       x, a, b, groups=np.int64(4), silu=True)
@@ -274,20 +278,20 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
     close(got, ref)
 
   qkv, w = jax.random.normal(ks[6], (2, 24, 3, 2, 8)), jax.random.normal(ks[7], (2, 24, 2, 8))
-  ref_attend = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
-  # unet.attend_qkv itself, its custom calls pointed at this build's targets
-  monkeypatch.setattr(native_ops, "ATTN_FWD", "avx2_AttentionFwd")
-  monkeypatch.setattr(native_ops, "ATTN_BWD", "avx2_AttentionBwd")
-  native_ops._attn_calls.cache_clear()
-  request.addfinalizer(native_ops._attn_calls.cache_clear)  # after monkeypatch restores the names
-  attention = unet.attend_qkv
-  lowered = jax.jit(jax.grad(lambda q: jnp.sum(attention(q, native_ops.ATTN_FLOAT32)))).lower(qkv).as_text()
+  ref_attend = lambda qkv: xla.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
+  # layers.native_attend_qkv itself, its custom calls pointed at this build's targets
+  monkeypatch.setattr(kernels, "ATTN_FWD", "avx2_AttentionFwd")
+  monkeypatch.setattr(kernels, "ATTN_BWD", "avx2_AttentionBwd")
+  kernels._attn_calls.cache_clear()
+  request.addfinalizer(kernels._attn_calls.cache_clear)  # after monkeypatch restores the names
+  attention = layers.native_attend_qkv
+  lowered = jax.jit(jax.grad(lambda q: jnp.sum(attention(q, kernels.ATTN_FLOAT32)))).lower(qkv).as_text()
   assert "avx2_AttentionFwd" in lowered and "avx2_AttentionBwd" in lowered
-  out, vjp = jax.vjp(lambda qkv: attention(qkv, native_ops.ATTN_FLOAT32), qkv)
+  out, vjp = jax.vjp(lambda qkv: attention(qkv, kernels.ATTN_FLOAT32), qkv)
   close(out, ref_attend(qkv))
   close(vjp(w)[0], jax.grad(lambda q: jnp.sum(ref_attend(q) * w))(qkv))
   qkv, w = jax.random.normal(ks[6], (2, 32, 3, 1, 16)), jax.random.normal(ks[7], (2, 32, 1, 16))
-  modes = [native_ops.ATTN_ROUNDED_BF16] + ([native_ops.ATTN_AMX_BF16] if lib.synth_med_amx_available() else [])
+  modes = [kernels.ATTN_ROUNDED_BF16] + ([kernels.ATTN_AMX_BF16] if lib.synth_med_amx_available() else [])
   for mode in modes:  # bfloat16 products on the 8-wide float32 kernel, and amx_gemm's scalar packing
     _attention_matches_bf16_reference(lambda qkv: attention(qkv, mode), qkv, w)
 
@@ -297,7 +301,7 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
     x, g = jax.random.normal(ks[0], (3, 6, 17, 40)), jax.random.normal(ks[1], (3, 6, 17, 48))
     k = jax.random.normal(ks[2], (3, 3, 40, 48))
     _close_to(jax.ffi.ffi_call("avx2_Conv3x3Bf16", jax.ShapeDtypeStruct(g.shape, jnp.float32))(x, k, flip=False),
-              unet._conv(_bf16(x), _bf16(k)))
+              xla.conv3x3(_bf16(x), _bf16(k)))
     _close_to(jax.ffi.ffi_call("avx2_KernelGradBf16", jax.ShapeDtypeStruct(k.shape, jnp.float32))(x, g),
               _autodiff_kernel_grad(_bf16(x), _bf16(g)))
     w = jax.random.normal(ks[4], (48, 40))
@@ -311,16 +315,16 @@ def test_avx2_build_gives_the_same_values(tmp_path, monkeypatch, request):
 @pytest.mark.parametrize("shape", [(2, 32, 2, 16), (3, 64, 1, 32), (2, 48, 3, 16)])
 def test_native_attention_matches_xla_attend_values_and_gradients(shape):
   b, n, h, d = shape
-  assert native_ops.attention_fits(jnp.zeros((b, n, 3, h, d)))  # 16 | n, d: both SIMD widths fit
+  assert kernels.attention_fits(jnp.zeros((b, n, 3, h, d)))  # 16 | n, d: both SIMD widths fit
   qkv = 2.0 * jax.random.normal(jax.random.PRNGKey(n + d), (b, n, 3, h, d))
   w = jax.random.normal(jax.random.PRNGKey(1), (b, n, h, d))
-  ref = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
-  np.testing.assert_allclose(unet.attend_qkv(qkv), ref(qkv), rtol=1e-4, atol=1e-5)
-  out, lse = native_ops.attention_fwd(qkv)
+  ref = lambda qkv: xla.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
+  np.testing.assert_allclose(layers.native_attend_qkv(qkv), ref(qkv), rtol=1e-4, atol=1e-5)
+  out, lse = kernels.attention_fwd(qkv)
   logits = jnp.einsum("bnhd,bmhd->bhnm", qkv[:, :, 0], qkv[:, :, 1]) / np.sqrt(d)
   np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda qkv: jnp.sum(jnp.sin(f(qkv)) * w)  # noqa: E731
-  np.testing.assert_allclose(jax.grad(loss(unet.attend_qkv))(qkv), jax.grad(loss(ref))(qkv), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(jax.grad(loss(layers.native_attend_qkv))(qkv), jax.grad(loss(ref))(qkv), rtol=1e-4, atol=1e-4)
 
 
 def _rms_rel(got, ref) -> float:
@@ -328,11 +332,11 @@ def _rms_rel(got, ref) -> float:
 
 
 def _attention_matches_bf16_reference(attention, qkv, w):
-  """attention(qkv) and its gradient against `unet.attend_bf16`: equal up to float32 sums and the
+  """attention(qkv) and its gradient against `xla.attend_bf16`: equal up to float32 sums and the
   odd probability that rounds the other way (relative RMS <= 3e-4), while float32 attention is
   >= 2e-3 away (measured: <= 1e-4 for the bfloat16 kernels, 4e-3 to 1.5e-2 for float32)."""
-  ref = lambda qkv: unet.attend_bf16(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
-  f32 = lambda qkv: unet.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
+  ref = lambda qkv: xla.attend_bf16(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
+  f32 = lambda qkv: xla.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # noqa: E731
   loss = lambda f: lambda qkv: jnp.sum(jnp.sin(f(qkv)) * w)  # noqa: E731
   out_ref, grad_ref = ref(qkv), jax.grad(loss(ref))(qkv)
   assert _rms_rel(attention(qkv), out_ref) <= 3e-4
@@ -342,13 +346,13 @@ def _attention_matches_bf16_reference(attention, qkv, w):
 
 def test_unet_attention_uses_the_native_kernels_only_where_they_fit():
   from flax import linen as nn  # noqa: F401
-  width = native_ops.simd_width()
+  width = kernels.simd_width()
   for c, hw, want in ((32, 4, width is not None and 16 % width == 0), (24, 3, False)):
-    layer = unet.Attention(num_head_channels=c // 2 if c == 32 else 24)
+    layer = unet.Attention(num_head_channels=c // 2 if c == 32 else 24, ops=cpu_ops())
     x = jnp.ones((1, hw, hw, c))
     params = layer.init(jax.random.PRNGKey(0), x)
     hlo = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)))).lower(params).as_text()
-    assert (native_ops.ATTN_FWD in hlo and native_ops.ATTN_BWD in hlo) == want, (c, hw)
+    assert (kernels.ATTN_FWD in hlo and kernels.ATTN_BWD in hlo) == want, (c, hw)
 
 
 _EIGHT_ATTN = """
@@ -357,7 +361,8 @@ import numpy as np
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from synth_med.models import native_ops, unet
+from synth_med.ops import xla
+from synth_med.ops.cpu_native import kernels, layers
 mesh = Mesh(np.array(jax.devices()), ("data",))
 shard = NamedSharding(mesh, P("data"))
 x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 8, 32))
@@ -365,8 +370,8 @@ a, b = 1 + 0.1 * jax.random.normal(jax.random.PRNGKey(1), (16, 32)), jnp.zeros((
 qkv = jax.random.normal(jax.random.PRNGKey(2), (16, 32, 3, 2, 16))
 k = 0.1 * jax.random.normal(jax.random.PRNGKey(3), (3, 3, 32, 16))
 def f(x, a, b, qkv, k):
-  return (jnp.sum(unet.group_norm_act(x, a, b, 8, True) ** 2) + jnp.sum(unet.attend_qkv(qkv) ** 2)
-          + jnp.sum(jnp.sin(unet.conv3x3(x, k))))
+  return (jnp.sum(layers.group_norm_act(x, a, b, 8, True) ** 2) + jnp.sum(layers.native_attend_qkv(qkv) ** 2)
+          + jnp.sum(jnp.sin(layers.conv3x3(x, k))))
 g = jax.jit(jax.grad(f, range(5)))
 args = (x, a, b, qkv, k)
 sharded = [jax.device_put(v, shard) for v in args[:4]] + [jax.device_put(k, NamedSharding(mesh, P()))]
@@ -375,7 +380,7 @@ one, eight = g(*args), g(*sharded)
 print("RESULT" + json.dumps({{"err": max(float(jnp.abs(u - v).max()) for u, v in zip(one, eight)),
       "all_gather": "all-gather" in hlo, "local_norm": "f32[2,4,8,32]" in hlo, "local_attn": "f32[2,32,3,2,16]" in hlo,
       "local_conv": [ln.split("=")[1].split("custom-call")[0].strip() for ln in hlo.splitlines()
-                     if "custom_call_target=\\"" + native_ops.CONV + "\\"" in ln],
+                     if "custom_call_target=\\"" + kernels.CONV + "\\"" in ln],
       "shardings": [str(v.sharding.spec) for v in eight]}}))
 """
 
@@ -397,15 +402,15 @@ def test_an_unwritable_cache_directory_builds_in_the_temp_dir(tmp_path, monkeypa
   blocker = tmp_path / "not_a_dir"
   blocker.write_text("a file where the cache directory should be")
   monkeypatch.setenv("SYNTH_MED_NATIVE_CACHE", str(blocker / "native"))
-  monkeypatch.setattr(native_ops.tempfile, "tempdir", str(tmp_path / "tmp"))
+  monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
   (tmp_path / "tmp").mkdir()
-  out = native_ops.build()
+  out = kernels.build()
   assert out.exists() and out.parent.parent == tmp_path / "tmp"
 
 
 # bfloat16 products (the UNet's matmul_precision='bfloat16'): AMX kernels where the CPU has them.
 
-needs_amx = pytest.mark.skipif(native_ops.compiler() is None or not native_ops.amx_available(),
+needs_amx = pytest.mark.skipif(kernels.compiler() is None or not kernels.amx_available(),
                                reason="no AMX tiles on this CPU (or no compiler): the bfloat16 layers "
                                       "use their float32 fallback, tested below")
 
@@ -429,13 +434,13 @@ def test_amx_convolutions_equal_float32_convolutions_of_rounded_operands(shape):
   b, h, w, c, o = shape
   ks = jax.random.split(jax.random.PRNGKey(sum(shape)), 4)
   x, k, g = jax.random.normal(ks[0], (b, h, w, c)), jax.random.normal(ks[1], (3, 3, c, o)), jax.random.normal(ks[2], (b, h, w, o))
-  _close_to(jax.jit(native_ops.conv3x3_bf16)(x, k), unet._conv(_bf16(x), _bf16(k)))
-  _close_to(native_ops.kernel_grad_bf16(x, g), _autodiff_kernel_grad(_bf16(x), _bf16(g)))
+  _close_to(jax.jit(kernels.conv3x3_bf16)(x, k), xla.conv3x3(_bf16(x), _bf16(k)))
+  _close_to(kernels.kernel_grad_bf16(x, g), _autodiff_kernel_grad(_bf16(x), _bf16(g)))
   kt = jax.random.normal(ks[3], (3, 3, c, o))  # flip: the input gradient (c channels) of a conv from c to o
   if c % 16 == 0:
-    _close_to(native_ops.conv3x3_bf16(g, kt, flip=True), _xla_conv_input_grad(_bf16(g), _bf16(kt)))
+    _close_to(kernels.conv3x3_bf16(g, kt, flip=True), _xla_conv_input_grad(_bf16(g), _bf16(kt)))
   # and the rounding is real: float32 products differ
-  assert float(jnp.abs(native_ops.conv3x3_bf16(x, k) - unet._conv(x, k)).max()) > 1e-4
+  assert float(jnp.abs(kernels.conv3x3_bf16(x, k) - xla.conv3x3(x, k)).max()) > 1e-4
 
 
 @needs_amx
@@ -443,12 +448,12 @@ def test_amx_convolution_pads_few_output_channels():
   """The UNet's 3-channel output conv runs on AMX, its kernel padded with zero columns to 16."""
   ks = jax.random.split(jax.random.PRNGKey(3), 2)
   x, k = jax.random.normal(ks[0], (2, 9, 8, 32)), jax.random.normal(ks[1], (3, 3, 32, 3))
-  f = jax.jit(native_ops.conv3x3_bf16)
+  f = jax.jit(kernels.conv3x3_bf16)
   y = f(x, k)
   assert y.shape == (2, 9, 8, 3)
-  _close_to(y, unet._conv(_bf16(x), _bf16(k)))
-  assert native_ops.CONV_BF16 in f.lower(x, k).as_text()
-  assert native_ops.conv3x3_bf16(y, k, flip=True) is None  # its input gradient reads 3 channels: not AMX
+  _close_to(y, xla.conv3x3(_bf16(x), _bf16(k)))
+  assert kernels.CONV_BF16 in f.lower(x, k).as_text()
+  assert kernels.conv3x3_bf16(y, k, flip=True) is None  # its input gradient reads 3 channels: not AMX
 
 
 @needs_amx
@@ -458,9 +463,9 @@ def test_amx_dense_layers_equal_float32_products_of_rounded_operands(shape):
   ks = jax.random.split(jax.random.PRNGKey(sum(shape)), 3)
   x, w, g = jax.random.normal(ks[0], (b, p, m)), jax.random.normal(ks[1], (m, n)), jax.random.normal(ks[2], (b, p, n))
   hi = jax.lax.Precision.HIGHEST
-  _close_to(native_ops.dense_bf16(x, w), jnp.matmul(_bf16(x), _bf16(w), precision=hi))
-  _close_to(native_ops.dense_bf16(g, w, transpose_kernel=True), jnp.matmul(_bf16(g), _bf16(w).T, precision=hi))
-  _close_to(native_ops.dense_kernel_grad_bf16(x, g), jnp.einsum("bpm,bpn->mn", _bf16(x), _bf16(g), precision=hi))
+  _close_to(kernels.dense_bf16(x, w), jnp.matmul(_bf16(x), _bf16(w), precision=hi))
+  _close_to(kernels.dense_bf16(g, w, transpose_kernel=True), jnp.matmul(_bf16(g), _bf16(w).T, precision=hi))
+  _close_to(kernels.dense_kernel_grad_bf16(x, g), jnp.einsum("bpm,bpn->mn", _bf16(x), _bf16(g), precision=hi))
 
 
 def _bf16_layer_cases():
@@ -469,9 +474,9 @@ def _bf16_layer_cases():
   xd, wd = jax.random.normal(ks[2], (2, 40, 32)), 0.1 * jax.random.normal(ks[3], (32, 48))
   dense_ref = lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
   xs, ks_ = jax.random.normal(ks[0], (2, 9, 8, 32)), 0.1 * jax.random.normal(ks[1], (3, 3, 32, 32))  # odd height
-  down = lambda a, b: unet.backend_down_conv3x3(a, b, "bfloat16")  # noqa: E731
-  return [("conv", unet.conv3x3_bf16, unet._conv, x, k), ("dense", unet.pixel_dense_bf16, dense_ref, xd, wd),
-          ("down", down, unet._strided_conv, xs, ks_)]
+  down = lambda a, b: layers.down_conv3x3_bf16(a, b)  # noqa: E731
+  return [("conv", layers.conv3x3_bf16, xla.conv3x3, x, k), ("dense", layers.dense_bf16, dense_ref, xd, wd),
+          ("down", down, xla.down_conv3x3, xs, ks_)]
 
 
 @pytest.mark.parametrize("amx", [True, False])
@@ -479,10 +484,10 @@ def test_bf16_layers_and_their_gradients_are_float32_maths_on_rounded_operands(a
   """Value and VJP of conv3x3_bf16 / pixel_dense_bf16 against the hand-derived rule: the output
   is ref(r(x), r(k)); dx = the product's transpose applied to r(g) with r(k); dk the same with
   r(x) and r(g) (r = rounding to bfloat16). With amx=False the float32 fallback must agree."""
-  if amx and not native_ops.amx_available():
+  if amx and not kernels.amx_available():
     pytest.skip("no AMX tiles on this CPU")
   if not amx:
-    monkeypatch.setattr(native_ops, "amx_available", lambda: False)
+    monkeypatch.setattr(kernels, "amx_available", lambda: False)
   for name, layer, ref, x, k in _bf16_layer_cases():
     y, vjp = jax.vjp(layer, x, k)
     _close_to(y, ref(_bf16(x), _bf16(k)))
@@ -494,16 +499,16 @@ def test_bf16_layers_and_their_gradients_are_float32_maths_on_rounded_operands(a
     _close_to(dk, rdk)
     assert dx.dtype == dk.dtype == jnp.float32
     hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(layer(x, k))), (0, 1))).lower(x, k).as_text()
-    targets = ((native_ops.DENSE_BF16, native_ops.DENSE_GRAD_BF16) if name == "dense"
-               else (native_ops.CONV_BF16, native_ops.KERNEL_GRAD_BF16))
+    targets = ((kernels.DENSE_BF16, kernels.DENSE_GRAD_BF16) if name == "dense"
+               else (kernels.CONV_BF16, kernels.KERNEL_GRAD_BF16))
     assert all(t in hlo for t in targets) == amx, name
 
 
 @pytest.mark.slow
-def test_unet_matmul_precision_keeps_the_parameters_and_changes_only_the_rounding():
+def test_bfloat16_ops_keep_the_parameters_and_changes_only_the_rounding():
   kw = dict(out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
             num_head_channels=32)
-  f32, bf16 = unet.Model(**kw), unet.Model(**kw, matmul_precision="bfloat16")
+  f32, bf16 = unet.Model(**kw, ops=cpu_ops()), unet.Model(**kw, ops=cpu_ops("bfloat16"))
   x, t = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3)), jnp.array([10, 700])
   params = f32.init(jax.random.PRNGKey(1), x, t)
   assert jax.tree.structure(params) == jax.tree.structure(bf16.init(jax.random.PRNGKey(1), x, t))
@@ -512,10 +517,10 @@ def test_unet_matmul_precision_keeps_the_parameters_and_changes_only_the_roundin
   rel = float(jnp.abs(a - b).max() / jnp.abs(a).max())
   assert 1e-5 < rel < 3e-2, rel  # bfloat16 has 8 bits of mantissa: ~0.4 % per product, averaged over sums
   hlo = jax.jit(lambda p: bf16.apply(p, x, t)).lower(params).as_text()
-  if native_ops.amx_available():
-    assert native_ops.CONV_BF16 in hlo and native_ops.DENSE_BF16 in hlo
+  if kernels.amx_available():
+    assert kernels.CONV_BF16 in hlo and kernels.DENSE_BF16 in hlo
   with pytest.raises(SynthMedError, match="matmul_precision='float16'"):
-    unet.Model(**kw, matmul_precision="float16").init(jax.random.PRNGKey(1), x, t)
+    cpu_ops("float16")
 
 
 _EIGHT_BF16 = """
@@ -524,23 +529,24 @@ import numpy as np
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from synth_med.models import native_ops, unet
+from synth_med.ops import xla
+from synth_med.ops.cpu_native import kernels, layers
 mesh = Mesh(np.array(jax.devices()), ("data",))
 shard, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 32)); k = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 16))
 w = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (32, 16))
 kd, ko = 0.1 * jax.random.normal(jax.random.PRNGKey(3), (3, 3, 32, 32)), 0.1 * jax.random.normal(jax.random.PRNGKey(4), (3, 3, 32, 3))
-f = lambda x, k, w, kd, ko: (jnp.sum(jnp.sin(unet.conv3x3_bf16(x, k))) + jnp.sum(jnp.sin(unet.pixel_dense_bf16(x, w)))
-                             + jnp.sum(jnp.sin(unet.backend_down_conv3x3(x, kd, "bfloat16")))  # downsampling
-                             + jnp.sum(jnp.sin(unet.conv3x3_bf16(x, ko))))  # 3 output channels, padded to 16
+f = lambda x, k, w, kd, ko: (jnp.sum(jnp.sin(layers.conv3x3_bf16(x, k))) + jnp.sum(jnp.sin(layers.dense_bf16(x, w)))
+                             + jnp.sum(jnp.sin(layers.down_conv3x3_bf16(x, kd)))  # downsampling
+                             + jnp.sum(jnp.sin(layers.conv3x3_bf16(x, ko))))  # 3 output channels, padded to 16
 g = jax.jit(jax.grad(f, range(5)))
 args = (jax.device_put(x, shard), jax.device_put(k, rep), jax.device_put(w, rep), jax.device_put(kd, rep),
         jax.device_put(ko, rep))
 hlo = g.lower(*args).compile().as_text()
 one, eight = g(x, k, w, kd, ko), g(*args)
 local = [ln.split("=")[1].split("custom-call")[0].strip() for ln in hlo.splitlines()
-         if "custom_call_target=\\"" + native_ops.CONV_BF16 + "\\"" in ln]
-print("RESULT" + json.dumps({{"amx": native_ops.amx_available(),
+         if "custom_call_target=\\"" + kernels.CONV_BF16 + "\\"" in ln]
+print("RESULT" + json.dumps({{"amx": kernels.amx_available(),
       "err": max(float(jnp.abs(u - v).max() / jnp.abs(u).max()) for u, v in zip(one, eight)),
       "all_gather": "all-gather" in hlo, "local_conv": local, "shardings": [str(v.sharding.spec) for v in eight]}}))
 """
@@ -569,13 +575,13 @@ _ATTENTION_SHAPES = [(2, 16, 1, 32),   # one tile of tokens
 def test_bf16_attention_kernels_match_the_bf16_reference(shape, products):
   """Both native bfloat16 modes (AMX tiles; the float32 kernel on rounded operands) compute
   `attend_bf16`'s maths, forward and backward."""
-  if products == "amx" and not native_ops.amx_available():
+  if products == "amx" and not kernels.amx_available():
     pytest.skip("no AMX tiles on this CPU")
-  mode = native_ops.ATTN_AMX_BF16 if products == "amx" else native_ops.ATTN_ROUNDED_BF16
+  mode = kernels.ATTN_AMX_BF16 if products == "amx" else kernels.ATTN_ROUNDED_BF16
   b, n, h, d = shape
   ks = jax.random.split(jax.random.PRNGKey(n + d), 2)
   qkv, w = 2.0 * jax.random.normal(ks[0], (b, n, 3, h, d)), jax.random.normal(ks[1], (b, n, h, d))
-  _attention_matches_bf16_reference(lambda qkv: unet.attend_qkv(qkv, mode), qkv, w)
+  _attention_matches_bf16_reference(lambda qkv: layers.native_attend_qkv(qkv, mode), qkv, w)
 
 
 def test_attend_bf16_reference_is_float32_attention_up_to_bfloat16_rounding():
@@ -584,30 +590,30 @@ def test_attend_bf16_reference_is_float32_attention_up_to_bfloat16_rounding():
   q, k, v = (jax.random.normal(kk, (2, 24, 2, 8)) for kk in ks[:3])
   w = jax.random.normal(ks[3], (2, 24, 2, 8))
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)) * w)  # noqa: E731
-  got = jax.grad(loss(unet.attend_bf16), (0, 1, 2))(q, k, v)
-  ref = jax.grad(loss(unet.attend), (0, 1, 2))(q, k, v)
+  got = jax.grad(loss(xla.attend_bf16), (0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(xla.attend), (0, 1, 2))(q, k, v)
   for g, r in zip(got, ref):
     assert 1e-4 < _rms_rel(g, r) < 2e-2
   r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
   p = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", r(q), r(k), precision="highest") / np.sqrt(8), -1)
-  np.testing.assert_allclose(unet.attend_bf16(q, k, v), jnp.einsum("bhnm,bmhd->bnhd", r(p), r(v), precision="highest"),
+  np.testing.assert_allclose(xla.attend_bf16(q, k, v), jnp.einsum("bhnm,bmhd->bnhd", r(p), r(v), precision="highest"),
                              rtol=1e-5, atol=1e-6)
 
 
 def test_unet_picks_the_bf16_attention_mode_per_cpu_and_shape(monkeypatch):
   qkv = jnp.zeros((1, 32, 3, 2, 16))
-  assert native_ops.attention_products(qkv, False) == native_ops.ATTN_FLOAT32
-  monkeypatch.setattr(native_ops, "amx_available", lambda: True)
-  assert native_ops.attention_products(qkv, True) == native_ops.ATTN_AMX_BF16
-  assert native_ops.attention_products(jnp.zeros((1, 24, 3, 2, 16)), True) == native_ops.ATTN_ROUNDED_BF16
-  monkeypatch.setattr(native_ops, "amx_available", lambda: False)
-  assert native_ops.attention_products(qkv, True) == native_ops.ATTN_ROUNDED_BF16
+  assert kernels.attention_products(qkv, False) == kernels.ATTN_FLOAT32
+  monkeypatch.setattr(kernels, "amx_available", lambda: True)
+  assert kernels.attention_products(qkv, True) == kernels.ATTN_AMX_BF16
+  assert kernels.attention_products(jnp.zeros((1, 24, 3, 2, 16)), True) == kernels.ATTN_ROUNDED_BF16
+  monkeypatch.setattr(kernels, "amx_available", lambda: False)
+  assert kernels.attention_products(qkv, True) == kernels.ATTN_ROUNDED_BF16
 
 
 @needs_amx
 def test_amx_attention_refuses_shapes_it_cannot_tile_and_unknown_modes():
   qkv = jax.random.normal(jax.random.PRNGKey(0), (1, 24, 3, 1, 16))  # 24 tokens: not a multiple of 16
   with pytest.raises(Exception, match="multiples of (16|the SIMD width)"):  # an error, not float32 products
-    jax.block_until_ready(native_ops.attention_fwd(qkv, native_ops.ATTN_AMX_BF16))
+    jax.block_until_ready(kernels.attention_fwd(qkv, kernels.ATTN_AMX_BF16))
   with pytest.raises(Exception, match="products must be 0"):
-    jax.block_until_ready(native_ops.attention_fwd(qkv[:, :16], 3))
+    jax.block_until_ready(kernels.attention_fwd(qkv[:, :16], 3))

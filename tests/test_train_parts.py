@@ -75,3 +75,18 @@ def test_image_grid_layout_and_png(tmp_path):
   assert (grid[1:5, 6:10] == 20).all() and (grid[6:10, 1:5] == 60).all()
   save_png(str(tmp_path / "g.png"), grid)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), grid)
+
+
+def test_checkpointer_takes_a_relative_folder_and_reads_back_what_it_saved(tmp_path, monkeypatch):
+  """Orbax wants absolute paths; `Checkpointer` and `read_checkpoint` take a run's relative folder."""
+  from synth_med.infra.checkpoint import Checkpointer, read_checkpoint
+  monkeypatch.chdir(tmp_path)
+  tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.int32(3)}
+  ckpt = Checkpointer("run/checkpoints")
+  ckpt.save(3, tree)
+  ckpt.close()
+  got, step = read_checkpoint("run")
+  assert step == 3
+  np.testing.assert_array_equal(got["w"], tree["w"])
+  with pytest.raises(SynthMedError, match="no checkpoint folder"):
+    read_checkpoint("elsewhere")

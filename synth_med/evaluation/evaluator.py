@@ -74,7 +74,7 @@ class ClassificationEvaluator:
       if not groups:
         continue  # e.g. skin tone is unknown out of distribution
       out["groups"][a] = groups
-      out["gaps"][a] = fairness.gaps(groups, list(grouped))
+      out["gaps"][a] = fairness.gaps(grouped, p.attrs[a], spec.values, int(cfg.min_group_size))
       if self.spec.label_kind == "softmax" and int(cfg.beta_samples) > 0:
         out["beta_posterior"][a] = fairness.beta_posterior(
             topk_hits(p, 3), p.attrs[a], spec.values, int(cfg.beta_samples), int(cfg.seed))

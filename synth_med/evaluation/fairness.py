@@ -19,6 +19,12 @@ def _nan_to_none(v: Any) -> float | None:
   return None if v is None or not np.isfinite(v) else float(v)
 
 
+def _defined(metrics: Mapping[str, Metric]) -> dict[str, Any]:
+  """The metrics as MetricFrame functions of (row indices, row indices): NaN where undefined."""
+  return {name: (lambda yt, yp, f=fn: np.nan if f(np.asarray(yt)) is None else f(np.asarray(yt)))
+          for name, fn in metrics.items()}
+
+
 def per_group(metrics: Mapping[str, Metric], attr: np.ndarray, value_names: Sequence[str],
               min_group_size: int, bootstrap: int, seed: int, level: float = 0.95) -> dict[str, Any]:
   """{value name: {'n', 'small', metric: {'value', 'ci'}}} for the known values of attr.
@@ -31,13 +37,12 @@ def per_group(metrics: Mapping[str, Metric], attr: np.ndarray, value_names: Sequ
   rows = np.nonzero(known)[0]
   if len(rows) == 0:
     return {}
-  wrapped = {name: (lambda yt, yp, f=fn: np.nan if f(np.asarray(yt)) is None else f(np.asarray(yt)))
-             for name, fn in metrics.items()}
   a = (1.0 - level) / 2.0
   boot = {"n_boot": int(bootstrap), "ci_quantiles": [a, 1.0 - a], "random_state": int(seed)} if bootstrap > 0 else {}
   with warnings.catch_warnings():  # an undefined metric is NaN in every resample: its CI is None below
     warnings.simplefilter("ignore", RuntimeWarning)
-    mf = MetricFrame(metrics=wrapped, y_true=rows, y_pred=rows, sensitive_features={"g": attr[rows]}, **boot)
+    mf = MetricFrame(metrics=_defined(metrics), y_true=rows, y_pred=rows, sensitive_features={"g": attr[rows]},
+                     **boot)
   lo, hi = mf.by_group_ci if bootstrap > 0 else (None, None)
   out: dict[str, Any] = {}
   for code in sorted(np.unique(attr[rows])):
@@ -54,21 +59,32 @@ def per_group(metrics: Mapping[str, Metric], attr: np.ndarray, value_names: Sequ
   return out
 
 
-def gaps(groups: Mapping[str, Any], metric_names: Sequence[str]) -> dict[str, Any]:
-  """Best minus worst group per metric over groups that are defined and not small.
+def gaps(metrics: Mapping[str, Metric], attr: np.ndarray, value_names: Sequence[str],
+         min_group_size: int) -> dict[str, Any]:
+  """Best minus worst group per metric (fairlearn's `MetricFrame.difference()` between groups) over
+  the known groups of attr with at least `min_group_size` rows where the metric is defined.
 
   Binary attributes also get the signed difference second-minus-first value
   (e.g. male - female), as 002 G10 reports the sex gap.
   """
+  known = np.nonzero(attr >= 0)[0]
+  codes, counts = np.unique(attr[known], return_counts=True)
+  big = [int(c) for c, n in zip(codes, counts) if n >= min_group_size]
+  rows = known[np.isin(attr[known], big)]
+  by_group, difference = None, None
+  if len(rows):
+    mf = MetricFrame(metrics=_defined(metrics), y_true=rows, y_pred=rows, sensitive_features={"g": attr[rows]})
+    by_group, difference = mf.by_group, mf.difference(method="between_groups")
   out = {}
-  for m in metric_names:
-    vals = {g: e[m]["value"] for g, e in groups.items() if e[m]["value"] is not None and not e["small"]}
-    entry: dict[str, Any] = {"gap": (max(vals.values()) - min(vals.values())) if len(vals) >= 2 else None,
-                             "best": max(vals, key=vals.get) if len(vals) >= 2 else None,
-                             "worst": min(vals, key=vals.get) if len(vals) >= 2 else None}
-    if len(groups) == 2 and len(vals) == 2:
-      a, b = list(groups)
-      entry["diff"] = {"of": f"{b}-{a}", "value": vals[b] - vals[a]}
+  for m in metrics:
+    vals = {} if by_group is None else {value_names[int(c)]: float(v) for c, v in by_group[m].items() if np.isfinite(v)}
+    two = len(vals) >= 2
+    entry: dict[str, Any] = {"gap": float(difference[m]) if two else None,
+                             "best": max(vals, key=vals.get) if two else None,
+                             "worst": min(vals, key=vals.get) if two else None}
+    if len(codes) == 2 and len(vals) == 2:
+      first, second = (value_names[int(c)] for c in codes)
+      entry["diff"] = {"of": f"{second}-{first}", "value": vals[second] - vals[first]}
     out[m] = entry
   return out
 

@@ -23,7 +23,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 2):
     self.directory = ensure_writable_dir(os.path.abspath(directory))
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

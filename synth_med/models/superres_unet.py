@@ -13,6 +13,7 @@ import jax
 from synth_med.errors import SynthMedError
 from synth_med.models import unet
 from synth_med.models.unet import load  # noqa: F401 - same checkpoint format
+from synth_med.ops import Ops
 
 
 def upsample_bilinear(low_res: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -33,7 +34,7 @@ class Model(nn.Module):
   use_scale_shift_norm: bool = True
   resblock_updown: bool = False
   dtype: object = None
-  matmul_precision: str = "float32"
+  ops: Ops = unet.REFERENCE_OPS
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None,
@@ -45,6 +46,5 @@ class Model(nn.Module):
     kw = {} if self.dtype is None else {"dtype": self.dtype}
     return unet.Model(self.out_channels, self.model_channels, tuple(self.channel_mult), self.num_res_blocks,
                       tuple(self.attention_resolutions), self.num_head_channels, self.dropout,
-                      self.use_scale_shift_norm, self.resblock_updown, matmul_precision=self.matmul_precision,
-                      name="unet", **kw)(
+                      self.use_scale_shift_norm, self.resblock_updown, ops=self.ops, name="unet", **kw)(
                           x, t, cond, low_res, train)

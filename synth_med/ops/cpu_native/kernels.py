@@ -1,6 +1,6 @@
 """Native C++ CPU kernels for the UNet's hottest ops, as XLA FFI custom calls built on first use.
 
-The ops, sources in `native/` (one `.so`):
+The ops, sources in `src/` (one `.so`):
 
 - `conv3x3(x, kernel, flip)`: the 3x3 'SAME' stride-1 convolution, and (`flip`) its input
   gradient, each image copied once into a zero-bordered scratch and accumulated in register
@@ -13,18 +13,19 @@ The ops, sources in `native/` (one `.so`):
   and its kernel gradient, read in place (for the kernel gradient XLA first copies an operand
   into a transposed layout);
 - `group_norm_act_fwd` / `_bwd`: GroupNorm -> per-(image, channel) affine -> SiLU, image by
-  image in cache (`unet.group_norm_act`'s maths);
+  image in cache (`xla.group_norm_act`'s maths);
 - `attention_fwd` / `_bwd`: softmax(q k^T / sqrt(d)) v on packed qkv [B, N, 3, heads, d],
   one N x N score matrix per (image, head) in cache, the backward recomputing the softmax
-  from the saved log-sum-exp. `products` picks float32 products, or `unet.attend_bf16`'s
+  from the saved log-sum-exp. `products` picks float32 products, or `xla.attend_bf16`'s
   bfloat16 products (on AMX tiles through `amx_gemm`, 2.5-3x the float32 kernel; without AMX
   the float32 kernel on rounded operands); `attention_products` picks it per CPU and shape.
 - `conv3x3_bf16`, `kernel_grad_bf16`, `dense_bf16`, `dense_kernel_grad_bf16`: the
   convolution's and dense layer's products with bfloat16 products and float32 sums on the AMX
   tile units of Intel Xeons (Sapphire Rapids and later; `amx_available()`), for the UNet's
-  `matmul_precision='bfloat16'`: about 4x the float32 kernels (`native/amx_products.cc`).
+  `matmul_precision='bfloat16'`: about 4x the float32 kernels (`src/amx_products.cc`).
 
-`unet` uses them on CPUs and keeps its pure-XLA paths where they do not apply:
+`cpu_native.layers` (the CPU `Ops`, see `synth_med.ops`) uses them and keeps XLA's paths
+where they do not apply:
 
 - `SYNTH_MED_NATIVE_KERNELS=0` in the environment turns them off;
 - no C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`), or the build fails: one warning says why;
@@ -41,8 +42,9 @@ convolutions, dense layers, norm and attention run on each device's own images w
 whole (replicated) kernel; the kernel gradients sum each device's images and all-reduce, as
 XLA does for its own matmul over the batch. `custom_partitioning` has no
 batching rule, so a model using these ops cannot be `jax.vmap`ped (JAX raises "Batching rule
-for 'custom_partitioning' not implemented"); set `SYNTH_MED_NATIVE_KERNELS=0` for that.
-Nothing in synth_med vmaps a model. Speed figures: `bench/unet.py` and `bench/README.md`.
+for 'custom_partitioning' not implemented"); set `SYNTH_MED_NATIVE_KERNELS=0` for that
+(or build the model on `synth_med.ops.xla_ops()`). Nothing in synth_med vmaps a model. Speed
+figures: `bench/unet.py` and `bench/README.md`.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-NATIVE_DIR = Path(__file__).with_name("native")
+NATIVE_DIR = Path(__file__).with_name("src")
 SOURCES = ("conv3x3.cc", "conv_kernel_grad.cc", "dense.cc", "group_norm_act.cc", "attention.cc", "amx_products.cc")
 CONV = "synth_med_conv3x3"
 CONV_BF16, KERNEL_GRAD_BF16 = "synth_med_conv3x3_bf16", "synth_med_conv3x3_kernel_grad_bf16"
@@ -190,11 +192,6 @@ def amx_available() -> bool:
   return simd_width() is not None and bool(_state.get("amx"))
 
 
-def _cpu_width() -> int | None:
-  """`simd_width()` when JAX computes on the CPU, else None (GPUs and TPUs keep XLA's ops)."""
-  return simd_width() if jax.default_backend() == "cpu" else None
-
-
 def _require() -> None:
   if simd_width() is None:
     raise NativeBuildError("the native kernels are not available (see the warning above); use the XLA path")
@@ -263,13 +260,13 @@ def conv3x3(x: jax.Array, kernel: jax.Array, flip: bool = False) -> jax.Array | 
 
   With `flip` the kernel is (3, 3, n, m) and is used spatially flipped with its channel axes
   swapped: the input gradient of a convolution with that kernel, x being the output gradient.
-  None when the native kernel is unavailable (or not on a CPU), the operands are not float32,
+  None when the native kernel is unavailable, the operands are not float32,
   or n does not fit its SIMD width.
   """
   n = kernel.shape[2] if flip else kernel.shape[3]
   if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[3 if flip else 2] != x.shape[-1]:
     raise ValueError(f"conv3x3: x {x.shape} and kernel {kernel.shape} do not match (flip={flip})")
-  width = _cpu_width()
+  width = simd_width()
   if width is None or n % width or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     return None
   return _CONV_CALLS[flip](x, kernel)
@@ -335,7 +332,7 @@ _KERNEL_GRAD_CALLS = {True: _kernel_grad_call(True), False: _kernel_grad_call(Fa
 def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
   """Kernel gradient (3, 3, c, o) in float32 of a 3x3 SAME conv of x (b, h, w, c) with output gradient g.
 
-  None when the native kernel is unavailable (or not on a CPU) or neither c nor o fits its SIMD width.
+  None when the native kernel is unavailable or neither c nor o fits its SIMD width.
   """
   if x.ndim != 4 or g.shape[:3] != x.shape[:3]:
     raise ValueError(f"kernel_grad: x {x.shape} and g {g.shape} must be NHWC of the same (b, h, w)")
@@ -346,7 +343,7 @@ def _outer_product_sum(x: jax.Array, g: jax.Array, call, swapped_call=None) -> j
   """A kernel gradient (a sum of x ⊗ g over positions) in float32: call(x, g), whose vectors run
   along g's channels, or where only x's channels fit the SIMD width, swapped_call(g, x) with its
   last two axes swapped back. None when neither fits or the native kernels are unavailable."""
-  width = _cpu_width()
+  width = simd_width()
   if width is None:
     return None
   x, g = x.astype(jnp.float32), g.astype(jnp.float32)
@@ -373,13 +370,13 @@ def dense(x: jax.Array, kernel: jax.Array, transpose_kernel: bool = False) -> ja
   """x (..., m) @ kernel (m, n) in float32, or with `transpose_kernel` x @ kernel.T for kernel (n, m).
 
   The transposed form is the input gradient of a dense layer with that kernel, x being the
-  output gradient. None when the native kernel is unavailable (or not on a CPU), the operands
+  output gradient. None when the native kernel is unavailable, the operands
   are not float32, or n does not fit its SIMD width.
   """
   m, n = kernel.shape[::-1] if transpose_kernel else kernel.shape
   if x.ndim < 2 or kernel.ndim != 2 or x.shape[-1] != m:
     raise ValueError(f"dense: x {x.shape} and kernel {kernel.shape} do not match (transpose_kernel={transpose_kernel})")
-  width = _cpu_width()
+  width = simd_width()
   if width is None or n % width or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     return None
   return _dense_call(x.ndim, transpose_kernel)(x, kernel)
@@ -398,7 +395,7 @@ def dense_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
   """Kernel gradient (m, n) in float32 of a dense layer x (..., m) @ kernel, given its output gradient g (..., n).
 
   The sum over every leading (batch, pixel) position, both operands read in place. None when
-  the native kernel is unavailable (or not on a CPU) or neither m nor n fits its SIMD width.
+  the native kernel is unavailable or neither m nor n fits its SIMD width.
   """
   if x.ndim < 2 or g.shape[:-1] != x.shape[:-1]:
     raise ValueError(f"dense_kernel_grad: x {x.shape} and g {g.shape} must agree but in their last axis")
@@ -408,7 +405,7 @@ def dense_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array | None:
 def _amx_fits(x: jax.Array, other: jax.Array, n: int) -> bool:
   """Whether the AMX kernels take x (m channels) with `other` (a kernel or an output gradient)
   giving n output channels: on a CPU with AMX, float32, n a multiple of 16, m at least 16."""
-  return (jax.default_backend() == "cpu" and amx_available() and n % 16 == 0 and x.shape[-1] >= _AMX_MIN_CHANNELS
+  return (amx_available() and n % 16 == 0 and x.shape[-1] >= _AMX_MIN_CHANNELS
           and x.dtype == jnp.float32 and other.dtype == jnp.float32)
 
 
@@ -457,7 +454,7 @@ def _norm_calls(groups: int, silu: bool):
 
 def norm_fits(x: jax.Array, groups: int) -> bool:
   """Whether the native GroupNorm kernels take x (on a CPU; float32 NHWC, channels a SIMD multiple)."""
-  width = _cpu_width()
+  width = simd_width()
   return (width is not None and x.ndim == 4 and x.dtype == jnp.float32 and x.shape[-1] % width == 0
           and x.shape[-1] % groups == 0)
 
@@ -477,7 +474,7 @@ def group_norm_act_bwd(x, a, b, mean, inv, dy, groups: int, silu: bool):
 
 def attention_fits(qkv: jax.Array) -> bool:
   """Whether the native attention kernels take qkv [B, N, 3, heads, d] (on a CPU; float32, N, d SIMD multiples)."""
-  width = _cpu_width()
+  width = simd_width()
   return (width is not None and qkv.ndim == 5 and qkv.shape[2] == 3 and qkv.dtype == jnp.float32
           and qkv.shape[1] % width == 0 and qkv.shape[-1] % width == 0)
 

@@ -1,5 +1,5 @@
 // Kernel gradient of a 3x3 'SAME', stride-1 convolution (NHWC activations, HWIO kernel)
-// as an XLA FFI custom call for the CPU, built on first use by `synth_med.models.native_ops`.
+// as an XLA FFI custom call for the CPU, built on first use by `synth_med.ops.cpu_native.kernels`.
 //
 //   dk[i, j, m, n] = sum over (b, y, x) of A[b, y + di, x + dj, m] * V[b, y + ei, x + ej, n]
 //

@@ -1,5 +1,5 @@
 // A dense layer applied at every pixel (a 1x1 convolution), as XLA FFI custom calls for the
-// CPU, built on first use by `synth_med.models.native_ops`:
+// CPU, built on first use by `synth_med.ops.cpu_native.kernels`:
 //
 //   dense(x [..., M], kernel [M, N]) -> x @ kernel                 [..., N]
 //   dense(x [..., M], kernel [N, M], transpose) -> x @ kernel^T    [..., N]  (the input gradient)

@@ -1,5 +1,5 @@
 // GroupNorm -> per-(image, channel) affine -> optional SiLU, forward and backward, as XLA FFI
-// custom calls for the CPU (see `synth_med.models.unet.group_norm_act` for the maths; this is
+// custom calls for the CPU (see `synth_med.ops.xla.group_norm_act` for the maths; this is
 // the same computation, image by image, so each image's activations stay in cache between
 // the passes). Channels must be a multiple of the SIMD width VL.
 //

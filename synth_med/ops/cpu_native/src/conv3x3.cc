@@ -1,5 +1,5 @@
 // A 3x3 'SAME', stride-1 convolution (NHWC activations, HWIO kernel) as an XLA FFI custom call
-// for the CPU, built on first use by `synth_med.models.native_ops`. It serves both the forward
+// for the CPU, built on first use by `synth_med.ops.cpu_native.kernels`. It serves both the forward
 // convolution and its input gradient:
 //
 //   out[b, y, x, n] = sum over (i, j, m) of in[b, y + i - 1, x + j - 1, m] * K[i, j, m, n]
