@@ -432,8 +432,13 @@ METHOD_KEYS = (("data", "augment"), ("loss", "name"), ("model", "pretrained_npz"
 
 
 def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDict | None,
-               classifier: ConfigDict, methods: dict[str, ConfigDict]) -> ConfigDict:
-  """A study: shared data + the stage configs (each a complete stage config) + methods."""
+               classifier: ConfigDict, methods: dict[str, ConfigDict], modes: tuple[str, ...] = ("label", "label_property"),
+               minority_values: tuple[int, ...] | None = None) -> ConfigDict:
+  """A study: shared data + the stage configs (each a complete stage config) + methods.
+
+  `attribute` is the sensitive property: fair sampling is uniform over it, w1 and oversampling use
+  it, and with the 'label_property' mode the generator is conditioned on it. `minority_values`
+  (codes) makes it the skewed attribute too (Table A2); None keeps the world's skew."""
   config = ConfigDict()
   config.experiment = "study"
   config.seed = 0
@@ -450,8 +455,15 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.classifier = copy_unlocked(classifier)
   for part, key in METHOD_KEYS:  # each method sets these, so the study config has no such key
     del config.classifier[part][key]
+  if minority_values is not None:
+    config.data.skew.attribute = attribute
+    config.data.skew.minority_values = minority_values
+  config.classifier.mix.attribute = attribute
+  if "label_property" in modes:
+    for part in (config.base, config.upsampler) if upsampler is not None else (config.base,):
+      part.diffusion.condition.attributes = (attribute,)
   config.generate = ConfigDict({
-      "modes": ("label", "label_property"),
+      "modes": modes,
       "attribute": attribute,  # fair sampling is uniform over this property
       # ... over these codes of it; () = every value seen in labelled or unlabelled training data.
       "property_values": (),
@@ -492,10 +504,6 @@ def copy_unlocked(config: ConfigDict) -> ConfigDict:
   return c
 
 
-def set_property(diffusion: ConfigDict, attribute: str) -> None:
-  diffusion.diffusion.condition.attributes = (attribute,)
-
-
 def study_smoke(config: ConfigDict) -> None:
   """A study that runs end to end in a few minutes (tests): 2 seeds of the real-data baseline and of
   every synthetic method (the other baselines differ only in augmentation or loss, tested apart),
@@ -530,44 +538,6 @@ def study_smoke_sizes(config: ConfigDict, base_size: int, size: int) -> None:
   if config.upsampler is not None:
     config.upsampler.data.image_size = size
     config.upsampler.diffusion.low_res.size = base_size
-
-
-def cascade_cpu_scale(config: ConfigDict) -> None:
-  """A 16 px base + 16 -> 32 px upsampler + 32 px classifier for a 2-core CPU (README results).
-
-  Measured with bench/generator_fidelity.py on the skin world (500 images per point, probe agreement
-  with the requested label / each requested sex; real 16 px images: label 0.587, sex 0.994; bench/README):
-  the label agreement of label + sex samples flattens near 0.37-0.38 (1,000 steps 0.28, 3,000 steps
-  0.37, 6,000 steps 0.38; width 64 at 3,000 steps 0.37 for 2.5x the time per step), so the base trains
-  6,000 steps at width 32 and the generate stage picks w on the validation probe.
-  Classifiers: the tune stage chooses the learning rate, then doubles the step count from 300 while
-  the real baseline's validation score still gains (converged_classifiers)."""
-  config.classifier.data.image_size = 32
-  config.base.data.image_size = 16
-  config.base.model.channel_mult = (1, 2)
-  config.base.model.attention_resolutions = (2,)
-  config.base.train.steps = 6000
-  config.base.train.checkpoint_every = 1000
-  config.base.diffusion.min_snr_gamma = 5.0
-  config.base.train.sample_every = 0
-  config.base.sampler.steps = 25
-  config.upsampler.data.image_size = 32
-  config.upsampler.diffusion.low_res.size = 16
-  config.upsampler.model.model_channels = 16
-  config.upsampler.model.channel_mult = (1, 2)
-  config.upsampler.train.steps = 300
-  config.upsampler.train.sample_every = 0
-  # 4 steps from t = 0.2 T (SDEdit start): the longer the upsampler's chain, the more of its speckle
-  # reads as the skin world's male-only hair. Measured on the same 400 base samples (w = 4), requested
-  # female rendered female: start 0.5 x 5 steps 66 %, 0.3 x 5 88 %, 0.2 x 4 93 % (the base: 91 %);
-  # label agreement 0.22-0.25 throughout.
-  config.upsampler.sampler.steps = 4
-  config.upsampler.sampler.start = 0.2
-  config.generate.num_images = 500
-  config.generate.guidance_grid = (1.0, 2.0, 4.0, 7.0)
-  config.classifier.model.width = 0.125
-  config.classifier.train.optimizer.warmup_steps = 30
-  converged_classifiers(config, steps=300)
 
 
 def converged_classifiers(config: ConfigDict, steps: int) -> None:

@@ -16,7 +16,7 @@ Methods: real data only, RandAugment, oversampling, focal loss, label- and label
 conditioned synthetic mixes (alpha 0.5, w2 on the 4 dominant classes for single-label data),
 synthetic only; 5 seeds; tuning of the learning rate on the real baseline's ID validation split.
 """
-from configs import common, cxr_classifier, cxr_diffusion, derm_classifier, derm_diffusion
+from configs import common, cxr_classifier, cxr_diffusion, derm_cascade, derm_classifier, derm_diffusion
 
 
 def get_config(arg=None):
@@ -46,14 +46,11 @@ def get_config(arg=None):
   config.data.channels = 1 if grey else 3
   config.data.label_policy = "mask_uncertain"
   config.data.skew.attribute = attribute
-  config.classifier.mix.attribute = attribute
-  for part in (config.base, config.upsampler) if cascade else (config.base,):
-    common.set_property(part, attribute)
   if "smoke" in words:
     common.study_smoke_sizes(config, base_size=8 if cascade else 16, size=16)
   elif "full" not in words:
     if cascade:
-      common.cascade_cpu_scale(config)
+      derm_cascade.cpu_scale(config)  # the skin study's CPU cascade
     else:
       config.data.image_size = config.classifier.data.image_size = config.base.data.image_size = 32
   return common.finalize_study(config, words)

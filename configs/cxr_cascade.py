@@ -13,7 +13,7 @@ OOD; gap = best - worst sex on mean AUC) and report.html.
 Arguments: smoke, full; chexpert / chestxray14 / mimic_cxr / csv run it on a local copy of that data set
 (with --config.data.manual_dir=..., or --config.data.csv=... for csv; docs/data.md "Real data sets").
 """
-from configs import common, cxr_classifier, cxr_diffusion
+from configs import common, cxr_classifier, cxr_diffusion, derm_cascade
 
 
 def get_config(arg=None):
@@ -30,13 +30,12 @@ def get_config(arg=None):
       # The label-only store has no property, so its one control is real images of the same findings.
       "control_label_prior": common.controls(common.method(synthetic="label", alpha=0.5))["control_label_prior"],
   }
-  config = common.study_base("chest", "sex", base, up, classifier, methods)
-  config.generate.modes = ("label",)
+  config = common.study_base("chest", "sex", base, up, classifier, methods, modes=("label",))
   source = common.real_source(words, "chest")
   if source:
     common.use_real_data(config, source)
   if "smoke" in words:
     common.study_smoke_sizes(config, base_size=8, size=16)
   elif "full" not in words:
-    common.cascade_cpu_scale(config)
+    derm_cascade.cpu_scale(config)  # the skin study's CPU cascade
   return common.finalize_study(config, words)
