@@ -401,12 +401,15 @@ def stage_configs(classifier_module, diffusion_module, words: set[str], upsample
 
 def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,
            equality_level: float = 0.0, filter_dominant: int = 0, oversample: bool = False,
-           pretrained: bool = False, control: str = "") -> ConfigDict:
+           pretrained: bool = False, control: str = "", quality_filter: bool = False) -> ConfigDict:
   """One classifier recipe of a study (a baseline, a synthetic mix, or a control of one: `control`
-  swaps the synthetic images for real ones, see mix_config)."""
+  swaps the synthetic images for real ones, see mix_config). `quality_filter` mixes in only the store's
+  images whose requested label the real-data classifier, and whose requested property a probe on real
+  images, confirm (experiments/synthetic_store.filter_store)."""
   return ConfigDict({"augment": augment, "loss": loss, "synthetic": synthetic, "alpha": alpha,
                      "equality_level": equality_level, "filter_dominant": filter_dominant,
-                     "oversample": oversample, "pretrained": pretrained, "control": control})
+                     "oversample": oversample, "pretrained": pretrained, "control": control,
+                     "quality_filter": quality_filter})
 
 
 def controls(mix: ConfigDict) -> dict[str, ConfigDict]:
@@ -448,8 +451,8 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
   config.data = ConfigDict({k: data[k] for k in SHARED_DATA_KEYS})
   config.mesh = mesh_config()
   config.cpu_devices = CPU_DEVICES
-  config.stages = "base,upsampler,generate,tune,classifiers,evaluate,report" if upsampler is not None else \
-      "base,generate,tune,classifiers,evaluate,report"
+  config.stages = "base,upsampler,generate,tune,classifiers,evaluate,analyze,report" if upsampler is not None else \
+      "base,generate,tune,classifiers,evaluate,analyze,report"
   config.base = copy_unlocked(base)
   config.upsampler = copy_unlocked(upsampler) if upsampler is not None else None
   config.classifier = copy_unlocked(classifier)

@@ -6,8 +6,10 @@ Stages (each resumable, in its own folder): base diffusion (16 px on CPU),
 upsampler (16 -> 32 px), fair generation (label-only and label + property),
 classifiers (5 seeds each of: real data, the oversampling and focal-loss
 baselines, the two synthetic mixes, synthetic only, and the two controls that
-put real images in place of the label + property store's synthetic ones),
-evaluation (ID, OOD1, OOD2, with paired differences to `real`) and report.html.
+put real images in place of the label + property store's synthetic ones, and the
+label + property mix restricted to the images the real-data classifier and a probe
+confirm), evaluation (ID, OOD1, OOD2, with paired differences to `real`),
+analyses (002 App. F-G, memorisation, fairness metrics) and report.html.
 
 Arguments (comma list):
   smoke                 tiny, runs in about two minutes (tests)
@@ -42,6 +44,9 @@ def get_config(arg=None):
       "focal": common.method(loss="focal"),
       "synth_label": common.method(synthetic="label", alpha=0.5, filter_dominant=4),
       "synth_label_property": mix,
+      # the same mix with only the images the real-data classifier and a probe confirm (our addition)
+      "synth_label_property_filtered": common.method(synthetic="label_property", alpha=0.5, filter_dominant=4,
+                                                     quality_filter=True),
       "synthetic_only": common.method(synthetic="label_property", alpha=0.0, filter_dominant=0),
       **common.controls(mix),
   }

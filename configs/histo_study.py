@@ -25,6 +25,8 @@ def get_config(arg=None):
       "colour_aug": common.method(augment="standard"),
       "synth_label": common.method(augment="none", synthetic="label", alpha=0.5),
       "synth_label_property": mix,
+      "synth_label_property_filtered": common.method(augment="none", synthetic="label_property", alpha=0.5,
+                                                     quality_filter=True),
       "synthetic_only": common.method(augment="none", synthetic="label_property", alpha=0.0),
       **common.controls(mix),
   }

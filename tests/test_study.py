@@ -15,6 +15,7 @@ import pytest
 from synth_med.experiments.run import validate
 from synth_med.data.shards import read_shards
 from synth_med.errors import SynthMedError
+from synth_med.infra import artifacts
 from tests.conftest import ROOT, load_config
 from tests.test_cli import MAIN, run_main
 
@@ -178,13 +179,61 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
   assert set(cfid) == {"label", "label_property"} and cfid["label_property"]["runs"] == c.seeds
   assert set(cfid["label_property"]["synthetic_per_value"]) == {"female", "male"}
 
+  # The analyze stage: every analysis ran, on this study's files.
+  analyses = res["analyses"]
+  assert set(analyses) == {"memorisation", "mmd", "pca", "improvement", "generation_quality", "underserved",
+                           "beta_posterior", "group_metrics", "quality_filter"}
+  assert not [k for k, v in analyses.items() if "skipped" in v], analyses
+  for mode in ("label", "label_property"):  # a briefly trained generator copies nothing
+    for space in ("pixel", "feature"):
+      assert analyses["memorisation"]["stores"][mode][space]["flagged_fraction"] < 0.01
+  assert analyses["mmd"]["stores"]["label_property"]["all"]["n"] > 0
+  assert set(analyses["improvement"]["methods"]["synth_label_property"]["id"]) == {"female", "male"}
+  assert set(analyses["pca"]["methods"]) == set(res["methods"])
+  filt = analyses["quality_filter"]["methods"]["synth_label_property_filtered"]
+  assert 0 < filt["filter"]["kept"] <= filt["filter"]["total"] == 32 and filt["against"] == "synth_label_property"
+  assert set(filt["comparison"]) == {"id", "ood1", "ood2"}
+  assert analyses["beta_posterior"]["methods"]["real"]["id"]["sex"]["spread"]["seeds"] == c.seeds
+  assert all((workdir / e["figure"]).exists() for e in analyses.values() if "figure" in e)
+  feats = np.load(workdir / "classifiers" / "real" / "seed0" / "features.npz")
+  assert {"val", "id", "ood1", "ood2", "train", "synthetic/label", "synthetic/label_property"} <= set(feats.files)
+  assert set(np.load(workdir / "classifiers" / "synth_label" / "seed0" / "features.npz").files) == {
+      "val", "id", "ood1", "ood2"}  # other methods: their splits only
+
   page = (workdir / "report.html").read_text()
+  assert "Analyses" in page and "Memorisation check" in page
   assert page.index("Paired differences to real") < page.index("Samples: real next to synthetic")
   for section in ("Samples: real next to synthetic", "Results (mean ± std over seeds)",
                   "Performance against fairness gap", "Hyper-parameter tuning", "Generator fidelity",
                   "Stage timings"):
     assert section in page
   assert page.count("data:image/png;base64,") >= 2 and "synth_label_property" in page
+
+
+@pytest.mark.slow
+def test_memorisation_check_alone_flags_a_store_of_copied_training_images(tmp_path):
+  """`--config.stages=analyze` on a workdir holding only a 'synthetic' store made of the generator's own
+  training images: the memorisation check flags all of them; the analyses that need classifiers say why
+  they did not run."""
+  from synth_med.data.shards import shard_path, write_shard
+  from synth_med.data.sources import make_world
+  from synth_med.experiments.diffusion import training_source
+  from synth_med.experiments.study import stage_config
+  c = load_config("derm_cascade", "smoke")
+  part = stage_config(c, "upsampler")
+  train = training_source(make_world(part.data), part)[0].arrays
+  rows = np.random.default_rng(0).choice(len(train["image"]), 40, replace=False)
+  store = tmp_path / "study" / "synthetic" / "label_property"
+  write_shard(shard_path(str(store), 0), {k: v[rows] for k, v in train.items()})
+  artifacts.mark_done(str(store))
+  r = run_main("--config=configs/derm_cascade.py:smoke", f"--workdir={tmp_path / 'study'}", "--config.stages=analyze",
+               timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  analyses = json.loads((tmp_path / "study" / "results.json").read_text())["analyses"]
+  check = analyses["memorisation"]["stores"]["label_property"]["pixel"]
+  assert check["flagged_fraction"] == 1.0 and check["n_synthetic"] == 40
+  assert "feature" not in analyses["memorisation"]["stores"]["label_property"]  # no classifier yet
+  assert "classifiers stage" in analyses["pca"]["skipped"]
 
 
 @pytest.mark.parametrize("name,methods,metric", [("histo_study", "no_aug,synth_label_property", "accuracy"),

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
+import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from synth_med.infra import artifacts
+from synth_med.infra.figures import grid_figure, png_data_uri
 from synth_med.evaluation.study_results import fmt
-
-
-def _png_data_uri(fig: Any) -> str:
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _strip(images: np.ndarray, n: int, size: int, channels: int) -> np.ndarray:
@@ -36,9 +31,6 @@ def _strip(images: np.ndarray, n: int, size: int, channels: int) -> np.ndarray:
 def sample_grid_figure(real: dict[str, np.ndarray], synth: dict[str, np.ndarray], spec: Any, attr: str,
                        max_rows: int = 6, per_cell: int = 3) -> Any:
   """Rows: the most frequent labels; for each value of `attr`: real images | synthetic images."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
   r_y, s_y = real["label"].argmax(-1), synth["label"].argmax(-1)
   if spec.label_kind != "softmax":  # multi-label / binary: rows by the first positive finding (or none)
@@ -47,8 +39,7 @@ def sample_grid_figure(real: dict[str, np.ndarray], synth: dict[str, np.ndarray]
   classes = [c for c in np.argsort(-np.bincount(r_y + 1, minlength=spec.num_classes + 1)) - 1][:max_rows]
   values = list(range(len(spec.attribute(attr).values)))
   size, ch = real["image"].shape[1], real["image"].shape[-1]
-  fig, axes = plt.subplots(len(classes), 2 * len(values), squeeze=False,
-                           figsize=(2 * len(values) * per_cell * 0.55, len(classes) * 0.75))
+  fig, axes = grid_figure(len(classes), 2 * len(values), (2 * len(values) * per_cell * 0.55, len(classes) * 0.75))
   for i, c in enumerate(classes):
     for j, v in enumerate(values):
       for k, (src, y, name) in enumerate(((real, r_y, "real"), (synth, s_y, "synthetic"))):
@@ -68,13 +59,10 @@ def sample_grid_figure(real: dict[str, np.ndarray], synth: dict[str, np.ndarray]
 
 def scatter_figure(res: dict[str, Any]) -> Any:
   """Performance (first headline metric) against the fairness gap, one panel per split."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
   metric = res["metrics"][0]
   splits = res["splits"]
-  fig, axes = plt.subplots(1, max(len(splits), 1), squeeze=False, figsize=(4.2 * max(len(splits), 1), 3.6))
+  fig, axes = grid_figure(1, max(len(splits), 1), (4.2 * max(len(splits), 1), 3.6))
   for ax, split in zip(axes[0], splits):
     for name, entry in res["methods"].items():
       p, g = entry[split][metric], entry[split]["gap"]
@@ -152,6 +140,37 @@ def comparison_section(res: dict[str, Any]) -> str:
           f"{head}</tr>" + "".join(rows) + "</table>" + (f"<p>Controls:</p><ul>{notes}</ul>" if notes else ""))
 
 
+ANALYSIS_TITLES = {
+    "memorisation": "Memorisation check (002 §3.3, Fig. 9)", "mmd": "Maximum mean discrepancy (002 F.3, G.3.2)",
+    "pca": "Principal components (002 G.3.3, Fig. G8)", "improvement": "Change over the baseline per group (Figs. G4-G7)",
+    "generation_quality": "Generation quality per group", "underserved": "Underserved individuals (002 G.3.4, Fig. G9)",
+    "beta_posterior": "Beta posterior spread (002 F.2, Fig. G6)", "group_metrics": "Fairness metrics (MEDFAIR)",
+    "quality_filter": "Synthetic-sample quality filter",
+}
+
+
+def analyses_section(analyses: Mapping[str, Any], folder: str) -> str:
+  """One subsection per analysis: its caption, figure (a PNG under `folder`) and table, or why it was skipped."""
+  parts = ["<h2>Analyses</h2>"]
+  for name, entry in analyses.items():
+    parts.append(f"<h3>{html.escape(ANALYSIS_TITLES.get(name, name))}</h3>")
+    if "skipped" in entry:
+      parts.append(f"<p>Not run: {html.escape(entry['skipped'])}.</p>")
+      continue
+    parts.append(f"<p>{html.escape(entry.get('caption', ''))}</p>")
+    fig = entry.get("figure")
+    if fig and os.path.exists(os.path.join(folder, fig)):
+      with open(os.path.join(folder, fig), "rb") as f:
+        uri = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+      parts.append(f"<img alt='{html.escape(name)}' src='{uri}'>")
+    table = entry.get("table")
+    if table and table["rows"]:
+      head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table["header"])
+      body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in table["rows"])
+      parts.append(f"<table><tr>{head}</tr>{body}</table>")
+  return "".join(parts)
+
+
 def write_report(path: str, res: Mapping[str, Any] | None, timings: Mapping[str, Any],
                  summary: Mapping[str, Any], samples: Mapping[str, Any] | None = None) -> str:
   """Writes the study report to `path` (atomically) and returns it.
@@ -173,7 +192,7 @@ def write_report(path: str, res: Mapping[str, Any] | None, timings: Mapping[str,
   if samples is not None:
     fig = sample_grid_figure(samples["real"], samples["synthetic"], samples["spec"], str(summary["attribute"]))
     parts.append(f"<p>Store: <code>{html.escape(str(samples['store']))}</code></p>"
-                 f"<img alt='sample grid' src='{_png_data_uri(fig)}'>")
+                 f"<img alt='sample grid' src='{png_data_uri(fig)}'>")
   else:
     parts.append("<p>No synthetic store yet (the generate stage has not run).</p>")
 
@@ -183,7 +202,7 @@ def write_report(path: str, res: Mapping[str, Any] | None, timings: Mapping[str,
                  f"{html.escape(res['gap_metric'])}.</p>")
     parts += [_table(res, s) for s in res["splits"]]
     parts.append("<h2>Performance against fairness gap</h2>")
-    parts.append(f"<img alt='performance vs gap' src='{_png_data_uri(scatter_figure(res))}'>")
+    parts.append(f"<img alt='performance vs gap' src='{png_data_uri(scatter_figure(res))}'>")
     if res.get("missing"):
       parts.append(f"<p>Missing runs: {html.escape(', '.join(res['missing']))}</p>")
   else:
@@ -222,6 +241,9 @@ def write_report(path: str, res: Mapping[str, Any] | None, timings: Mapping[str,
                    f"<td>{e['real_heldout']:.3f}</td><td>{e['synthetic_as_requested']:.3f}</td><td>{ratio}</td>"
                    f"<td>{html.escape(per)}</td></tr>")
     parts.append("</table>")
+
+  if res and res.get("analyses"):
+    parts.append(analyses_section(res["analyses"], os.path.dirname(os.path.abspath(path))))
 
   tuning = res.get("tuning") if res else None
   if tuning:

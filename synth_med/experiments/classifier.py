@@ -2,6 +2,8 @@
 
 Writes to its folder: checkpoints/, tensorboard/, config.json, metrics.json,
 predictions.npz (every split's per-example outputs, labels and attributes),
+features.npz (every split's penultimate-layer features, float16; the study's real-data model also
+its training images' and the synthetic stores'),
 val_curve.json (the validation metrics every `train.eval_every` steps; also
 in metrics.json as `val_curve`, with the final step) and DONE. A folder with DONE is skipped; one without resumes from its checkpoint.
 Later stages (baselines, synthetic mixes, seeds) call `run_classifier` with
@@ -15,10 +17,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from synth_med.data.augment import make_augment
 from synth_med.data.mixing import MixedStream, check_alpha, classifier_arrays
-from synth_med.data.pipeline import ArraySource, RowSubset, TrainStream, WorldSource, materialise
+from synth_med.data.pipeline import ArraySource, RowSubset, TrainStream, WorldSource, eval_batches, materialise
 from synth_med.data.shards import read_shards
 from synth_med.data.tables import save_vocabulary
 from synth_med.data.sources import make_world
@@ -47,20 +50,50 @@ def build_model(config: Any, spec) -> bit_resnet.Model:
                           root_pool=bool(m.root_pool))
 
 
-def make_predict(task: ClassifierTask, mesh: jax.sharding.Mesh, label_kind: str):
-  """(params) -> fn(local batch dict) -> global probabilities (numpy)."""
+FEATURES_FILE = "features.npz"  # {split or 'train' or 'synthetic/<store>': [N, d] float16}
+
+
+def _batch_fn(task: ClassifierTask, mesh: jax.sharding.Mesh, name: str, head):
+  """(params) -> fn(local batch dict) -> head(logits, features) of the global batch (numpy), jitted once."""
   key = jit_cache.task_key(task)
-  fn = jit_cache.shared(
-      key and ("predict", key, mesh, label_kind),
-      lambda: jax.jit(lambda params, images: probabilities(task.logits(params, images)[0], label_kind),
-                      out_shardings=sharding.replicated(mesh)))
+  fn = jit_cache.shared(key and (name, key, mesh), lambda: jax.jit(
+      lambda params, images: head(*task.logits(params, images)), out_shardings=sharding.replicated(mesh)))
 
   def bind(params):
-    def predict(batch):
+    def apply(batch):
       images = sharding.to_global({"image": batch["image"]}, mesh)["image"]
       return np.asarray(jax.device_get(fn(params, images)))
-    return predict
+    return apply
   return bind
+
+
+def make_embed(task: ClassifierTask, mesh: jax.sharding.Mesh):
+  """(params) -> fn(local batch dict) -> the global batch's pre-logit features (numpy)."""
+  return _batch_fn(task, mesh, "embed", lambda logits, features: features)
+
+
+def embed_source(source: Any, embed: Any, batch_size: int) -> np.ndarray:
+  """Every example's features, in order, as float16."""
+  out = []
+  for batch, valid in eval_batches(source, batch_size):
+    keep = multihost_utils.process_allgather(valid, tiled=True)
+    out.append(np.asarray(embed(batch))[keep].astype(np.float16))
+  return np.concatenate(out)
+
+
+def save_features(path: str, features: dict[str, np.ndarray]) -> None:
+  artifacts.atomic_write(path, lambda f: np.savez_compressed(f, **features), mode="wb", suffix=".npz")
+
+
+def load_features(path: str) -> dict[str, np.ndarray]:
+  """{name: float32 features}, and the training images' attribute codes under 'attrs/train/<a>'."""
+  with np.load(path) as z:
+    return {k: z[k] if k.startswith("attrs/") else z[k].astype(np.float32) for k in z.files}
+
+
+def make_predict(task: ClassifierTask, mesh: jax.sharding.Mesh, label_kind: str):
+  """(params) -> fn(local batch dict) -> global probabilities (numpy)."""
+  return _batch_fn(task, mesh, f"predict/{label_kind}", lambda logits, features: probabilities(logits, label_kind))
 
 
 def training_stream(source: Any, spec: Any, config: Any) -> tuple[Any, dict[str, Any]]:
@@ -209,10 +242,13 @@ def run_classifier(config: Any, workdir: str, synthetic_stores: dict[str, str] |
                              "high_risk": list(spec.high_risk), "train_examples": len(train_split),
                              "steps": int(config.train.steps), "mix": mix_info, "splits": {}}
   split_predictions = {}
+  embed = make_embed(task, mesh)(eval_params(result.state, config))
+  features = {}
   for name in ("val",) + world.eval_split_names():
     ev = val_eval if name == "val" else ClassificationEvaluator(name, eval_source(name), spec, config.eval,
                                                                eval_bs)
     preds = ev.predictions(predict)
+    features[name] = embed_source(ev.source, embed, eval_bs)
     res = ev.score(preds)
     split_predictions[name] = preds
     metrics["splits"][name] = res
@@ -222,6 +258,11 @@ def run_classifier(config: Any, workdir: str, synthetic_stores: dict[str, str] |
   metrics["wall_time_s"] = {"train": t_train, "total": time.time() - t0}
   eval_writer.flush()
   save_predictions(os.path.join(workdir, PREDICTIONS_FILE), split_predictions)
+  if synthetic_stores is not None:  # the study's real-data model: its training images' features too
+    features["train"] = embed_source(source, embed, eval_bs)
+    rows = source.fetch(np.arange(len(source)))
+    for a in spec.attributes:
+      features[f"attrs/train/{a.name}"] = np.asarray(rows[f"attrs/{a.name}"], np.int32)
   if synthetic_stores:
     synth_preds = {}
     for store, folder in synthetic_stores.items():
@@ -230,7 +271,9 @@ def run_classifier(config: Any, workdir: str, synthetic_stores: dict[str, str] |
                                    attributes=tuple(a for a in (x.name for x in spec.attributes)
                                                     if f"attrs/{a}" in arrays))
       synth_preds[store] = ev.predictions(predict)
+      features[f"synthetic/{store}"] = embed_source(ev.source, embed, eval_bs)
     save_predictions(os.path.join(workdir, SYNTHETIC_PREDICTIONS_FILE), synth_preds)
+  save_features(os.path.join(workdir, FEATURES_FILE), features)
   artifacts.write_json(metrics_path, metrics)
   artifacts.mark_done(workdir)
   print(summary_table(metrics), flush=True)

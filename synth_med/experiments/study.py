@@ -8,6 +8,7 @@ Stages, each in its own folder under the workdir:
   tune         the real baseline over tune.grid, scored on ID val   tune/best.json
   classifiers  every method x seed                             classifiers/<method>/seed<k>/
   evaluate     mean +- std over seeds, ID and OOD              results.json
+  analyze      002's analyses and fairness metrics             results.json `analyses`, analyses/
   report       one self-contained HTML page                    report.html
 
 Every stage skips what is finished (DONE markers, finished shards) and resumes
@@ -34,15 +35,17 @@ from synth_med.data.shards import read_shards
 from synth_med.data.sources import make_world
 from synth_med.errors import SynthMedError
 from synth_med.evaluation.condition_fidelity import classifier_fidelity, fidelity, fit_probes
+from synth_med.evaluation.paired import load_predictions
 from synth_med.evaluation.report import write_report
 from synth_med.evaluation.study_results import aggregate, comparison_table, comparisons, results_table
-from synth_med.experiments.classifier import run_classifier
+from synth_med.experiments.analyze import StudyRuns, run_analyses
+from synth_med.experiments.classifier import SYNTHETIC_PREDICTIONS_FILE, run_classifier
 from synth_med.experiments.diffusion import run_diffusion
-from synth_med.experiments.synthetic_store import generate_fair
+from synth_med.experiments.synthetic_store import filter_store, generate_fair
 from synth_med.experiments.tuning import apply_overrides, best_path, grid_points, read_best, run_tuning
 from synth_med.infra import artifacts
 
-STAGES = ("base", "upsampler", "generate", "tune", "classifiers", "evaluate", "report")
+STAGES = ("base", "upsampler", "generate", "tune", "classifiers", "evaluate", "analyze", "report")
 # The world's identity and splits: one value for every stage (the image size stays per stage).
 SHARED_DATA_KEYS = ("source", "world", "seed", "num_classes", "id_domains", "ood_domains",
                     "unlabelled_domains", "train_size", "val_size", "test_size", "ood_size", "label_policy",
@@ -102,6 +105,30 @@ def stage_config(config: Any, part: str) -> Any:
   return sub
 
 
+def synthetic_folder(workdir: str, method: Any) -> str:
+  """The store a method mixes in: synthetic/<mode>, or its quality-filtered copy synthetic/<mode>_filtered."""
+  return os.path.join(workdir, "synthetic", method.synthetic + ("_filtered" if method.get("quality_filter") else ""))
+
+
+def ensure_filtered_store(config: Any, workdir: str, method: str) -> dict[str, Any]:
+  """Builds (once) the quality-filtered copy of `method`'s store from the baseline's seed-0 predictions on it."""
+  m = config.methods[method]
+  reference = reference_method(config)
+  ref_dir = os.path.join(workdir, "classifiers", reference, "seed0")
+  preds_path = os.path.join(ref_dir, SYNTHETIC_PREDICTIONS_FILE)
+  if not os.path.exists(preds_path) or m.synthetic not in load_predictions(preds_path):
+    raise SynthMedError(f"method {method!r} filters the {m.synthetic!r} store with the baseline {reference!r}'s "
+                        f"seed-0 predictions ({preds_path}); run that classifier first (it is the first method).")
+  world = make_world(stage_config(config, "classifier").data)
+  attribute = str(config.generate.attribute)
+  real = concat_batches([materialise(WorldSource(world, world.split(s)), f"{s} split").arrays for s in ("val", "id")])
+  info = artifacts.read_json(os.path.join(ref_dir, "metrics.json"))
+  values = next((tuple(a.values) for a in world.spec.attributes if a.name == attribute), ())
+  return filter_store(os.path.join(workdir, "synthetic", m.synthetic), synthetic_folder(workdir, m),
+                      load_predictions(preds_path)[m.synthetic], info["label_kind"],
+                      fit_probes(real, attribute, int(config.seed)), attribute, values, tuple(info["classes"]))
+
+
 def classifier_config(config: Any, workdir: str, method: str, seed: int,
                       tuned: dict[str, Any] | None = None) -> Any:
   """The classifier stage config of one method and seed, with the tune stage's values (`tuned`) applied."""
@@ -113,7 +140,7 @@ def classifier_config(config: Any, workdir: str, method: str, seed: int,
     c.data.augment = m.augment
     c.loss.name = m.loss
     c.mix.alpha = float(m.alpha) if m.synthetic else 1.0
-    c.mix.synthetic_dir = os.path.join(workdir, "synthetic", m.synthetic) if m.synthetic else ""
+    c.mix.synthetic_dir = synthetic_folder(workdir, m) if m.synthetic else ""
     c.mix.equality_level = float(m.equality_level)
     c.mix.filter_dominant = int(m.filter_dominant)
     c.mix.oversample = bool(m.oversample)
@@ -243,6 +270,10 @@ def _stage_classifiers(config: Any, workdir: str) -> bool:
         raise SynthMedError(f"method {m!r} needs the synthetic store {synth!r}, which is not finished; "
                             "run the generate stage first (add it to --config.stages).")
     print(f"--- classifier {i + 1}/{len(runs)}: {m}, seed {s} ---", flush=True)
+    if config.methods[m].get("quality_filter"):
+      report = ensure_filtered_store(config, workdir, m)
+      print(f"quality filter: kept {report['kept']} of {report['total']} images ({100 * report['acceptance']:.0f} %)",
+            flush=True)
     stores = None
     if m == reference_method(config):  # the real-data model also scores the synthetic stores (fidelity)
       stores = {mode: os.path.join(workdir, "synthetic", mode) for mode in config.generate.modes
@@ -293,6 +324,34 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
   return False
 
 
+def analysis_inputs(config: Any, workdir: str) -> StudyRuns:
+  """What the analyze stage reads from this study's workdir."""
+  stores = {m: os.path.join(workdir, "synthetic", m) for m in config.generate.modes}
+  names = method_names(config)
+  store_method = {}
+  for m in names:  # the mix that trains on each store (alpha in (0, 1), no control)
+    method = config.methods[m]
+    if (method.synthetic and 0 < float(method.alpha) < 1 and not method.control and not method.get("quality_filter")
+        and method.synthetic not in store_method):
+      store_method[method.synthetic] = m
+  filtered = {m: (store_method.get(config.methods[m].synthetic, ""), synthetic_folder(workdir, config.methods[m]))
+              for m in names if config.methods[m].get("quality_filter")}
+  return StudyRuns(workdir=workdir, methods=names, seeds=int(config.seeds), reference=reference_method(config),
+                   attribute=str(config.generate.attribute),
+                   stores={m: f for m, f in stores.items() if artifacts.is_done(f)}, store_method=store_method,
+                   filtered=filtered,
+                   classifier_config=stage_config(config, "classifier"),
+                   generator_config=stage_config(config, "upsampler" if config.get("upsampler") is not None
+                                                 else "base"),
+                   results_path=output_path(config, workdir, "results"), n_boot=int(config.comparisons.bootstrap),
+                   seed=int(config.seed))
+
+
+def _stage_analyze(config: Any, workdir: str) -> bool:
+  run_analyses(analysis_inputs(config, workdir))
+  return False
+
+
 def _stage_report(config: Any, workdir: str) -> bool:
   res_path = output_path(config, workdir, "results")
   res = artifacts.read_json(res_path) if os.path.exists(res_path) else None
@@ -318,5 +377,6 @@ def _stage_report(config: Any, workdir: str) -> bool:
 
 STAGE_FNS = {"base": functools.partial(_stage_diffusion, "base"),
              "upsampler": functools.partial(_stage_diffusion, "upsampler"), "generate": _stage_generate,
-             "tune": _stage_tune, "classifiers": _stage_classifiers, "evaluate": _stage_evaluate, "report": _stage_report}
+             "tune": _stage_tune, "classifiers": _stage_classifiers, "evaluate": _stage_evaluate, "analyze": _stage_analyze,
+             "report": _stage_report}
 

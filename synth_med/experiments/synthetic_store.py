@@ -19,7 +19,9 @@ from synth_med.data.sources import make_world
 from synth_med.diffusion.fair_sampler import fair_conditions, known_values
 from synth_med.diffusion.generator import CascadeGenerator, Generator
 from synth_med.errors import SynthMedError
-from synth_med.evaluation.condition_fidelity import fidelity, fit_probes
+from synth_med.data.shards import read_shards, shard_path, write_shard
+from synth_med.evaluation.condition_fidelity import fidelity, fit_probes, image_features, label_classes
+from synth_med.evaluation.metrics import Predictions, topk_hits
 from synth_med.infra import artifacts
 from synth_med.experiments.diffusion import build_cond_spec, build_model, build_schedule, sampler_config
 from synth_med.experiments.generation import run_generation
@@ -141,3 +143,61 @@ def generate_fair(config: Any, workdir: str, base_cfg: Any, up_cfg: Any | None =
     run_generation(generator, cond, folder, int(config.generate.seed) + 101 * i,
                    int(config.generate.shard_size), step)
   return False
+
+
+FILTER_REPORT = "filter.json"
+
+
+def confirmed_label(p: Predictions, label_kind: str) -> np.ndarray:
+  """bool[N]: the classifier's output agrees with each synthetic row's requested label.
+
+  softmax: the requested class is in the top 3 (top 1 with 3 or fewer classes); binary: p >= 0.5 on the
+  requested side; multi-label: every requested (known) finding scores >= 0.5 (no finding: confirmed)."""
+  if label_kind == "softmax":
+    return topk_hits(p, 3 if p.probs.shape[1] > 3 else 1)
+  if label_kind == "binary":
+    return (p.probs[:, 0] >= 0.5) == (p.label[:, 0] > 0.5)
+  wanted = (p.label > 0.5) & (p.label_mask > 0)
+  return ~(wanted & (p.probs < 0.5)).any(1)
+
+
+def filter_store(store: str, out: str, predictions: Predictions, label_kind: str, probes: dict[str, Any],
+                 attribute: str, value_names: tuple[str, ...], class_names: tuple[str, ...],
+                 shard_size: int = 256) -> dict[str, Any]:
+  """Keeps the rows of `store` whose requested label the real-data classifier confirms (`predictions`, its
+  outputs on the store) and whose requested `attribute` value the real-image probe confirms (rows with
+  no requested value pass); writes them as shards under `out` with `filter.json` (acceptance per class
+  and per attribute value) and returns that report. A finished `out` is read, not rebuilt."""
+  report_path = os.path.join(out, FILTER_REPORT)
+  if artifacts.is_done(out) and os.path.exists(report_path):
+    return artifacts.read_json(report_path)
+  arrays = read_shards(store).arrays
+  if len(predictions.label) != len(arrays["image"]):
+    raise SynthMedError(f"the classifier's predictions cover {len(predictions.label)} rows of {store!r}, which "
+                        f"has {len(arrays['image'])}; rerun the baseline's classifier runs after the generate stage.")
+  keep = confirmed_label(predictions, label_kind)
+  requested = arrays.get(f"attrs/{attribute}")
+  if requested is not None and attribute in probes:
+    ok = requested >= 0
+    attr_ok = np.ones(len(keep), bool)
+    if ok.any():
+      attr_ok[ok] = probes[attribute]["probe"].predict(image_features(arrays["image"][ok])) == requested[ok]
+    keep &= attr_ok
+  cls = label_classes(arrays)[0] if label_kind != "multilabel" else np.argmax(arrays["label"], 1)
+  report: dict[str, Any] = {"kept": int(keep.sum()), "total": int(len(keep)), "acceptance": float(keep.mean()),
+                            "per_class": {}, "per_value": {}}
+  for c in np.unique(cls):
+    report["per_class"][class_names[int(c)] if int(c) < len(class_names) else str(int(c))] = float(keep[cls == c].mean())
+  if requested is not None:
+    for v in np.unique(requested[requested >= 0]):
+      report["per_value"][value_names[int(v)]] = float(keep[requested == v].mean())
+  if not keep.any():
+    raise SynthMedError(f"the quality filter rejected every image of {store!r}; the generator does not render "
+                        "what it is asked for well enough to filter (see the report's fidelity section).")
+  rows = np.nonzero(keep)[0]
+  os.makedirs(out, exist_ok=True)
+  for i, start in enumerate(range(0, len(rows), shard_size)):
+    write_shard(shard_path(out, i), {k: v[rows[start:start + shard_size]] for k, v in arrays.items()})
+  artifacts.write_json(report_path, report)
+  artifacts.mark_done(out)
+  return report

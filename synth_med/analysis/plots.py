@@ -1,0 +1,70 @@
+"""The analyses' figures, drawn from their results (PNG bytes, for the study's `analyses/` folder)."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from synth_med.infra.figures import figure, grid_figure, png_bytes
+
+
+def memorisation_figure(check: Mapping[str, Any], synthetic: np.ndarray, train: np.ndarray) -> bytes:
+  """Nearest-training-image distances of synthetic and test images, and the closest pairs."""
+  pairs = check["closest_pairs"][:6]
+  fig, axes = grid_figure(2, max(len(pairs), 1) + 1, (2.0 * (len(pairs) + 1), 4.4))
+  ax = axes[0, 0]
+  ax.hist(check["test_distances"], bins=30, alpha=0.6, density=True, label="test → train")
+  ax.hist(check["synthetic_distances"], bins=30, alpha=0.6, density=True, label="synthetic → train")
+  ax.axvline(check["threshold"], color="k", ls="--", lw=1)
+  ax.set_xlabel(f"nearest distance ({check['metric']})")
+  ax.legend(fontsize=6)
+  axes[1, 0].axis("off")
+  for j, (s, t, d) in enumerate(pairs, start=1):
+    for row, img in ((0, synthetic[s]), (1, train[t])):
+      a = axes[row, j]
+      a.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+      a.set_xticks([])
+      a.set_yticks([])
+    axes[0, j].set_title(f"d={d:.3f}", fontsize=7)
+  axes[0, 1].set_ylabel("synthetic", fontsize=7)
+  axes[1, 1].set_ylabel("nearest train", fontsize=7)
+  return png_bytes(fig)
+
+
+def bars_figure(values: Mapping[str, Mapping[str, float | None]], ylabel: str,
+                errors: Mapping[str, Mapping[str, Sequence[float] | None]] | None = None) -> bytes:
+  """Grouped bars: one group per outer key, one bar per inner key (with CI error bars if given)."""
+  outer = list(values)
+  inner = sorted({k for v in values.values() for k in v})
+  fig, axes = figure(1, 1, (max(5.0, 0.9 * len(outer) * max(len(inner), 1) * 0.6 + 2), 3.6))
+  ax = axes[0]
+  width = 0.8 / max(len(inner), 1)
+  for j, name in enumerate(inner):
+    xs, ys, lo, hi = [], [], [], []
+    for i, o in enumerate(outer):
+      v = values[o].get(name)
+      if v is None:
+        continue
+      xs.append(i + j * width)
+      ys.append(v)
+      ci = (errors or {}).get(o, {}).get(name)
+      lo.append(v - ci[0] if ci else 0.0)
+      hi.append(ci[1] - v if ci else 0.0)
+    ax.bar(xs, ys, width, label=name, yerr=[lo, hi] if errors else None, capsize=2)
+  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(outer))])
+  ax.set_xticklabels(outer, rotation=30, ha="right", fontsize=7)
+  ax.axhline(0.0, color="k", lw=0.5)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=6)
+  return png_bytes(fig)
+
+
+def lines_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str) -> bytes:
+  """One line per named (x, y) series."""
+  fig, axes = figure(1, 1, (5.0, 3.6))
+  for name, (x, y) in series.items():
+    axes[0].plot(x, y, "o-", label=name)
+  axes[0].set_xlabel(xlabel)
+  axes[0].set_ylabel(ylabel)
+  axes[0].legend(fontsize=6)
+  return png_bytes(fig)

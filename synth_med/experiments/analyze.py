@@ -1,0 +1,507 @@
+"""The study's `analyze` stage: analyses of whatever stages have finished, from their saved outputs.
+
+Each analysis writes an entry under `analyses` in results.json (and, where it has one, a figure under
+`<workdir>/analyses/`, with a caption the report prints under it). An analysis whose inputs are
+missing records why (`skipped`) instead of failing, so `--config.stages=generate,analyze` runs the
+memorisation check on a store alone.
+
+- memorisation (002 §3.3, Fig. 9): each synthetic image's nearest generator-training image, in pixels
+  and in the real-data classifier's features, against test images' nearest training images.
+- mmd (002 F.3, G.3.2, Table G1): real vs held-out real against real vs synthetic, per store and per
+  attribute value; and each method's ID-vs-OOD discrepancy in its own features against the baseline's.
+- pca (G.3.3, Fig. G8): principal components for 60-95 % of the variance, per method over seeds.
+- generation_quality: FID and precision / recall per requested attribute value, with the generator's
+  condition fidelity and the mix's change in that group.
+- underserved (G.3.4, Fig. G9): at-risk test examples that every seed of a method gets wrong.
+- beta_posterior (F.2, Fig. G6): the spread of the group-vs-outgroup posteriors over seeds.
+- improvement (Figs. G4-G7): each method's paired change over the baseline per group and split.
+- group_metrics (MEDFAIR): worst group, equalised odds / equal opportunity, calibration per group,
+  intersectional groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+from scipy import stats
+
+from synth_med.analysis import distributions, group_metrics, memorisation, plots
+from synth_med.data.pipeline import WorldSource, materialise
+from synth_med.data.shards import read_shards
+from synth_med.data.sources import make_world
+from synth_med.evaluation import fairness
+from synth_med.evaluation.metrics import Predictions, metric_suite
+from synth_med.evaluation.paired import PREDICTIONS_FILE, compare, load_predictions
+from synth_med.experiments.classifier import FEATURES_FILE, SYNTHETIC_PREDICTIONS_FILE, load_features
+from synth_med.experiments.diffusion import training_source
+from synth_med.experiments.synthetic_store import FILTER_REPORT
+from synth_med.infra import artifacts
+
+FIGURES = "analyses"  # the folder under the workdir
+
+
+class MissingInput(Exception):
+  """An analysis's inputs are not there (the message says which stage makes them)."""
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: its loaders are cached per instance
+class StudyRuns:
+  """What the analyses read: the study's folders and choices (built by the study)."""
+  workdir: str
+  methods: list[str]
+  seeds: int
+  reference: str
+  attribute: str
+  stores: dict[str, str]  # finished synthetic stores: {mode: folder}
+  store_method: dict[str, str]  # {store: the synthetic mix method that trains on it}
+  filtered: dict[str, tuple[str, str]]  # {quality-filtered method: (its unfiltered mix, its store folder)}
+  classifier_config: Any  # a complete classifier stage config (its world and eval settings)
+  generator_config: Any  # the stage config whose images the stores match (upsampler, else base)
+  results_path: str
+  n_boot: int
+  seed: int = 0
+
+  def run_dir(self, method: str, seed: int) -> str:
+    return os.path.join(self.workdir, "classifiers", method, f"seed{seed}")
+
+  def finished(self, method: str, seed: int) -> bool:
+    return all(os.path.exists(os.path.join(self.run_dir(method, seed), f)) for f in ("metrics.json", PREDICTIONS_FILE))
+
+  def runs(self, method: str) -> list[int]:
+    return [s for s in range(self.seeds) if self.finished(method, s)]
+
+  @functools.lru_cache(maxsize=None)
+  def predictions(self, method: str, seed: int) -> dict[str, Predictions]:
+    return load_predictions(os.path.join(self.run_dir(method, seed), PREDICTIONS_FILE))
+
+  @functools.lru_cache(maxsize=None)
+  def metrics(self, method: str, seed: int) -> dict[str, Any]:
+    return artifacts.read_json(os.path.join(self.run_dir(method, seed), "metrics.json"))
+
+  @functools.lru_cache(maxsize=None)
+  def features(self, method: str, seed: int) -> dict[str, np.ndarray]:
+    path = os.path.join(self.run_dir(method, seed), FEATURES_FILE)
+    if not os.path.exists(path):
+      raise MissingInput(f"no {FEATURES_FILE} in {self.run_dir(method, seed)} (run the classifiers stage)")
+    return load_features(path)
+
+  def reference_features(self) -> dict[str, np.ndarray]:
+    seeds = self.runs(self.reference)
+    if not seeds:
+      raise MissingInput(f"no finished run of the baseline {self.reference!r} (run the classifiers stage)")
+    return self.features(self.reference, seeds[0])
+
+  @functools.lru_cache(maxsize=None)
+  def store(self, mode: str) -> dict[str, np.ndarray]:
+    return read_shards(self.stores[mode]).arrays
+
+  @functools.lru_cache(maxsize=None)
+  def spec(self) -> Any:
+    return make_world(self.classifier_config.data).spec
+
+  def value_names(self, attr: str) -> tuple[str, ...]:
+    return tuple(self.spec().attribute(attr).values)
+
+  def info(self) -> tuple[str, list[int]]:
+    """(label kind, high-risk class indices) of the runs."""
+    seeds = self.runs(self.reference)
+    if not seeds:
+      raise MissingInput(f"no finished run of the baseline {self.reference!r} (run the classifiers stage)")
+    m = self.metrics(self.reference, seeds[0])
+    return m.get("label_kind", "softmax"), [m["classes"].index(c) for c in m.get("high_risk", [])]
+
+  def figure(self, name: str, png: bytes) -> str:
+    rel = os.path.join(FIGURES, f"{name}.png")
+    artifacts.atomic_write(os.path.join(self.workdir, rel), lambda f: f.write(png), "wb", ".png")
+    return rel
+
+
+def _rows(arrays: dict[str, np.ndarray], key: str, value: int) -> np.ndarray:
+  return np.nonzero(np.asarray(arrays[key]) == value)[0]
+
+
+def _public(check: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in check.items() if not isinstance(v, np.ndarray)}
+
+
+def analyse_memorisation(r: StudyRuns) -> dict[str, Any]:
+  if not r.stores:
+    raise MissingInput("no finished synthetic store (run the generate stage)")
+  world = make_world(r.generator_config.data)
+  train = training_source(world, r.generator_config)[0].arrays["image"]
+  test = materialise(WorldSource(world, world.split("id")), "ID test split").arrays["image"]
+  try:
+    feats = r.reference_features()
+  except MissingInput:
+    feats = {}
+  out: dict[str, Any] = {"stores": {}}
+  rows = []
+  for mode in r.stores:
+    synth = r.store(mode)["image"]
+    if synth.shape[1:] != train.shape[1:]:
+      raise MissingInput(f"store {mode!r} images are {synth.shape[1:]}, the generator's training images "
+                         f"{train.shape[1:]}")
+    entry = {"pixel": memorisation.copy_check(synth, train, test, "l2")}
+    if f"synthetic/{mode}" in feats:
+      entry["feature"] = memorisation.copy_check(feats[f"synthetic/{mode}"], feats["train"], feats["id"], "cosine")
+    out["figure"] = r.figure(f"memorisation_{mode}", plots.memorisation_figure(entry["pixel"], synth, train))
+    out["stores"][mode] = {k: _public(v) for k, v in entry.items()}
+    for space, v in entry.items():
+      rows.append([mode, space, v["n_synthetic"], f"{v['threshold']:.4f}", f"{v['synthetic_quantiles']['0.5']:.4f}",
+                   f"{v['test_quantiles']['0.5']:.4f}", f"{100 * v['flagged_fraction']:.2f} %"])
+  out["caption"] = ("Each synthetic image's nearest training image (pixel ℓ2; classifier-feature cosine) against "
+                    "each real test image's: a synthetic image nearer than every test image is flagged as a "
+                    "likely copy. The histogram and the closest pairs are for the last store.")
+  out["table"] = {"header": ["store", "space", "synthetic", "threshold", "median synthetic", "median test", "flagged"],
+                  "rows": rows}
+  return out
+
+
+def analyse_mmd(r: StudyRuns) -> dict[str, Any]:
+  feats = r.reference_features()
+  ref_preds = r.predictions(r.reference, r.runs(r.reference)[0])
+  out: dict[str, Any] = {"stores": {}, "domains": {}}
+  rows = []
+  names = r.value_names(r.attribute)
+  for mode in r.stores:
+    key = f"synthetic/{mode}"
+    if key not in feats:
+      continue
+    entry = {"all": distributions.mmd_test(feats["train"], feats["id"], feats[key], seed=r.seed)}
+    store = r.store(mode)
+    if f"attrs/{r.attribute}" in store and f"attrs/train/{r.attribute}" in feats:
+      for v in np.unique(store[f"attrs/{r.attribute}"]):
+        if v < 0:
+          continue
+        tr, te = _rows(feats, f"attrs/train/{r.attribute}", v), _rows(ref_preds["id"].attrs, r.attribute, v)
+        sy = _rows(store, f"attrs/{r.attribute}", v)
+        if min(len(tr), len(te), len(sy)) >= 20:
+          entry[names[int(v)]] = distributions.mmd_test(feats["train"][tr], feats["id"][te], feats[key][sy], seed=r.seed)
+    out["stores"][mode] = entry
+    for group, e in entry.items():
+      if e["mmd_other"] is not None:
+        rows.append([f"{mode} / {group}", f"{e['mmd_heldout']:.4g}", f"{e['mmd_other']:.4g}",
+                     f"{e['ratio']:.2f}" if e.get("ratio") else "n/a", f"{e['p_mann_whitney']:.2g}"])
+  # 002 G.3.2: each method's ID-vs-OOD discrepancy in its own features (seed 0), against the baseline's
+  splits = [s for s in ref_preds if s not in ("val", "id")]
+  base = {}
+  for i, m in enumerate(r.methods):
+    seeds = r.runs(m)
+    if not seeds:
+      continue
+    f = r.features(m, seeds[0])
+    for split in splits:  # each method its own subsets, so the U test compares independent estimates
+      est = distributions.mmd_estimates(f["id"], f[split], seed=r.seed + 1000 * (i + 1))
+      if m == r.reference:
+        base[split] = est
+      out["domains"].setdefault(m, {})[f"id-{split}"] = {"mean": float(est.mean()), "estimates": est}
+  for m, pairs in out["domains"].items():
+    for pair, e in pairs.items():
+      ref = base.get(pair.split("-", 1)[1])
+      e["p_vs_reference"] = (None if m == r.reference or ref is None
+                             else float(stats.mannwhitneyu(e["estimates"], ref).pvalue))
+      e.pop("estimates")
+  if out["domains"]:
+    values = {m: {pair: e["mean"] for pair, e in pairs.items()} for m, pairs in out["domains"].items()}
+    out["figure"] = r.figure("mmd_domains", plots.bars_figure(values, "MMD² (cubic kernel), ID vs OOD"))
+  out["caption"] = ("Table: MMD² (002 Eq. 7, cubic kernel, 30 subsets of up to 300) on the baseline's features, "
+                    "real training vs held-out real test images against real training vs synthetic images, with "
+                    "the Mann-Whitney U p between the two sets of estimates. Figure: each method's MMD² between "
+                    "the ID test split and each OOD split in its own features (lower: better aligned domains).")
+  out["table"] = {"header": ["store / group", "real vs held-out", "real vs synthetic", "ratio", "U p"], "rows": rows}
+  return out
+
+
+def analyse_pca(r: StudyRuns) -> dict[str, Any]:
+  out: dict[str, Any] = {"methods": {}}
+  for m in r.methods:
+    per_seed = [distributions.components_for_variance(r.features(m, s)["id"], seed=r.seed) for s in r.runs(m)
+                if os.path.exists(os.path.join(r.run_dir(m, s), FEATURES_FILE))]
+    if per_seed:
+      out["methods"][m] = {f: float(np.mean([p[f] for p in per_seed])) for f in per_seed[0]} | {"seeds": len(per_seed)}
+  if not out["methods"]:
+    raise MissingInput("no classifier features (run the classifiers stage)")
+  feats = r.reference_features()
+  out["synthetic"] = {mode: distributions.components_for_variance(feats[f"synthetic/{mode}"], seed=r.seed)
+                      for mode in r.stores if f"synthetic/{mode}" in feats}
+  fr = list(distributions.VARIANCE_FRACTIONS)
+  series = {m: (fr, [v[f"{f:g}"] for f in fr]) for m, v in out["methods"].items()}
+  out["figure"] = r.figure("pca", plots.lines_figure(series, "fraction of variance", "principal components (ID test)"))
+  out["caption"] = ("Principal components of each method's ID test features needed for each fraction of the "
+                    "variance, mean over seeds (002 G.3.3: fewer means a more compressed representation).")
+  out["table"] = {"header": ["method"] + [f"{f:g}" for f in fr],
+                  "rows": [[m] + [f"{v[f'{f:g}']:.1f}" for f in fr] for m, v in out["methods"].items()]}
+  return out
+
+
+def analyse_generation_quality(r: StudyRuns, results: dict[str, Any], improvement: dict[str, Any]) -> dict[str, Any]:
+  feats = r.reference_features()
+  names = r.value_names(r.attribute)
+  out: dict[str, Any] = {"stores": {}}
+  rows = []
+  for mode in r.stores:
+    key = f"synthetic/{mode}"
+    if key not in feats:
+      continue
+    store = r.store(mode)
+    groups = {"all": (np.arange(len(feats["train"])), np.arange(len(feats[key])))}
+    if f"attrs/{r.attribute}" in store and f"attrs/train/{r.attribute}" in feats:
+      for v in np.unique(store[f"attrs/{r.attribute}"]):
+        if v >= 0:
+          groups[names[int(v)]] = (_rows(feats, f"attrs/train/{r.attribute}", v), _rows(store, f"attrs/{r.attribute}", v))
+    probe = (results.get("fidelity", {}).get(mode, {}).get(r.attribute) or {}).get("synthetic_per_value") or {}
+    judge = (results.get("fidelity_classifier", {}).get(mode) or {}).get("synthetic_per_value") or {}
+    change = improvement.get("methods", {}).get(r.store_method.get(mode, ""), {}).get("id", {})
+    entry = {}
+    for g, (tr, sy) in groups.items():
+      if min(len(tr), len(sy)) < 10:
+        continue
+      e = {"fid": distributions.frechet_distance(feats["train"][tr], feats[key][sy]),
+           **distributions.precision_recall(feats["train"][tr], feats[key][sy], seed=r.seed),
+           "probe_fidelity": probe.get(g), "classifier_fidelity": judge.get(g),
+           "mix_change_id": (change.get(g) or {}).get("diff")}
+      entry[g] = e
+      rows.append([mode, g, f"{e['fid']:.2f}", f"{e['precision']:.3f}", f"{e['recall']:.3f}",
+                   *("n/a" if e[k] is None else f"{e[k]:+.3f}" if k == "mix_change_id" else f"{e[k]:.3f}"
+                     for k in ("probe_fidelity", "classifier_fidelity", "mix_change_id"))])
+    out["stores"][mode] = entry
+  if not out["stores"]:
+    raise MissingInput("the baseline has no features of the synthetic stores (run generate, then classifiers)")
+  out["caption"] = ("Per requested attribute value: FID and precision / recall (Kynkäänniemi et al. 2019, k = 3) "
+                    "between real training and synthetic images in the baseline's features, the generator's "
+                    "condition fidelity (probe; classifier judge) and the mix's paired change in that group on ID.")
+  out["table"] = {"header": ["store", "group", "FID", "precision", "recall", "probe fidelity", "classifier fidelity",
+                             "mix change (ID)"], "rows": rows}
+  return out
+
+
+def analyse_underserved(r: StudyRuns) -> dict[str, Any]:
+  kind, high_risk = r.info()
+  names = r.value_names(r.attribute)
+  out: dict[str, Any] = {"methods": {}}
+  masks = {}
+  for m in r.methods:
+    seeds = r.runs(m)
+    if not seeds:
+      continue
+    for split in (s for s in r.predictions(m, seeds[0]) if s != "val"):
+      res = group_metrics.underserved([r.predictions(m, s)[split] for s in seeds], kind, high_risk, r.attribute, names)
+      masks[(m, split)] = res.pop("mask")
+      out["methods"].setdefault(m, {})[split] = res | {"seeds": len(seeds)}
+  for (m, split), mask in masks.items():
+    ref = masks.get((r.reference, split))
+    if ref is not None and m != r.reference:
+      out["methods"][m][split]["helped"] = int((ref & ~mask).sum())  # the baseline always misses, this method not
+      out["methods"][m][split]["hurt"] = int((mask & ~ref).sum())
+  values = {f"{split}/{g}": {m: e[split]["groups"][g]["always_missed"] for m, e in out["methods"].items()
+                             if split in e and g in e[split]["groups"]}
+            for split in next(iter(out["methods"].values()), {}) for g in names}
+  out["figure"] = r.figure("underserved", plots.bars_figure({k: v for k, v in values.items() if v},
+                                                            "at-risk examples every seed misses"))
+  out["caption"] = ("002 G.3.4: the at-risk test examples (high-risk classes; positives for binary and multi-label "
+                    "tasks) that every seed of a method gets wrong, per split and group (lower is better). "
+                    "'helped' counts those the baseline always misses and the method does not.")
+  out["table"] = {"header": ["method", "split", "at risk", "always missed", "helped", "hurt"],
+                  "rows": [[m, s, e["at_risk"], e["always_missed"], e.get("helped", ""), e.get("hurt", "")]
+                           for m, splits in out["methods"].items() for s, e in splits.items()]}
+  return out
+
+
+def analyse_beta_posterior(r: StudyRuns) -> dict[str, Any]:
+  out: dict[str, Any] = {"methods": {}}
+  for m in r.methods:
+    for s in r.runs(m):
+      for split, res in r.metrics(m, s)["splits"].items():
+        for attr, post in res.get("beta_posterior", {}).items():
+          spread = group_metrics.beta_spread(post)
+          if spread is None:
+            continue
+          e = out["methods"].setdefault(m, {}).setdefault(split, {}).setdefault(attr, {"spread": [], "groups": {}})
+          e["spread"].append(spread)
+          for g, v in post.items():
+            e["groups"].setdefault(g, []).append(v["mean"])
+  if not out["methods"]:
+    raise MissingInput("no Beta posteriors in the runs (softmax tasks only; run the classifiers stage)")
+  for m, splits in out["methods"].items():
+    for split, attrs in splits.items():
+      for attr, e in attrs.items():
+        e["spread"] = {"mean": float(np.mean(e["spread"])), "std": float(np.std(e["spread"])), "seeds": len(e["spread"])}
+        e["groups"] = {g: float(np.mean(v)) for g, v in e["groups"].items()}
+  values = {f"{split}": {m: s[split][r.attribute]["spread"]["mean"] for m, s in out["methods"].items()
+                         if r.attribute in s.get(split, {})}
+            for split in next(iter(out["methods"].values()))}
+  out["figure"] = r.figure("beta_posterior", plots.bars_figure(values, f"spread of top-3 posterior ({r.attribute})"))
+  out["caption"] = ("002 F.2 / Fig. G6: for each group, the Beta(1, 1) posterior of top-3 (group) − top-3 (outgroup); "
+                    "the spread is the standard deviation of the groups' posterior means, mean over seeds "
+                    "(lower is fairer).")
+  out["table"] = {"header": ["method", "split", "attribute", "spread (mean ± std over seeds)", "group means"],
+                  "rows": [[m, s, a, f"{e['spread']['mean']:.4f} ± {e['spread']['std']:.4f}",
+                            ", ".join(f"{g}: {v:+.3f}" for g, v in e["groups"].items())]
+                           for m, splits in out["methods"].items() for s, attrs in splits.items()
+                           for a, e in attrs.items()]}
+  return out
+
+
+def _subset(p: Predictions, rows: np.ndarray) -> Predictions:
+  return Predictions(label=p.label[rows], label_mask=p.label_mask[rows], probs=p.probs[rows],
+                     attrs={a: v[rows] for a, v in p.attrs.items()})
+
+
+def analyse_improvement(r: StudyRuns, results: dict[str, Any]) -> dict[str, Any]:
+  if not results.get("metrics"):
+    raise MissingInput("no results.json metrics (run the evaluate stage)")
+  kind, high_risk = r.info()
+  names = r.value_names(r.attribute)
+  metric = results["gap_metric"]
+  ref_seeds = r.runs(r.reference)
+  out: dict[str, Any] = {"metric": metric, "methods": {}}
+  for m in r.methods:
+    shared = [s for s in ref_seeds if r.finished(m, s)] if m != r.reference else []
+    for split in results["splits"] if shared else []:
+      codes = r.predictions(r.reference, shared[0])[split].attrs.get(r.attribute)
+      if codes is None:
+        continue
+      for v in np.unique(codes[codes >= 0]):
+        rows = np.nonzero(codes == v)[0]
+        c = compare([_subset(r.predictions(m, s)[split], rows) for s in shared],
+                    [_subset(r.predictions(r.reference, s)[split], rows) for s in shared],
+                    [metric], metric, "", kind, high_risk, n_boot=r.n_boot, seed=r.seed)[metric]
+        out["methods"].setdefault(m, {}).setdefault(split, {})[names[int(v)]] = c
+  if not out["methods"]:
+    raise MissingInput("no method shares finished seeds with the baseline (run the classifiers stage)")
+  values = {f"{split}/{g}": {m: e[split][g]["diff"] for m, e in out["methods"].items() if g in e.get(split, {})}
+            for split in results["splits"] for g in names}
+  errors = {f"{split}/{g}": {m: e[split][g]["ci"] for m, e in out["methods"].items() if g in e.get(split, {})}
+            for split in results["splits"] for g in names}
+  out["figure"] = r.figure("improvement", plots.bars_figure({k: v for k, v in values.items() if v},
+                                                            f"change in {metric} over {r.reference}", errors))
+  out["caption"] = (f"Each method's paired change in {metric} over the baseline per split and {r.attribute} group "
+                    "(002 Figs. G4-G7), with the 95 % bootstrap CI over seeds and test images.")
+  out["table"] = {"header": ["method", "split", "group", "change", "95 % CI", "verdict"],
+                  "rows": [[m, split, g, f"{c['diff']:+.3f}" if c["diff"] is not None else "n/a",
+                            "n/a" if c["ci"] is None else f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]", c["verdict"]]
+                           for m, splits in out["methods"].items() for split, groups in splits.items()
+                           for g, c in groups.items()]}
+  return out
+
+
+def analyse_group_metrics(r: StudyRuns, results: dict[str, Any]) -> dict[str, Any]:
+  kind, high_risk = r.info()
+  min_size = int(r.classifier_config.eval.min_group_size)
+  spec = r.spec()
+  out: dict[str, Any] = {"methods": {}}
+  rows = []
+  for m in r.methods:
+    seeds = r.runs(m)
+    if not seeds:
+      continue
+    for split in (s for s in r.predictions(m, seeds[0]) if s != "val"):
+      acc: dict[str, list] = {}
+      for s in seeds:
+        preds, res = r.predictions(m, s), r.metrics(m, s)["splits"].get(split, {})
+        test = preds[split]
+        for metric in results.get("metrics", []):
+          w = group_metrics.worst_group(res.get("groups", {}).get(r.attribute, {}), metric)
+          acc.setdefault(f"worst/{metric}", []).append(w["value"])
+        eo = group_metrics.equalised_odds(preds["val"], test, kind, r.attribute, min_size)
+        if eo is not None:
+          acc.setdefault("equal_opportunity", []).append(eo["equal_opportunity"])
+          acc.setdefault("equalised_odds", []).append(eo["equalised_odds"])
+        if r.attribute in test.attrs:
+          cal = group_metrics.ece_by_group(test, kind, r.attribute, r.value_names(r.attribute), min_size)
+          acc.setdefault("ece", []).append(cal["overall"])
+          acc.setdefault("ece_gap", []).append(cal["gap"])
+        grouped = metric_suite(test, kind, spec.class_names, spec.high_risk)[1]
+        gap_metric = results.get("gap_metric")
+        for other in (a for a in test.attrs if a != r.attribute and r.attribute in test.attrs):
+          codes, names = group_metrics.intersection(test.attrs[r.attribute], test.attrs[other],
+                                                    r.value_names(r.attribute), r.value_names(other))
+          if (codes >= 0).sum() == 0 or gap_metric not in grouped:
+            continue
+          groups = fairness.per_group({gap_metric: grouped[gap_metric]}, codes, names, min_size, 0, r.seed)
+          g = group_metrics.worst_group(groups, gap_metric)
+          acc.setdefault(f"worst/{gap_metric}/{r.attribute}×{other}", []).append(g["value"])
+          small = sum(e["small"] for e in groups.values())
+          acc.setdefault(f"small_groups/{r.attribute}×{other}", []).append(small)
+      entry = {k: (float(np.mean([x for x in v if x is not None])) if any(x is not None for x in v) else None)
+               for k, v in acc.items()}
+      out["methods"].setdefault(m, {})[split] = entry
+      rows.append([m, split] + [", ".join(f"{k}={v:.3f}" for k, v in entry.items() if v is not None)])
+  if not out["methods"]:
+    raise MissingInput("no finished classifier runs (run the classifiers stage)")
+  out["caption"] = (f"Mean over seeds: the worst {r.attribute} group of each headline metric; equal opportunity and "
+                    "equalised odds (best − worst group TPR, and the larger of the TPR and FPR differences, at the "
+                    "Youden threshold chosen on validation; binary and multi-label tasks); expected calibration "
+                    f"error overall and its {r.attribute} gap; the worst intersectional group "
+                    f"({r.attribute} × each other attribute) and how many such groups are small.")
+  out["table"] = {"header": ["method", "split", "values"], "rows": rows}
+  return out
+
+
+def analyse_quality_filter(r: StudyRuns, results: dict[str, Any]) -> dict[str, Any]:
+  if not r.filtered:
+    raise MissingInput("no quality-filtered method in this study")
+  kind, high_risk = r.info()
+  out: dict[str, Any] = {"methods": {}}
+  rows = []
+  for m, (plain, folder) in r.filtered.items():
+    path = os.path.join(folder, FILTER_REPORT)
+    if not os.path.exists(path):
+      raise MissingInput(f"{m!r} has no filtered store yet (run the classifiers stage)")
+    entry: dict[str, Any] = {"filter": artifacts.read_json(path), "against": plain, "comparison": {}}
+    shared = [s for s in r.runs(m) if plain and r.finished(plain, s)]
+    for split in results.get("splits", []) if shared else []:
+      entry["comparison"][split] = compare(
+          [r.predictions(m, s)[split] for s in shared], [r.predictions(plain, s)[split] for s in shared],
+          results["metrics"], results["gap_metric"], r.attribute, kind, high_risk,
+          int(r.classifier_config.eval.min_group_size), r.n_boot, r.seed)
+      for name, c in entry["comparison"][split].items():
+        if c["diff"] is not None:
+          rows.append([m, split, name, f"{c['diff']:+.3f}",
+                       "n/a" if c["ci"] is None else f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]", c["verdict"]])
+    out["methods"][m] = entry
+  first = next(iter(out["methods"].values()))["filter"]
+  out["figure"] = r.figure("quality_filter", plots.bars_figure(
+      {"per class": first["per_class"], "per value": first["per_value"]}, "acceptance rate"))
+  accept = ", ".join(f"{m}: kept {e['filter']['kept']} of {e['filter']['total']}" for m, e in out["methods"].items())
+  out["caption"] = ("The quality filter keeps the synthetic images whose requested label the real-data classifier "
+                    f"and whose requested property a real-image probe confirm ({accept}); the figure shows the "
+                    "acceptance rate per class and per property value, the table the filtered mix's paired "
+                    "difference to the unfiltered one.")
+  out["table"] = {"header": ["method", "split", "metric", "filtered − unfiltered", "95 % CI", "verdict"], "rows": rows}
+  return out
+
+
+def run_analyses(r: StudyRuns) -> dict[str, Any]:
+  """Runs every analysis, records it under `analyses` in results.json, and returns the entries."""
+  results = artifacts.read_json(r.results_path) if os.path.exists(r.results_path) else {}
+  out: dict[str, Any] = {}
+
+  def attempt(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    t0 = time.time()
+    try:
+      entry = fn()
+    except MissingInput as e:
+      entry = {"skipped": str(e)}
+    entry["seconds"] = round(time.time() - t0, 2)
+    out[name] = entry
+    print(f"analysis {name}: {entry.get('skipped', 'done')} ({entry['seconds']:.1f} s)", flush=True)
+    return entry
+
+  attempt("memorisation", lambda: analyse_memorisation(r))
+  attempt("mmd", lambda: analyse_mmd(r))
+  attempt("pca", lambda: analyse_pca(r))
+  improvement = attempt("improvement", lambda: analyse_improvement(r, results))
+  attempt("generation_quality", lambda: analyse_generation_quality(r, results, improvement))
+  attempt("underserved", lambda: analyse_underserved(r))
+  attempt("beta_posterior", lambda: analyse_beta_posterior(r))
+  attempt("group_metrics", lambda: analyse_group_metrics(r, results))
+  attempt("quality_filter", lambda: analyse_quality_filter(r, results))
+  results = artifacts.read_json(r.results_path) if os.path.exists(r.results_path) else {}
+  results["analyses"] = out
+  artifacts.write_json(r.results_path, results)
+  return out
