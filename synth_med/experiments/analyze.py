@@ -271,6 +271,9 @@ def analyse_generation_quality(r: StudyRuns, results: dict[str, Any], improvemen
     out["stores"][mode] = entry
   if not out["stores"]:
     raise MissingInput("the baseline has no features of the synthetic stores (run generate, then classifiers)")
+  out["figure"] = r.figure("generation_quality", plots.bars_figure(
+      {mode: {g: e["fid"] for g, e in entry.items()} for mode, entry in out["stores"].items()},
+      "FID (baseline's features; lower is closer to real)"))
   out["caption"] = ("Per requested attribute value: FID and precision / recall (Kynkäänniemi et al. 2019, k = 3) "
                     "between real training and synthetic images in the baseline's features, the generator's "
                     "condition fidelity (probe; classifier judge) and the mix's paired change in that group on ID.")
@@ -433,7 +436,12 @@ def analyse_group_metrics(r: StudyRuns, results: dict[str, Any]) -> dict[str, An
       rows.append([m, split] + [", ".join(f"{k}={v:.3f}" for k, v in entry.items() if v is not None)])
   if not out["methods"]:
     raise MissingInput("no finished classifier runs (run the classifiers stage)")
-  out["caption"] = (f"Mean over seeds: the worst {r.attribute} group of each headline metric; equal opportunity and "
+  worst = f"worst/{results.get('gap_metric')}"
+  out["figure"] = r.figure("group_metrics", plots.bars_figure(
+      {split: {m: e[split].get(worst) for m, e in out["methods"].items() if split in e}
+       for split in next(iter(out["methods"].values()))}, f"worst {r.attribute} group's {results.get('gap_metric')}"))
+  out["caption"] = (f"Figure: the worst {r.attribute} group's {results.get('gap_metric')} per method and split. Table: "
+                    f"mean over seeds: the worst {r.attribute} group of each headline metric; equal opportunity and "
                     "equalised odds (best − worst group TPR, and the larger of the TPR and FPR differences, at the "
                     "Youden threshold chosen on validation; binary and multi-label tasks); expected calibration "
                     f"error overall and its {r.attribute} gap; the worst intersectional group "
