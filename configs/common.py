@@ -161,6 +161,8 @@ def mix_config(world: str) -> ConfigDict:
       "alpha": 1.0,  # probability that a training example is real (1 = real only, 0 = synthetic only)
       "equality_level": 0.0,  # l of w1 = (p_f(a|y) / p_train(a|y))^l on real examples; 0 = off
       "filter_dominant": 0,  # w2: drop synthetic examples of the k most frequent classes; 0 = off
+      # A replica store (paper 000): mix in only its first k copies of the training set; 0 = every row.
+      "synthetic_copies": 0,
       "attribute": {"skin": "sex", "chest": "sex", "tissue": "hospital"}[world],  # for w1 and oversampling
       "oversample": False,  # repeat rows so the attribute's values are equally frequent (E.2 baseline)
       # Controls that keep the synthetic store's rows but swap in real training images (docs/design.md, "Controls"):

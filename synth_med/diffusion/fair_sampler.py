@@ -13,6 +13,9 @@
   labelled set but that the generator learnt from unlabelled images is still
   drawn: that is why 002 trains the generator on unlabelled data.
 - `mode='label'`: the properties are null (-1); the model's own p(a|y) applies.
+- `replica_conditions` (paper 000's label-matched replicas): every labelled training example's
+  label, mask and attributes, copied k times, copy-major, so the first c·N rows are exactly c
+  copies of the training set (a store made at the largest k serves every smaller one).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from synth_med.errors import SynthMedError
 from synth_med.objectives.reweighting import label_keys
 
 MODES = ("label", "label_property")
+REPLICA_SOURCE, REPLICA_COPY = "replica/source", "replica/copy"  # a replica row's training example and copy
 
 
 def property_values(attrs: np.ndarray) -> list[int]:
@@ -94,3 +98,44 @@ def fair_conditions(labelled: Mapping[str, np.ndarray], label_kind: str, n: int,
     out[key] = codes
   order = rng.permutation(n)
   return {k: v[order] for k, v in out.items()}
+
+
+def replica_conditions(labelled: Mapping[str, np.ndarray], copies: int,
+                       attribute_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """Paper 000: `copies` label-matched replicas of every labelled training example (label, label mask and
+  every attribute as the example has them), copy-major: rows [c·N, (c+1)·N) are copy c. `replica/source`
+  is the row's training example and `replica/copy` its copy; each row is its own image (its own noise)."""
+  labels = np.asarray(labelled["label"], np.float32)
+  total = len(labels)
+  if total == 0:
+    raise SynthMedError("replicas need labelled training examples; the labelled split is empty.")
+  if int(copies) < 1:
+    raise SynthMedError(f"the number of replicas per training example must be >= 1, got {copies}.")
+  source = np.tile(np.arange(total), int(copies))
+  out: dict[str, np.ndarray] = {
+      "label": labels[source],
+      "label_mask": np.asarray(labelled.get("label_mask", np.ones_like(labels)), np.float32)[source],
+      "labelled": np.ones(len(source), bool),
+      REPLICA_SOURCE: source.astype(np.int32),
+      REPLICA_COPY: np.repeat(np.arange(int(copies)), total).astype(np.int32),
+  }
+  for name in attribute_names:
+    key = f"attrs/{name}"
+    out[key] = np.asarray(labelled[key], np.int32)[source] if key in labelled else np.full(len(source), -1, np.int32)
+  return out
+
+
+def first_copies(arrays: Mapping[str, np.ndarray], copies: int) -> dict[str, np.ndarray]:
+  """The rows of a replica store that belong to its first `copies` copies (all rows of other stores
+  with copies = 0)."""
+  if int(copies) <= 0:
+    return dict(arrays)
+  if REPLICA_COPY not in arrays:
+    raise SynthMedError("mix.synthetic_copies is set but the store holds no replicas (no 'replica/copy'); "
+                        "make it with generate.modes containing 'replica', or set mix.synthetic_copies=0.")
+  have = int(np.max(arrays[REPLICA_COPY])) + 1
+  if int(copies) > have:
+    raise SynthMedError(f"mix.synthetic_copies={copies} but the store holds {have} copies of the training set; "
+                        f"generate at least {copies} (generate.replica_copies) or ask for fewer.")
+  keep = np.asarray(arrays[REPLICA_COPY]) < int(copies)
+  return {k: np.asarray(v)[keep] for k, v in arrays.items()}

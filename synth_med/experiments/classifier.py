@@ -23,6 +23,7 @@ from synth_med.data.augment import make_augment
 from synth_med.data.mixing import MixedStream, check_alpha, classifier_arrays
 from synth_med.data.pipeline import ArraySource, RowSubset, TrainStream, WorldSource, eval_batches, materialise
 from synth_med.data.shards import read_shards
+from synth_med.diffusion.fair_sampler import first_copies
 from synth_med.data.tables import save_vocabulary
 from synth_med.data.sources import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
@@ -124,7 +125,7 @@ def training_stream(source: Any, spec: Any, config: Any) -> tuple[Any, dict[str,
     if not mix.synthetic_dir:
       raise SynthMedError("mix.alpha < 1 needs synthetic data: set mix.synthetic_dir to a generation "
                           "folder (shard-*.npz), or mix.alpha=1 for real data only.")
-    synth = read_shards(str(mix.synthetic_dir)).arrays
+    synth = first_copies(read_shards(str(mix.synthetic_dir)).arrays, int(mix.synthetic_copies))
     size = tuple(arrays["image"].shape[1:])
     if tuple(synth["image"].shape[1:]) != size:
       raise SynthMedError(f"synthetic images in {mix.synthetic_dir!r} are {tuple(synth['image'].shape[1:])} "
