@@ -403,15 +403,16 @@ def stage_configs(classifier_module, diffusion_module, words: set[str], upsample
 
 def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,
            equality_level: float = 0.0, filter_dominant: int = 0, oversample: bool = False,
-           pretrained: bool = False, control: str = "", quality_filter: bool = False) -> ConfigDict:
+           pretrained: bool = False, control: str = "", quality_filter: bool = False, copies: int = 0) -> ConfigDict:
   """One classifier recipe of a study (a baseline, a synthetic mix, or a control of one: `control`
   swaps the synthetic images for real ones, see mix_config). `quality_filter` mixes in only the store's
   images whose requested label the real-data classifier, and whose requested property a probe on real
-  images, confirm (experiments/synthetic_store.filter_store)."""
+  images, confirm (experiments/synthetic_store.filter_store). `copies` > 0 mixes in the first k copies
+  of a 'replica' store (paper 000's graded supplementation)."""
   return ConfigDict({"augment": augment, "loss": loss, "synthetic": synthetic, "alpha": alpha,
                      "equality_level": equality_level, "filter_dominant": filter_dominant,
                      "oversample": oversample, "pretrained": pretrained, "control": control,
-                     "quality_filter": quality_filter})
+                     "quality_filter": quality_filter, "copies": copies})
 
 
 def controls(mix: ConfigDict) -> dict[str, ConfigDict]:
@@ -433,7 +434,7 @@ TUNE_METRIC = {"skin": "top3", "chest": "mean_auc", "tissue": "accuracy"}
 # The classifier keys a study's methods set (common.method -> experiments.study.classifier_config).
 METHOD_KEYS = (("data", "augment"), ("loss", "name"), ("model", "pretrained_npz"), ("mix", "alpha"),
                ("mix", "synthetic_dir"), ("mix", "equality_level"), ("mix", "filter_dominant"),
-               ("mix", "oversample"), ("mix", "control"))
+               ("mix", "oversample"), ("mix", "control"), ("mix", "synthetic_copies"))
 
 
 def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDict | None,
@@ -477,6 +478,7 @@ def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDi
       "guidance_grid": (),
       "guidance_probe_images": 300,
       "num_images": 2000,  # per mode (our choice; 002 leaves it open)
+      "replica_copies": 10,  # the 'replica' mode (paper 000): label-matched copies of each training example
       "seed": 0,
       "shard_size": 256,
   })

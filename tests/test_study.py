@@ -282,3 +282,30 @@ def test_pretrained_baseline_runs_only_with_a_bit_checkpoint():
     c.method_names = "real,pretrained"
   with pytest.raises(SynthMedError, match="needs --config.pretrained_npz"):
     validate(c)
+
+
+@pytest.mark.slow
+def test_cxr_supplement_smoke_writes_the_curve_and_the_per_finding_table(tmp_path):
+  """Paper 000's study on the chest world: one replica store serves every share, and the analyze stage
+  writes the supplementation curve, the per-finding table and the co-occurrence correlations."""
+  workdir = tmp_path / "supp"
+  r = run_main("--config=configs/cxr_supplement.py:smoke", f"--workdir={workdir}", timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  c = load_config("cxr_supplement", "smoke")
+  store = read_shards(str(workdir / "synthetic" / "replica")).arrays
+  n_train = int(np.max(store["replica/source"])) + 1
+  assert len(store["label"]) == 2 * n_train and set(np.unique(store["replica/copy"])) == {0, 1}
+  for name in ("supplement_100", "synthetic_only_200"):
+    mix = json.loads((workdir / "classifiers" / name / "seed0" / "metrics.json").read_text())["mix"]
+    assert mix["synthetic_examples"] == n_train * int(name.rsplit("_", 1)[1]) // 100
+  assert json.loads((workdir / "classifiers" / "supplement_100" / "seed0" / "metrics.json").read_text())[
+      "mix"]["alpha"] == pytest.approx(0.5)
+  supp = json.loads((workdir / "results.json").read_text())["analyses"]["supplementation"]
+  assert set(supp["curve"]) == {"id", "ood1"}
+  assert set(supp["curve"]["id"]["real+synthetic"]) == {"100", "200"} == set(supp["curve"]["id"]["synthetic only"])
+  assert supp["cooccurrence"]["synthetic replicas"]["pearson_vs_real_train"] == pytest.approx(1.0)
+  table = supp["findings"]["id"]
+  assert set(table) == {"real", "supplement_100", "supplement_200", "synthetic_only_100", "synthetic_only_200"}
+  assert "p_bonferroni" in table["supplement_100"]["Atelectasis"]
+  assert c.generate.replica_copies == 2 and "Supplementation with label-matched replicas" in (
+      workdir / "report.html").read_text()

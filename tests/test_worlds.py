@@ -236,3 +236,21 @@ def test_field_bank_draw_matches_the_jitted_take():
   assert flip.any() and not flip.all()
   np.testing.assert_allclose(np.asarray(rf.take_fields(bank.device_fields(), idx, flip)),
                              bank.draw(0, 7, ids), atol=1e-6)
+
+
+def test_chest_race_and_age_decades_follow_their_draws_and_take_the_skew(tiny_world_config):
+  """Paper 000's conditioning attributes on the chest world: five race-like groups in each domain's
+  proportions, age decades that agree with the age, and the skew knobs as for sex."""
+  from synth_med.data.worlds.chest import _P_RACE
+  c = tiny_world_config("chest")
+  c.train_size = 3000
+  w = make_world(c)
+  assert [a.name for a in w.spec.attributes] == ["sex", "age_bucket", "age_decade", "race"]
+  meta = w.metadata(w.split("train").ids)
+  share = np.bincount(meta["attrs/race"], minlength=5) / len(meta["attrs/race"])
+  np.testing.assert_allclose(share, _P_RACE["id"], atol=0.03)
+  np.testing.assert_array_equal(meta["attrs/age_decade"], np.floor(meta["age"] / 10).astype(int) - 1)
+  c.skew.attribute, c.skew.minority_values, c.skew.setting = "race", (1, 2, 3, 4), "more"
+  skewed = make_world(c).metadata(make_world(c).split("train").ids)
+  white = int((skewed["attrs/race"] == 0).sum())
+  assert int((skewed["attrs/race"] > 0).sum()) == round(115 / 8972 * white)

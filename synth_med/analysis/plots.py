@@ -68,3 +68,16 @@ def lines_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
   axes[0].set_ylabel(ylabel)
   axes[0].legend(fontsize=6)
   return png_bytes(fig)
+
+
+def heatmaps_figure(matrices: Mapping[str, np.ndarray], names: Sequence[str]) -> bytes:
+  """One co-occurrence heat map per named matrix (rows: the finding had; columns: the finding also had)."""
+  fig, axes = figure(1, len(matrices), (3.2 * len(matrices), 3.4))
+  for ax, (title, m) in zip(axes, matrices.items()):
+    ax.imshow(np.nan_to_num(m), vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=6)
+  return png_bytes(fig)

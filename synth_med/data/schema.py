@@ -27,6 +27,17 @@ AGE_BUCKET_EDGES = (15, 25, 35, 45, 55, 65, 75, 90)
 AGE_BUCKET_NAMES = tuple(f"({a},{b}]" for a, b in zip(AGE_BUCKET_EDGES[:-1], AGE_BUCKET_EDGES[1:]))
 
 
+AGE_DECADE_NAMES = tuple(f"{d}0s" for d in range(1, 10))  # paper 000 conditions on the age decade
+RACE_NAMES = ("White", "Black", "Asian", "Hispanic/Latino", "Other")  # paper 000's five (MIMIC-IV's groups)
+
+
+def age_to_decade(age: np.ndarray) -> np.ndarray:
+  """Ages in years to decades 10s..90s (codes 0..8); outside [10, 100) or NaN gives -1."""
+  age = np.asarray(age, np.float64)
+  ok = np.isfinite(age) & (age >= 10) & (age < 100)
+  return np.where(ok, np.floor(np.where(ok, age, 10) / 10) - 1, UNKNOWN).astype(np.int32)
+
+
 def age_to_bucket(age: np.ndarray) -> np.ndarray:
   """Maps ages in years to 002's 7 buckets; outside (15, 90] or NaN gives -1."""
   age = np.asarray(age, np.float64)

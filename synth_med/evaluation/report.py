@@ -146,6 +146,7 @@ ANALYSIS_TITLES = {
     "generation_quality": "Generation quality per group", "underserved": "Underserved individuals (002 G.3.4, Fig. G9)",
     "beta_posterior": "Beta posterior spread (002 F.2, Fig. G6)", "group_metrics": "Fairness metrics (MEDFAIR)",
     "quality_filter": "Synthetic-sample quality filter",
+    "supplementation": "Supplementation with label-matched replicas (paper 000)",
 }
 
 
@@ -158,11 +159,11 @@ def analyses_section(analyses: Mapping[str, Any], folder: str) -> str:
       parts.append(f"<p>Not run: {html.escape(entry['skipped'])}.</p>")
       continue
     parts.append(f"<p>{html.escape(entry.get('caption', ''))}</p>")
-    fig = entry.get("figure")
-    if fig and os.path.exists(os.path.join(folder, fig)):
-      with open(os.path.join(folder, fig), "rb") as f:
-        uri = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
-      parts.append(f"<img alt='{html.escape(name)}' src='{uri}'>")
+    for fig in (entry.get("figure"), entry.get("heatmaps")):
+      if fig and os.path.exists(os.path.join(folder, fig)):
+        with open(os.path.join(folder, fig), "rb") as f:
+          uri = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+        parts.append(f"<img alt='{html.escape(name)}' src='{uri}'>")
     table = entry.get("table")
     if table and table["rows"]:
       head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table["header"])

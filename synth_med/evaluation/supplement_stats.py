@@ -53,7 +53,7 @@ def _known(p: Predictions, column: int) -> tuple[np.ndarray, np.ndarray]:
 def finding_aucs(p: Predictions, names: Sequence[str], n_boot: int = 1000, seed: int = 0, level: float = 0.95
                  ) -> dict[str, Any]:
   """{finding: {auc, ci, prevalence}} and 'macro' (the mean of the defined findings' AUROCs, with its CI
-  from the same resamples): 000's 1,000 bootstrap resamples of the test set."""
+  from the same resamples): 000's 1,000 bootstrap resamples of the test set (n_boot = 0: no CIs)."""
   rng = np.random.default_rng(seed)
   counts = resample_counts(len(p.label), n_boot, rng)
   a = (1.0 - level) / 2.0
@@ -64,15 +64,18 @@ def finding_aucs(p: Predictions, names: Sequence[str], n_boot: int = 1000, seed:
     point = weighted_auc(p.probs[keep, c], y[keep], np.ones((1, int(keep.sum()))))[0]
     boot = weighted_auc(p.probs[keep, c], y[keep], counts[:, keep])
     ok = np.isfinite(boot)
+    has_ci = n_boot > 0 and ok.sum() > n_boot // 2
     out[name] = {"auc": None if not np.isfinite(point) else float(point),
-                 "ci": [float(np.quantile(boot[ok], a)), float(np.quantile(boot[ok], 1 - a))] if ok.sum() > n_boot // 2 else None,
+                 "ci": [float(np.quantile(boot[ok], a)), float(np.quantile(boot[ok], 1 - a))] if has_ci else None,
                  "prevalence": float(y[keep].mean()) if keep.any() else None}
     if np.isfinite(point):
       boots.append(boot)
   if boots:
-    macro = np.nanmean(np.stack(boots), 0)
     points = [e["auc"] for e in out.values() if e["auc"] is not None]
-    out["macro"] = {"auc": float(np.mean(points)), "ci": [float(np.quantile(macro, a)), float(np.quantile(macro, 1 - a))]}
+    out["macro"] = {"auc": float(np.mean(points)), "ci": None}
+    if n_boot > 0:
+      macro = np.nanmean(np.stack(boots), 0)
+      out["macro"]["ci"] = [float(np.quantile(macro, a)), float(np.quantile(macro, 1 - a))]
   return out
 
 

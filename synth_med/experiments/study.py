@@ -52,7 +52,7 @@ SHARED_DATA_KEYS = ("source", "world", "seed", "num_classes", "id_domains", "ood
                     "skew", "domain_prevalence", "manual_dir", "preprocessed_dir", "corrupt_images", "equalize",
                     "frontal_only", "val_fraction", "id_test_fraction", "mimic_patients_csv", "fitzpatrick_partition",
                     "use_unlabelled_set", "csv", "channels", "columns")
-SYNTHETIC_MODES = ("label", "label_property")
+SYNTHETIC_MODES = ("label", "label_property", "replica")
 
 
 def output_path(config: Any, workdir: str, kind: str) -> str:
@@ -145,6 +145,7 @@ def classifier_config(config: Any, workdir: str, method: str, seed: int,
     c.mix.filter_dominant = int(m.filter_dominant)
     c.mix.oversample = bool(m.oversample)
     c.mix.control = str(m.get("control", ""))
+    c.mix.synthetic_copies = int(m.get("copies", 0))
     c.model.pretrained_npz = config.pretrained_npz if m.pretrained else ""
   return c
 
@@ -169,6 +170,11 @@ def validate(config: Any) -> None:
                           f"generate.modes={tuple(config.generate.modes)} does not make.")
     if m.pretrained and not config.pretrained_npz:
       raise SynthMedError(f"method {name!r} needs --config.pretrained_npz (a local BiT .npz).")
+    copies = int(m.get("copies", 0))
+    if copies and (m.synthetic != "replica" or copies > int(config.generate.get("replica_copies", 0))):
+      raise SynthMedError(f"method {name!r} mixes in {copies} replica copies; that needs synthetic='replica' "
+                          f"and generate.replica_copies >= {copies} (it is "
+                          f"{config.generate.get('replica_copies', 0)}).")
   for mode in config.generate.modes:
     if mode not in SYNTHETIC_MODES:
       raise SynthMedError(f"generate.modes has {mode!r}; choose from {list(SYNTHETIC_MODES)}.")
@@ -336,10 +342,13 @@ def analysis_inputs(config: Any, workdir: str) -> StudyRuns:
       store_method[method.synthetic] = m
   filtered = {m: (store_method.get(config.methods[m].synthetic, ""), synthetic_folder(workdir, config.methods[m]))
               for m in names if config.methods[m].get("quality_filter")}
+  supplement = {m: ("real+synthetic" if float(config.methods[m].alpha) > 0 else "synthetic only",
+                    100 * int(config.methods[m].get("copies", 0)))
+                for m in names if int(config.methods[m].get("copies", 0)) > 0}
   return StudyRuns(workdir=workdir, methods=names, seeds=int(config.seeds), reference=reference_method(config),
                    attribute=str(config.generate.attribute),
                    stores={m: f for m, f in stores.items() if artifacts.is_done(f)}, store_method=store_method,
-                   filtered=filtered,
+                   filtered=filtered, supplement=supplement,
                    classifier_config=stage_config(config, "classifier"),
                    generator_config=stage_config(config, "upsampler" if config.get("upsampler") is not None
                                                  else "base"),

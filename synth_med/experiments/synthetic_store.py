@@ -3,8 +3,9 @@
 `generate_fair(config, workdir, base_cfg, up_cfg)` loads the EMA weights of `base/` (and
 `upsampler/`), draws the fair conditions (`diffusion.fair_sampler`) from the
 labelled training data, and runs the resumable generation job into
-`synthetic/<mode>/` for each of `generate.modes`. Every classifier seed and
-method reads the same shards.
+`synthetic/<mode>/` for each of `generate.modes` ('label', 'label_property', or paper 000's
+'replica': `generate.replica_copies` label-matched copies of every labelled training example).
+Every classifier seed and method reads the same shards.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from synth_med.data.pipeline import WorldSource, materialise
 from synth_med.data.sources import make_world
-from synth_med.diffusion.fair_sampler import fair_conditions, known_values
+from synth_med.diffusion.fair_sampler import fair_conditions, known_values, replica_conditions
 from synth_med.diffusion.generator import CascadeGenerator, Generator
 from synth_med.errors import SynthMedError
 from synth_med.data.shards import read_shards, shard_path, write_shard
@@ -137,8 +138,11 @@ def generate_fair(config: Any, workdir: str, base_cfg: Any, up_cfg: Any | None =
                         int(config.seed), os.path.join(workdir, "synthetic", GUIDANCE_FILE))
     base_gen.sampler = dataclasses.replace(base_gen.sampler, guidance=w)
   for i, (mode, folder) in enumerate(folders.items()):
-    cond = fair_conditions(labelled, spec.label_kind, int(config.generate.num_images),
-                           int(config.generate.seed) + i, mode, attr, names, draw_values=pool)
+    if mode == "replica":  # paper 000: every labelled training example's conditions, k times
+      cond = replica_conditions(labelled, int(config.generate.get("replica_copies", 10)), names)
+    else:
+      cond = fair_conditions(labelled, spec.label_kind, int(config.generate.num_images),
+                             int(config.generate.seed) + i, mode, attr, names, draw_values=pool)
     print(f"generating {len(cond['label'])} images ({mode} conditioning) into {folder}", flush=True)
     run_generation(generator, cond, folder, int(config.generate.seed) + 101 * i,
                    int(config.generate.shard_size), step)

@@ -1,5 +1,8 @@
 """The procedural chest X-ray world: 5 findings, multi-label, with uncertain labels.
 
+Attributes: sex, age (002's buckets and 000's decades) and a race-like attribute with paper
+000's five groups that leaves the pixels and findings alone.
+
 Greyscale radiographs: thorax, lungs, heart and ribs, with sex changing the
 thorax width and adding breast shadows over the lung bases, and age lowering
 bone density. Findings are visible where a radiologist would look:
@@ -26,12 +29,17 @@ import numpy as np
 
 from synth_med.data import random_fields as rf
 from synth_med.data.label_policy import apply_label_policy, usable_for_classifier
-from synth_med.data.schema import AGE_BUCKET_NAMES, AttributeSpec, DatasetSpec, age_to_bucket
+from synth_med.data.schema import (AGE_BUCKET_NAMES, AGE_DECADE_NAMES, RACE_NAMES, AttributeSpec, DatasetSpec,
+                                   age_to_bucket, age_to_decade)
 from synth_med.data.worlds.base import UNLABELLED, Capture, World, make_ids, unpack_ids
 
 FINDINGS = ("Atelectasis", "Consolidation", "Cardiomegaly", "Effusion", "Edema")
 _PREVALENCE = {"id": (0.15, 0.07, 0.12, 0.25, 0.18), "ood1": (0.10, 0.04, 0.03, 0.12, 0.02)}
 _P_MALE = {"id": 0.58, "ood1": 0.56}
+# A race-like attribute (paper 000's five groups): it shifts neither the findings nor the pixels, so what
+# a model learns about it comes from the data's skew alone. Drawn from its own stream, so adding it
+# left every other draw of the world as it was.
+_P_RACE = {"id": (0.62, 0.12, 0.12, 0.09, 0.05), "ood1": (0.55, 0.20, 0.08, 0.10, 0.07)}
 _P_UNCERTAIN_POS, _P_UNCERTAIN_NEG = 0.2, 0.03
 
 _CAPTURES = {
@@ -39,7 +47,7 @@ _CAPTURES = {
     "ood1": Capture(gain=(1.0,), brightness=0.04, contrast=0.8, gamma=0.8, blur=0.7, noise=0.04),
 }
 
-_S_DEMO, _S_FIND, _S_UNC, _S_GEOM = 31, 32, 33, 34
+_S_DEMO, _S_FIND, _S_UNC, _S_GEOM, _S_RACE = 31, 32, 33, 34, 35
 
 
 class ChestWorld(World):
@@ -54,7 +62,9 @@ class ChestWorld(World):
     self.spec = DatasetSpec(
         name="chest", class_names=FINDINGS, label_kind="multilabel",
         attributes=(AttributeSpec("sex", ("female", "male")),
-                    AttributeSpec("age_bucket", AGE_BUCKET_NAMES)),
+                    AttributeSpec("age_bucket", AGE_BUCKET_NAMES),
+                    AttributeSpec("age_decade", AGE_DECADE_NAMES),
+                    AttributeSpec("race", RACE_NAMES)),
         domains=("id", "ood1"), channels=1)
     self._prevalence = self.prevalence(_PREVALENCE, "probability of each of the 5 findings at age 54")
 
@@ -64,7 +74,8 @@ class ChestWorld(World):
     u = self.uniform(_S_DEMO, ids, 2)
     uf = self.uniform(_S_FIND, ids, 5)
     uu = self.uniform(_S_UNC, ids, 5)
-    sex = np.zeros(b, np.int32)
+    ur = self.uniform(_S_RACE, ids, 1)[:, 0]
+    sex, race = np.zeros(b, np.int32), np.zeros(b, np.int32)
     age = 18.0 + 72.0 * u[:, 1] ** 0.8
     present = np.zeros((b, 5), bool)
     raw = np.zeros((b, 5), np.int32)
@@ -72,6 +83,7 @@ class ChestWorld(World):
       dname = self.spec.domains[d]
       sel = domain == d
       sex[sel] = (u[sel, 0] < _P_MALE[dname]).astype(np.int32)
+      race[sel] = np.searchsorted(np.cumsum(_P_RACE[dname])[:-1], ur[sel], side="right")
       # Older patients have more cardiomegaly, effusion and edema.
       p = self._prevalence[dname][None, :] * (0.5 + (age[sel, None] - 18) / 72.0)
       present[sel] = uf[sel] < p
@@ -82,6 +94,7 @@ class ChestWorld(World):
     label, mask = apply_label_policy(raw, self.policy)
     return {"label": label, "label_mask": mask, "domain": domain, "raw_label": raw,
             "present": present, "attrs/sex": sex, "attrs/age_bucket": age_to_bucket(age),
+            "attrs/age_decade": age_to_decade(age), "attrs/race": race,
             "age": age.astype(np.float32)}
 
   def usable_for_labelled_training(self, meta: Mapping[str, np.ndarray]) -> np.ndarray:
