@@ -19,7 +19,7 @@ from synth_med.infra import artifacts
 from tests.conftest import ROOT, load_config
 from tests.test_cli import MAIN, run_main
 
-STUDIES = ["derm_cascade", "cxr_cascade", "histo_study"]
+STUDIES = ["derm_cascade", "cxr_cascade", "histo_study", "cxr_supplement"]
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -32,7 +32,9 @@ def test_study_configs_validate(name, arg):
     assert c.seeds == 5 and c.data.skew.setting == "more" and c.data.skew.attribute == "sex"
     assert c.upsampler.data.image_size == c.classifier.data.image_size
     assert set(c.methods) == {"real", "oversample", "focal", "synth_label", "synth_label_property",
-                              "synthetic_only", "control_real_images", "control_label_prior"}
+                              "synth_label_property_filtered", "synthetic_only", "control_real_images",
+                              "control_label_prior"}
+    assert c.methods.synth_label_property_filtered.quality_filter and "analyze" in c.stages
     assert c.methods.control_real_images.alpha == c.methods.synth_label_property.alpha
     assert set(load_config(name, "baselines").methods) >= {"randaugment", "imagenet_aug", "randaugment_imagenet",
                                                            "pretrained", "synth_label_property_w1"}
@@ -42,6 +44,13 @@ def test_study_configs_validate(name, arg):
     assert tuple(c.generate.modes) == ("label",) and not c.base.diffusion.condition.attributes
   if name == "histo_study":
     assert c.upsampler is None and "upsampler" not in c.stages
+  if name == "cxr_supplement":  # paper 000: findings + age decade + sex + race, one replica store
+    assert tuple(c.generate.modes) == ("replica",) and c.generate.replica_copies == (2 if arg == "smoke" else 10)
+    assert tuple(c.base.diffusion.condition.attributes) == ("sex", "age_decade", "race")
+    shares = {m: c.methods[m] for m in c.methods if m.startswith("supplement_")}
+    for m, method in shares.items():  # p % supplementation: real with probability 1 / (1 + p / 100)
+      assert method.alpha == pytest.approx(1 / (1 + method.copies))
+    assert c.data.label_policy == "mask_uncertain" and c.base.sampler.guidance == 0.0
 
 
 def test_attribute_axis_and_skew_are_config_choices():
@@ -50,6 +59,20 @@ def test_attribute_axis_and_skew_are_config_choices():
   assert c.generate.attribute == "age_bucket" and tuple(c.base.diffusion.condition.attributes) == ("age_bucket",)
   assert c.classifier.mix.attribute == "age_bucket"
   assert load_config("derm_cascade", "tone").data.skew.minority_values == (3, 4, 5)
+
+
+def test_supplement_arguments_fail_clearly():
+  with pytest.raises(ValueError, match="multiples of 100 from 100 to 1000"):
+    load_config("cxr_supplement", "percents=250")
+  with pytest.raises(ValueError, match="multiples of 100"):
+    load_config("cxr_supplement", "percents=x")
+  assert set(load_config("cxr_supplement", "percents=200/500").methods) == {
+      "real", "supplement_200", "supplement_500", "synthetic_only_200", "synthetic_only_500"}
+  c = load_config("cxr_supplement", "")
+  with c.unlocked():
+    c.generate.replica_copies = 3  # fewer copies than supplement_1000 reads
+  with pytest.raises(SynthMedError, match="generate.replica_copies >= 10"):
+    validate(c)
 
 
 def test_bad_stage_names_alpha_and_methods_fail_clearly():

@@ -30,13 +30,18 @@ def test_schedule_warmup_then_cosine_by_hand():
 
 
 def test_optimizer_choices_and_errors():
-  for name in ("adam", "adamw", "momentum", "sgd"):
+  for name in ("adam", "adamw", "momentum", "sgd", "lion"):
     tx, _ = make_optimizer(_opt(name=name, weight_decay=1e-4, grad_clip=1.0), 10)
     state = tx.init({"w": np.ones(3)})
     upd, _ = tx.update({"w": np.ones(3)}, state, {"w": np.ones(3)})
     assert upd["w"].shape == (3,)
+  # Lion's first step is -lr * sign(gradient) (paper 000's classifier optimizer)
+  tx, sched = make_optimizer(_opt(name="lion", schedule="constant", warmup_steps=0), 10)
+  g = {"w": np.array([0.3, -2.0, 0.0])}
+  upd, _ = tx.update(g, tx.init({"w": np.zeros(3)}), {"w": np.zeros(3)})
+  np.testing.assert_allclose(upd["w"], -float(sched(0)) * np.sign(g["w"]), rtol=1e-6)
   with pytest.raises(SynthMedError, match="choose one of"):
-    make_optimizer(_opt(name="lion"), 10)
+    make_optimizer(_opt(name="rmsprop"), 10)
   with pytest.raises(SynthMedError, match="schedule"):
     make_optimizer(_opt(schedule="step"), 10)
 

@@ -7,7 +7,7 @@ import optax
 
 from synth_med.errors import SynthMedError
 
-OPTIMIZERS = ("adam", "adamw", "momentum", "sgd")
+OPTIMIZERS = ("adam", "adamw", "momentum", "sgd", "lion")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -37,6 +37,8 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
       tx = optax.chain(optax.add_decayed_weights(wd), tx)
   elif name == "adamw":
     tx = optax.adamw(sched, weight_decay=wd)
+  elif name == "lion":  # Chen et al. 2023; paper 000's classifier (lr 1e-5, weight decay 3e-4)
+    tx = optax.lion(sched, weight_decay=wd)
   elif name in ("momentum", "sgd"):
     tx = optax.sgd(sched, momentum=0.9 if name == "momentum" else None, nesterov=False)
     if wd:
