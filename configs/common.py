@@ -62,6 +62,8 @@ def data_config(world: str, image_size: int) -> ConfigDict:
       "val_fraction": 0.1,  # patient-level slices where the data set has no such split
       "id_test_fraction": 0.1,
       "mimic_patients_csv": "",  # MIMIC-IV patients.csv(.gz) for sex and age
+      "mimic_admissions_csv": "",  # MIMIC-IV admissions.csv(.gz) for race (paper 000)
+      "chexpert_demographics_csv": "",  # CheXpert's demographics table (PATIENT, PRIMARY_RACE) as CSV
       "fitzpatrick_partition": "three",  # three | nine | label
       "use_unlabelled_set": True,  # CAMELYON17-WILDS: camelyon17_unlabeled_v1.0 when present
       "csv": "",  # data.source='csv': the CSV
@@ -163,6 +165,8 @@ def mix_config(world: str) -> ConfigDict:
       "filter_dominant": 0,  # w2: drop synthetic examples of the k most frequent classes; 0 = off
       # A replica store (paper 000): mix in only its first k copies of the training set; 0 = every row.
       "synthetic_copies": 0,
+      # > 0: leave out the replica rows of every k-th training example (validation, paper 000's Table 2).
+      "synthetic_holdout": 0,
       "attribute": {"skin": "sex", "chest": "sex", "tissue": "hospital"}[world],  # for w1 and oversampling
       "oversample": False,  # repeat rows so the attribute's values are equally frequent (E.2 baseline)
       # Controls that keep the synthetic store's rows but swap in real training images (docs/design.md, "Controls"):
@@ -403,7 +407,8 @@ def stage_configs(classifier_module, diffusion_module, words: set[str], upsample
 
 def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,
            equality_level: float = 0.0, filter_dominant: int = 0, oversample: bool = False,
-           pretrained: bool = False, control: str = "", quality_filter: bool = False, copies: int = 0) -> ConfigDict:
+           pretrained: bool = False, control: str = "", quality_filter: bool = False, copies: int = 0,
+           holdout: int = 0) -> ConfigDict:
   """One classifier recipe of a study (a baseline, a synthetic mix, or a control of one: `control`
   swaps the synthetic images for real ones, see mix_config). `quality_filter` mixes in only the store's
   images whose requested label the real-data classifier, and whose requested property a probe on real
@@ -412,7 +417,7 @@ def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alp
   return ConfigDict({"augment": augment, "loss": loss, "synthetic": synthetic, "alpha": alpha,
                      "equality_level": equality_level, "filter_dominant": filter_dominant,
                      "oversample": oversample, "pretrained": pretrained, "control": control,
-                     "quality_filter": quality_filter, "copies": copies})
+                     "quality_filter": quality_filter, "copies": copies, "holdout": holdout})
 
 
 def controls(mix: ConfigDict) -> dict[str, ConfigDict]:
@@ -434,7 +439,7 @@ TUNE_METRIC = {"skin": "top3", "chest": "mean_auc", "tissue": "accuracy"}
 # The classifier keys a study's methods set (common.method -> experiments.study.classifier_config).
 METHOD_KEYS = (("data", "augment"), ("loss", "name"), ("model", "pretrained_npz"), ("mix", "alpha"),
                ("mix", "synthetic_dir"), ("mix", "equality_level"), ("mix", "filter_dominant"),
-               ("mix", "oversample"), ("mix", "control"), ("mix", "synthetic_copies"))
+               ("mix", "oversample"), ("mix", "control"), ("mix", "synthetic_copies"), ("mix", "synthetic_holdout"))
 
 
 def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDict | None,

@@ -8,12 +8,16 @@ dropped with p = 0.1. Every labelled training image gets `generate.replica_copie
 synthetic replicas (its findings and demographics, each its own noise), made once; a method that
 supplements with p % reads the first p/100 copies. Classifiers (3 seeds): real data only; real +
 synthetic at each p % (a training example is real with probability 1 / (1 + p/100), as when the two
-sets are pooled); synthetic only at the same sizes. Evaluation: the internal test split (ID) and the
+sets are pooled); synthetic only at the same sizes; and 000's CFG matrix: one replica copy made at
+each guidance w (0, 4, 7.5), a model trained on each (10 % of the training examples held out), each
+model scored on real test images and on every store's held-out part, next to the store's FID.
+Evaluation: the internal test split (ID) and the
 external one (the world's OOD hospital), macro and per-finding AUROC; the analyze stage adds 000's
 statistics (bootstrap CIs per finding, paired t-tests with Bonferroni, co-occurrence correlation).
 
 Arguments (comma list):
   smoke            tiny, runs in about two minutes (tests; 100 and 200 %)
+  guidance=A/B/..  the CFG matrix's guidance values (default 0/4/7.5, 000's Table 2)
   full             paper 000's Table E1 sizes for accelerators: 256 px, UNet ch 128 (1,1,2,2,4,4), cosine
                    T = 1000, DDIM 200 steps; the classifier with Lion (lr 1e-5, weight decay 3e-4), EMA 0.9999
   quick            supplementation at 100, 300 and 1000 % (the default)
@@ -26,6 +30,7 @@ chest study.
 from configs import common, cxr_classifier, cxr_diffusion
 
 PERCENTS = {"quick": (100, 300, 1000), "all": tuple(range(100, 1001, 100))}
+GUIDANCE = (0.0, 4.0, 7.5)  # paper 000's Table 2
 CONDITION = ("sex", "age_decade", "race")  # with the findings: paper 000's conditioning
 
 
@@ -47,8 +52,24 @@ def parse_percents(words: set[str]) -> tuple[tuple[int, ...], set[str]]:
   return tuple(sorted(set(values))), rest
 
 
+def parse_guidance(words: set[str]) -> tuple[tuple[float, ...], set[str]]:
+  """The CFG matrix's guidance values (000: 0, 4, 7.5) and the other arguments."""
+  chosen = [w for w in words if w.startswith("guidance=")]
+  rest = {w for w in words if not w.startswith("guidance=")}
+  if not chosen:
+    return GUIDANCE, rest
+  try:
+    values = tuple(float(v) for v in chosen[0].split("=", 1)[1].split("/") if v)
+  except ValueError:
+    values = ()
+  if not values or any(not 0 <= v < 100 for v in values):
+    raise ValueError(f"{chosen[0]!r}: guidance values are numbers >= 0, e.g. guidance=0/4/7.5")
+  return tuple(sorted(set(values))), rest
+
+
 def get_config(arg=None):
   parts = {w.strip() for w in (arg or "").split(",") if w.strip()}
+  guidance, parts = parse_guidance(parts)
   percents, words = parse_percents(parts)
   words = common.parse_arg(",".join(sorted(words)), ("smoke", "full", "quick", "all"))
   classifier, base, _ = common.stage_configs(cxr_classifier, cxr_diffusion, words, upsampler=False)
@@ -57,7 +78,10 @@ def get_config(arg=None):
     methods[f"supplement_{p}"] = common.method(synthetic="replica", alpha=1.0 / (1.0 + p / 100.0), copies=p // 100)
   for p in percents:
     methods[f"synthetic_only_{p}"] = common.method(synthetic="replica", alpha=0.0, copies=p // 100)
-  config = common.study_base("chest", "sex", base, None, classifier, methods, modes=("replica",))
+  for w in guidance:  # the CFG matrix: synthetic only on one copy made at w, 10 % of it held out
+    methods[f"cfg_w{w:g}".replace(".", "p")] = common.method(synthetic=f"replica_w{w:g}", alpha=0.0, holdout=10)
+  modes = ("replica",) + tuple(f"replica_w{w:g}" for w in guidance)
+  config = common.study_base("chest", "sex", base, None, classifier, methods, modes=modes)
   config.data.label_policy = "mask_uncertain"  # paper 000 masks uncertain findings
   config.base.diffusion.condition.attributes = CONDITION
   config.base.sampler.guidance = 0.0  # 000 chose CFG scale 0 (plain conditional sampling) for its replicas

@@ -88,6 +88,7 @@ def _validate_classifier(config: Any) -> None:
   _positive(config, "mix.equality_level", allow_zero=True)
   _positive(config, "mix.filter_dominant", allow_zero=True)
   _positive(config, "mix.synthetic_copies", allow_zero=True)
+  _positive(config, "mix.synthetic_holdout", allow_zero=True)
   _choice(config, "mix.control", ("", "real_images", "label_prior"))
   if config.mix.control and float(config.mix.alpha) >= 1.0:
     raise SynthMedError(f"mix.control={config.mix.control!r} replaces a synthetic store's images; it needs "

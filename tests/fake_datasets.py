@@ -60,6 +60,10 @@ def write_chexpert(root: str, patients: int = 24, seed: int = 0) -> str:
         write_image(os.path.join(root, rel), rng, level=0.3 + 0.4 * cardio)
         rows.append([rel, ["Male", "Female"][p % 2], 20 + 3 * p, fl, "AP" if fl == "Frontal" else None] + findings)
     _csv(os.path.join(base, csv_name), header, rows)
+  races = ["White", "Black or African American", "Asian, non-Hispanic", "Other", "Unknown", "White, Hispanic",
+           "Native Hawaiian or Other Pacific Islander", "American Indian or Alaska Native"]
+  _csv(os.path.join(root, "chexpert_demo.csv"), ["PATIENT", "GENDER", "AGE_AT_CXR", "PRIMARY_RACE"],
+       [[f"patient{p:05d}", "Male", 40, races[p % len(races)]] for p in range(patients)])
   return base
 
 
@@ -100,6 +104,12 @@ def write_mimic(root: str, n: int = 12, seed: int = 0) -> tuple[str, str]:
   _csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"), ["dicom_id", "study_id", "subject_id", "split"], split)
   patients = os.path.join(root, "mimic-iv", "patients.csv")
   _csv(patients, ["subject_id", "gender", "anchor_age"], pts)
+  # two admissions per subject: the first says UNKNOWN, the second the race (the loader takes the first stated)
+  stated = ["WHITE", "BLACK/AFRICAN AMERICAN", "ASIAN - CHINESE", "HISPANIC/LATINO - PUERTO RICAN",
+            "AMERICAN INDIAN/ALASKA NATIVE", "PATIENT DECLINED TO ANSWER"]
+  _csv(os.path.join(root, "mimic-iv", "admissions.csv"), ["subject_id", "hadm_id", "race"],
+       [[10000000 + i, 20000000 + 2 * i + k, "UNKNOWN" if k == 0 else stated[i % len(stated)]]
+        for i in range(n) for k in range(2)])
   return root, patients
 
 

@@ -100,6 +100,20 @@ def test_chexpert_schema_policies_and_patient_split(tmp_path):
   assert (TableWorld(cfg, table).metadata(np.nonzero(eff == -1)[0])["label"][:, 3] == 1).all()
   sex = table.attrs["sex"]
   assert set(sex.tolist()) == {0, 1}
+  # paper 000's attributes: age decades from the age, race from a demographics CSV the user names
+  assert [a.name for a in table.attributes] == ["sex", "age_bucket", "age_decade", "race"]
+  assert (table.attrs["race"] == -1).all()  # none named
+  with cfg.unlocked():
+    cfg.chexpert_demographics_csv = os.path.join(str(tmp_path / "cx"), "chexpert_demo.csv")
+  raced = load_table(cfg)
+  # White, Black or African American, Asian (non-Hispanic), Other, Unknown, White (Hispanic),
+  # Native Hawaiian or Other Pacific Islander, American Indian or Alaska Native
+  groups = [0, 1, 2, -1, -1, 0, 4, 3]
+  number = np.array([int(p[7:]) for p in raced.patient])
+  expected = np.array([groups[k % 8] for k in number])
+  np.testing.assert_array_equal(raced.attrs["race"][number < 24], expected[number < 24])
+  ages = np.array([20 + 3 * (k % 60000) for k in number])  # the fake's ages
+  np.testing.assert_array_equal(raced.attrs["age_decade"], ages // 10 - 1)
 
 
 def test_chestxray14_label_mapping_and_official_test_list(tmp_path):
@@ -128,6 +142,13 @@ def test_mimic_cxr_joins_the_three_csvs_and_patients(tmp_path):
   assert table.paths[0] == "files/p10/p10000001/s50000001/d0001.jpg"
   assert (table.attrs["sex"] >= 0).all()
   TableWorld(cfg, table)  # every listed file exists and decodes
+  assert (table.attrs["race"] == -1).all()
+  with cfg.unlocked():
+    cfg.mimic_admissions_csv = os.path.join(root, "mimic-iv", "admissions.csv")
+  subject = np.array([int(p.split("/")[2][1:]) for p in load_table(cfg).paths]) - 10000000
+  race = load_table(cfg).attrs["race"]
+  # WHITE, BLACK/..., ASIAN - ..., HISPANIC/LATINO - ... (no race stated), AMERICAN INDIAN, DECLINED
+  np.testing.assert_array_equal(race, np.array([0, 1, 2, -1, 3, -1])[subject % 6])
 
 
 # --- CAMELYON17-WILDS -------------------------------------------------------------------------

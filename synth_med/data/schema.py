@@ -28,7 +28,7 @@ AGE_BUCKET_NAMES = tuple(f"({a},{b}]" for a, b in zip(AGE_BUCKET_EDGES[:-1], AGE
 
 
 AGE_DECADE_NAMES = tuple(f"{d}0s" for d in range(1, 10))  # paper 000 conditions on the age decade
-RACE_NAMES = ("White", "Black", "Asian", "Hispanic/Latino", "Other")  # paper 000's five (MIMIC-IV's groups)
+RACE_NAMES = ("White", "Black", "Asian", "American Indian", "Pacific Islander")  # paper 000's five groups
 
 
 def age_to_decade(age: np.ndarray) -> np.ndarray:

@@ -125,6 +125,14 @@ def replica_conditions(labelled: Mapping[str, np.ndarray], copies: int,
   return out
 
 
+def held_out(arrays: Mapping[str, np.ndarray], every: int) -> np.ndarray:
+  """bool[N]: the replica rows set aside for validation, those of every `every`-th training example
+  (paper 000 holds out 10 % of the training set, real and synthetic alike)."""
+  if REPLICA_SOURCE not in arrays:
+    raise SynthMedError("a replica hold-out needs a replica store (no 'replica/source' in it).")
+  return np.asarray(arrays[REPLICA_SOURCE]) % int(every) == 0
+
+
 def first_copies(arrays: Mapping[str, np.ndarray], copies: int) -> dict[str, np.ndarray]:
   """The rows of a replica store that belong to its first `copies` copies (all rows of other stores
   with copies = 0)."""

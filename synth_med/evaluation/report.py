@@ -164,11 +164,12 @@ def analyses_section(analyses: Mapping[str, Any], folder: str) -> str:
         with open(os.path.join(folder, fig), "rb") as f:
           uri = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
         parts.append(f"<img alt='{html.escape(name)}' src='{uri}'>")
-    table = entry.get("table")
-    if table and table["rows"]:
-      head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table["header"])
-      body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in table["rows"])
-      parts.append(f"<table><tr>{head}</tr>{body}</table>")
+    for table in [entry.get("table")] + list(entry.get("tables", [])):
+      if table and table["rows"]:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table["header"])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                       for row in table["rows"])
+        parts.append(f"<table><tr>{head}</tr>{body}</table>")
   return "".join(parts)
 
 

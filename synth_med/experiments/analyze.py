@@ -39,6 +39,7 @@ from synth_med.evaluation.metrics import Predictions, metric_suite
 from synth_med.evaluation.paired import PREDICTIONS_FILE, compare, load_predictions
 from synth_med.experiments.classifier import FEATURES_FILE, SYNTHETIC_PREDICTIONS_FILE, load_features
 from synth_med.experiments.diffusion import training_source
+from synth_med.diffusion.fair_sampler import held_out
 from synth_med.experiments.synthetic_store import FILTER_REPORT
 from synth_med.infra import artifacts
 
@@ -61,6 +62,7 @@ class StudyRuns:
   store_method: dict[str, str]  # {store: the synthetic mix method that trains on it}
   filtered: dict[str, tuple[str, str]]  # {quality-filtered method: (its unfiltered mix, its store folder)}
   supplement: dict[str, tuple[str, int]]  # paper 000: {method: ('real+synthetic' or 'synthetic only', percent)}
+  cfg_matrix: dict[str, str]  # paper 000's Table 2: {method trained on one guidance's store: that store}
   classifier_config: Any  # a complete classifier stage config (its world and eval settings)
   generator_config: Any  # the stage config whose images the stores match (upsampler, else base)
   results_path: str
@@ -486,6 +488,35 @@ def analyse_quality_filter(r: StudyRuns, results: dict[str, Any]) -> dict[str, A
   return out
 
 
+def cfg_matrix(r: StudyRuns, names: list[str], every: int = 10) -> dict[str, Any]:
+  """Paper 000's Table 2: macro AUROC of the real-data model and of each model trained on one guidance's
+  replica store, on the real ID test split and on each store's held-out rows (those of every 10th
+  training example, which the store's own model did not train on), mean over seeds; with each store's
+  FID to the real training images in the baseline's features."""
+  stores = sorted(set(r.cfg_matrix.values()), key=lambda s: float(s[len("replica_w"):]))
+  held = {s: held_out(r.store(s), every) for s in stores}
+  table: dict[str, dict[str, Any]] = {}
+  for m in [r.reference] + list(r.cfg_matrix):
+    row: dict[str, list[float]] = {}
+    for s in r.runs(m):
+      row.setdefault("real id", []).append(st.finding_aucs(r.predictions(m, s)["id"], names, n_boot=0)["macro"]["auc"])
+      path = os.path.join(r.run_dir(m, s), SYNTHETIC_PREDICTIONS_FILE)
+      synth = load_predictions(path) if os.path.exists(path) else {}
+      for store in stores:
+        if store in synth:
+          p = _subset(synth[store], np.nonzero(held[store])[0])
+          row.setdefault(store, []).append(st.finding_aucs(p, names, n_boot=0)["macro"]["auc"])
+    table[m] = {k: float(np.mean(v)) for k, v in row.items()}
+  fid = {}
+  try:
+    feats = r.reference_features()
+    fid = {s: distributions.frechet_distance(feats["train"], feats[f"synthetic/{s}"]) for s in stores
+           if f"synthetic/{s}" in feats}
+  except MissingInput:
+    pass
+  return {"auroc": table, "fid": fid, "held_out_every": every}
+
+
 def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, Any]:
   """Paper 000: macro AUROC against the synthetic share (Fig. 3), per-finding AUROC with paired t-tests and
   Bonferroni against real data (Tables E3-E9), and the findings' co-occurrence (Figs. E1-E3)."""
@@ -545,6 +576,13 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
       if how == "real+synthetic":
         pts = [(0, curve["real"])] + pts
       series[f"{how}, {split}"] = ([x for x, _ in pts], [y for _, y in pts])
+  if r.cfg_matrix:
+    out["cfg_matrix"] = cfg_matrix(r, names)
+    cols = ["real id"] + sorted(out["cfg_matrix"]["fid"] or set(r.cfg_matrix.values()))
+    out["tables"] = [{"header": ["trained on", *[f"{c} (FID {out['cfg_matrix']['fid'][c]:.1f})"
+                                                  if c in out["cfg_matrix"]["fid"] else c for c in cols]],
+                      "rows": [[m] + [f"{row[c]:.3f}" if c in row else "" for c in cols]
+                               for m, row in out["cfg_matrix"]["auroc"].items()]}]
   out["figure"] = r.figure("supplementation", plots.lines_figure(series, "synthetic images, % of the real training set",
                                                                  "macro AUROC (mean over seeds)"))
   out["heatmaps"] = r.figure("cooccurrence", plots.heatmaps_figure(mats, names))

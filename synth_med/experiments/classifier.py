@@ -23,7 +23,7 @@ from synth_med.data.augment import make_augment
 from synth_med.data.mixing import MixedStream, check_alpha, classifier_arrays
 from synth_med.data.pipeline import ArraySource, RowSubset, TrainStream, WorldSource, eval_batches, materialise
 from synth_med.data.shards import read_shards
-from synth_med.diffusion.fair_sampler import first_copies
+from synth_med.diffusion.fair_sampler import first_copies, held_out
 from synth_med.data.tables import save_vocabulary
 from synth_med.data.sources import make_world
 from synth_med.evaluation.evaluator import ClassificationEvaluator, flatten_for_writer
@@ -126,6 +126,9 @@ def training_stream(source: Any, spec: Any, config: Any) -> tuple[Any, dict[str,
       raise SynthMedError("mix.alpha < 1 needs synthetic data: set mix.synthetic_dir to a generation "
                           "folder (shard-*.npz), or mix.alpha=1 for real data only.")
     synth = first_copies(read_shards(str(mix.synthetic_dir)).arrays, int(mix.synthetic_copies))
+    if int(mix.synthetic_holdout) > 0:  # train on the rows not set aside for validation
+      keep = ~held_out(synth, int(mix.synthetic_holdout))
+      synth = {k: v[keep] for k, v in synth.items()}
     size = tuple(arrays["image"].shape[1:])
     if tuple(synth["image"].shape[1:]) != size:
       raise SynthMedError(f"synthetic images in {mix.synthetic_dir!r} are {tuple(synth['image'].shape[1:])} "

@@ -41,7 +41,7 @@ from synth_med.evaluation.study_results import aggregate, comparison_table, comp
 from synth_med.experiments.analyze import StudyRuns, run_analyses
 from synth_med.experiments.classifier import SYNTHETIC_PREDICTIONS_FILE, run_classifier
 from synth_med.experiments.diffusion import run_diffusion
-from synth_med.experiments.synthetic_store import filter_store, generate_fair
+from synth_med.experiments.synthetic_store import filter_store, generate_fair, replica_guidance
 from synth_med.experiments.tuning import apply_overrides, best_path, grid_points, read_best, run_tuning
 from synth_med.infra import artifacts
 
@@ -50,9 +50,10 @@ STAGES = ("base", "upsampler", "generate", "tune", "classifiers", "evaluate", "a
 SHARED_DATA_KEYS = ("source", "world", "seed", "num_classes", "id_domains", "ood_domains",
                     "unlabelled_domains", "train_size", "val_size", "test_size", "ood_size", "label_policy",
                     "skew", "domain_prevalence", "manual_dir", "preprocessed_dir", "corrupt_images", "equalize",
-                    "frontal_only", "val_fraction", "id_test_fraction", "mimic_patients_csv", "fitzpatrick_partition",
+                    "frontal_only", "val_fraction", "id_test_fraction", "mimic_patients_csv", "mimic_admissions_csv",
+                    "chexpert_demographics_csv", "fitzpatrick_partition",
                     "use_unlabelled_set", "csv", "channels", "columns")
-SYNTHETIC_MODES = ("label", "label_property", "replica")
+SYNTHETIC_MODES = ("label", "label_property", "replica")  # and 'replica_w<w>': one replica copy at guidance w
 
 
 def output_path(config: Any, workdir: str, kind: str) -> str:
@@ -146,6 +147,7 @@ def classifier_config(config: Any, workdir: str, method: str, seed: int,
     c.mix.oversample = bool(m.oversample)
     c.mix.control = str(m.get("control", ""))
     c.mix.synthetic_copies = int(m.get("copies", 0))
+    c.mix.synthetic_holdout = int(m.get("holdout", 0))
     c.model.pretrained_npz = config.pretrained_npz if m.pretrained else ""
   return c
 
@@ -176,8 +178,9 @@ def validate(config: Any) -> None:
                           f"and generate.replica_copies >= {copies} (it is "
                           f"{config.generate.get('replica_copies', 0)}).")
   for mode in config.generate.modes:
-    if mode not in SYNTHETIC_MODES:
-      raise SynthMedError(f"generate.modes has {mode!r}; choose from {list(SYNTHETIC_MODES)}.")
+    if mode not in SYNTHETIC_MODES and replica_guidance(mode) is None:
+      raise SynthMedError(f"generate.modes has {mode!r}; choose from {list(SYNTHETIC_MODES)} or "
+                          "'replica_w<w>' (a replica copy at guidance w >= 0, e.g. replica_w4).")
   for part in ("base", "upsampler") if has_up else ("base",):
     try:
       configuration.validate(stage_config(config, part))
@@ -281,9 +284,11 @@ def _stage_classifiers(config: Any, workdir: str) -> bool:
       print(f"quality filter: kept {report['kept']} of {report['total']} images ({100 * report['acceptance']:.0f} %)",
             flush=True)
     stores = None
-    if m == reference_method(config):  # the real-data model also scores the synthetic stores (fidelity)
+    cfg_store = replica_guidance(str(config.methods[m].synthetic)) is not None
+    if m == reference_method(config) or cfg_store:  # these models also score the synthetic stores
       stores = {mode: os.path.join(workdir, "synthetic", mode) for mode in config.generate.modes
-                if artifacts.is_done(os.path.join(workdir, "synthetic", mode))}
+                if artifacts.is_done(os.path.join(workdir, "synthetic", mode))
+                and (m == reference_method(config) or replica_guidance(mode) is not None)}
     run_classifier(classifier_config(config, workdir, m, int(config.seed) + s, tuned), folder, stores)
   return all_done
 
@@ -342,13 +347,15 @@ def analysis_inputs(config: Any, workdir: str) -> StudyRuns:
       store_method[method.synthetic] = m
   filtered = {m: (store_method.get(config.methods[m].synthetic, ""), synthetic_folder(workdir, config.methods[m]))
               for m in names if config.methods[m].get("quality_filter")}
+  cfg_matrix = {m: str(config.methods[m].synthetic) for m in names
+                if replica_guidance(str(config.methods[m].synthetic)) is not None}
   supplement = {m: ("real+synthetic" if float(config.methods[m].alpha) > 0 else "synthetic only",
                     100 * int(config.methods[m].get("copies", 0)))
                 for m in names if int(config.methods[m].get("copies", 0)) > 0}
   return StudyRuns(workdir=workdir, methods=names, seeds=int(config.seeds), reference=reference_method(config),
                    attribute=str(config.generate.attribute),
                    stores={m: f for m, f in stores.items() if artifacts.is_done(f)}, store_method=store_method,
-                   filtered=filtered, supplement=supplement,
+                   filtered=filtered, supplement=supplement, cfg_matrix=cfg_matrix,
                    classifier_config=stage_config(config, "classifier"),
                    generator_config=stage_config(config, "upsampler" if config.get("upsampler") is not None
                                                  else "base"),

@@ -137,16 +137,34 @@ def generate_fair(config: Any, workdir: str, base_cfg: Any, up_cfg: Any | None =
     w = choose_guidance(base_gen, world, labelled, pool, attr, grid, int(config.generate.guidance_probe_images),
                         int(config.seed), os.path.join(workdir, "synthetic", GUIDANCE_FILE))
     base_gen.sampler = dataclasses.replace(base_gen.sampler, guidance=w)
+  chosen = base_gen.sampler
   for i, (mode, folder) in enumerate(folders.items()):
+    w = replica_guidance(mode)
+    base_gen.sampler = chosen if w is None else dataclasses.replace(chosen, guidance=w)
     if mode == "replica":  # paper 000: every labelled training example's conditions, k times
       cond = replica_conditions(labelled, int(config.generate.get("replica_copies", 10)), names)
+    elif w is not None:  # paper 000's CFG matrix: one copy of the training set at guidance w
+      cond = replica_conditions(labelled, 1, names)
     else:
       cond = fair_conditions(labelled, spec.label_kind, int(config.generate.num_images),
                              int(config.generate.seed) + i, mode, attr, names, draw_values=pool)
-    print(f"generating {len(cond['label'])} images ({mode} conditioning) into {folder}", flush=True)
+    print(f"generating {len(cond['label'])} images ({mode} conditioning, guidance "
+          f"w={base_gen.sampler.guidance:g}) into {folder}", flush=True)
     run_generation(generator, cond, folder, int(config.generate.seed) + 101 * i,
                    int(config.generate.shard_size), step)
+  base_gen.sampler = chosen
   return False
+
+
+def replica_guidance(mode: str) -> float | None:
+  """w of a 'replica_w<w>' store (one replica copy generated at guidance w); None for other modes."""
+  if not mode.startswith("replica_w"):
+    return None
+  try:
+    w = float(mode[len("replica_w"):])
+  except ValueError:
+    return None
+  return w if np.isfinite(w) and w >= 0 else None
 
 
 FILTER_REPORT = "filter.json"

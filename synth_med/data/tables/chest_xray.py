@@ -3,7 +3,9 @@
 All three give paper 002's five conditions (the chest world's classes) as a
 multi-label target with 1 / 0 / -1 (uncertain) values; blank means "not
 mentioned" and counts as 0. `data.label_policy` (label_policy.py) decides what
-uncertain means. Attributes: sex and 002's age buckets.
+uncertain means. Attributes, as the chest world has them: sex, 002's age buckets, paper 000's
+age decades and race (its five groups; from MIMIC-IV's admissions table, or a CheXpert
+demographics CSV, when the user names one; unknown otherwise).
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from synth_med.data.tables.table import (ImageTable, age_attribute, find_file, patient_split, read_csv,
-                                         require_folder, sex_attribute)
+from synth_med.data.tables.table import (ImageTable, age_attribute, age_decade_attribute, find_file, patient_split,
+                                         race_attribute, read_csv, require_folder, sex_attribute)
 from synth_med.data.worlds.chest import FINDINGS
 from synth_med.errors import SynthMedError
 
@@ -38,15 +40,14 @@ def _raw_from_columns(df, columns: dict[str, str]) -> np.ndarray:
   return raw
 
 
-def _table(name: str, root: str, df_paths, raw, sex, age, split, patient) -> ImageTable:
-  sex_spec, sex_codes = sex_attribute(sex)
-  age_spec, age_codes = age_attribute(age)
+def _table(name: str, root: str, df_paths, raw, sex, age, split, patient, race=None) -> ImageTable:
   n = len(df_paths)
+  specs = [sex_attribute(sex), age_attribute(age), age_decade_attribute(age), race_attribute(race or [None] * n)]
   return ImageTable(
       name=name, root=root, paths=np.asarray(df_paths, dtype=object).astype(str), class_names=FINDINGS,
       label_kind="multilabel", label=(raw == 1).astype(np.float32), label_mask=np.ones(raw.shape, np.float32),
-      labelled=np.ones(n, bool), attributes=(sex_spec, age_spec),
-      attrs={"sex": sex_codes, "age_bucket": age_codes}, domains=(name,), domain=np.zeros(n, np.int32),
+      labelled=np.ones(n, bool), attributes=tuple(s for s, _ in specs),
+      attrs={s.name: c for s, c in specs}, domains=(name,), domain=np.zeros(n, np.int32),
       split=np.asarray(split).astype(str), patient=np.asarray(patient).astype(str), channels=1, raw_label=raw)
 
 
@@ -78,8 +79,14 @@ def load_chexpert(cfg: Any) -> ImageTable:
   split[is_train] = patient_split(patient.to_numpy()[is_train],
                                   {"train": 1.0 - float(cfg.id_test_fraction), "test": float(cfg.id_test_fraction)},
                                   int(cfg.seed))
+  race = None
+  if cfg.get("chexpert_demographics_csv", ""):  # Stanford's CHEXPERT DEMO table saved as CSV
+    demo = read_csv(os.path.expanduser(str(cfg.chexpert_demographics_csv)), ["PATIENT", "PRIMARY_RACE"],
+                    "CheXpert demographics")
+    by_patient = dict(zip(demo["PATIENT"].astype(str), demo["PRIMARY_RACE"]))
+    race = [by_patient.get(p) for p in patient.astype(str)]
   return _table("chexpert", image_root, df["Path"], _raw_from_columns(df, CHEXPERT_COLUMNS), df["Sex"], df["Age"],
-                split, patient)
+                split, patient, race)
 
 
 def _cxr14_age(values) -> np.ndarray:
@@ -134,7 +141,8 @@ def load_chestxray14(cfg: Any) -> ImageTable:
 def load_mimic_cxr(cfg: Any) -> ImageTable:
   """MIMIC-CXR-JPG 2.0: mimic-cxr-2.0.0-{chexpert,metadata,split}.csv(.gz) and files/pXX/pSUBJECT/sSTUDY/DICOM.jpg.
   Sex and age come from MIMIC-IV's patients.csv(.gz) ('subject_id', 'gender', 'anchor_age') when
-  `data.mimic_patients_csv` names it; otherwise they are unknown. Split 'validate' -> val, 'test' -> test."""
+  `data.mimic_patients_csv` names it, race from its admissions.csv(.gz) ('subject_id', 'race') when
+  `data.mimic_admissions_csv` does; otherwise they are unknown. Split 'validate' -> val, 'test' -> test."""
   root = require_folder(cfg.manual_dir, "MIMIC-CXR-JPG")
 
   def csv(stem, cols):
@@ -152,6 +160,13 @@ def load_mimic_cxr(cfg: Any) -> ImageTable:
                    "MIMIC-IV patients")
     df = df.merge(pts[["subject_id", "gender", "anchor_age"]], on="subject_id", how="left")
     sex, age = df["gender"].tolist(), df["anchor_age"].tolist()
+  race = None
+  if cfg.get("mimic_admissions_csv", ""):  # MIMIC-IV admissions: a subject's first stated race
+    adm = read_csv(os.path.expanduser(str(cfg.mimic_admissions_csv)), ["subject_id", "race"], "MIMIC-IV admissions")
+    codes = race_attribute(adm["race"].tolist())[1]
+    adm = adm.assign(_code=codes)[codes >= 0].drop_duplicates("subject_id")
+    by_subject = dict(zip(adm["subject_id"].astype(int), adm["race"]))
+    race = [by_subject.get(int(s)) for s in df["subject_id"]]
   sid = df["subject_id"].astype(int).astype(str)
   paths = ("files/p" + sid.str[:2] + "/p" + sid + "/s" + df["study_id"].astype(int).astype(str) + "/" +
            df["dicom_id"].astype(str) + ".jpg")
@@ -160,4 +175,4 @@ def load_mimic_cxr(cfg: Any) -> ImageTable:
     raise SynthMedError(f"MIMIC-CXR-JPG: split values {sorted(set(df['split'][split.isna()]))} are not "
                         "train / validate / test.")
   return _table("mimic_cxr", root, paths, _raw_from_columns(df, CHEXPERT_COLUMNS), sex, age, split.to_numpy(),
-                sid.to_numpy())
+                sid.to_numpy(), race)

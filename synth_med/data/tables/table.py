@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from synth_med.data.schema import AGE_BUCKET_NAMES, UNKNOWN, AttributeSpec, DatasetSpec, age_to_bucket
+from synth_med.data.schema import (AGE_BUCKET_NAMES, AGE_DECADE_NAMES, RACE_NAMES, UNKNOWN, AttributeSpec, DatasetSpec,
+                                   age_to_bucket, age_to_decade)
 from synth_med.errors import SynthMedError
 
 SPLITS = ("train", "val", "test")
@@ -149,6 +150,32 @@ def age_attribute(ages: Sequence) -> tuple[AttributeSpec, np.ndarray]:
   import pandas as pd
   a = pd.to_numeric(pd.Series(list(ages)), errors="coerce").to_numpy(np.float64)
   return AttributeSpec("age_bucket", AGE_BUCKET_NAMES), age_to_bucket(a)
+
+
+def age_decade_attribute(ages: Sequence) -> tuple[AttributeSpec, np.ndarray]:
+  """Paper 000's age decades (10s..90s) from ages in years (non-numbers and out-of-range ages are unknown)."""
+  import pandas as pd
+  a = pd.to_numeric(pd.Series(list(ages)), errors="coerce").to_numpy(np.float64)
+  return AttributeSpec("age_decade", AGE_DECADE_NAMES), age_to_decade(a)
+
+
+# Paper 000's five groups from the spellings MIMIC-IV and CheXpert's demographics use (checked in order).
+_RACE_WORDS = (("pacific", "Pacific Islander"), ("hawaiian", "Pacific Islander"), ("american indian", "American Indian"),
+               ("alaska", "American Indian"), ("native american", "American Indian"), ("black", "Black"),
+               ("african", "Black"), ("asian", "Asian"), ("white", "White"))
+
+
+def race_attribute(values: Sequence) -> tuple[AttributeSpec, np.ndarray]:
+  """Race as paper 000's five groups (White, Black, Asian, American Indian, Pacific Islander), whatever the
+  ethnicity written next to it ('Asian, non-Hispanic' is Asian); anything else (other, Hispanic/Latino
+  alone, unknown, declined, blank) is -1."""
+  out = np.full(len(values), -1, np.int32)
+  for i, v in enumerate(values):
+    text = "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip().lower()
+    group = next((g for word, g in _RACE_WORDS if word in text), None)
+    if group is not None:
+      out[i] = RACE_NAMES.index(group)
+  return AttributeSpec("race", RACE_NAMES), out
 
 
 def patient_split(patients: np.ndarray, fractions: Mapping[str, float], seed: int) -> np.ndarray:

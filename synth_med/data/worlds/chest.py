@@ -39,7 +39,7 @@ _P_MALE = {"id": 0.58, "ood1": 0.56}
 # A race-like attribute (paper 000's five groups): it shifts neither the findings nor the pixels, so what
 # a model learns about it comes from the data's skew alone. Drawn from its own stream, so adding it
 # left every other draw of the world as it was.
-_P_RACE = {"id": (0.62, 0.12, 0.12, 0.09, 0.05), "ood1": (0.55, 0.20, 0.08, 0.10, 0.07)}
+_P_RACE = {"id": (0.70, 0.14, 0.12, 0.02, 0.02), "ood1": (0.62, 0.24, 0.10, 0.02, 0.02)}
 _P_UNCERTAIN_POS, _P_UNCERTAIN_NEG = 0.2, 0.03
 
 _CAPTURES = {
