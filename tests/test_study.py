@@ -45,7 +45,8 @@ def test_study_configs_validate(name, arg):
   if name == "histo_study":
     assert c.upsampler is None and "upsampler" not in c.stages
   if name == "cxr_supplement":  # paper 000: findings + age decade + sex + race, one replica store
-    assert tuple(c.generate.modes) == ("replica",) and c.generate.replica_copies == (2 if arg == "smoke" else 10)
+    assert tuple(c.generate.modes) == ("replica", "replica_w0", "replica_w4", "replica_w7.5")
+    assert c.generate.replica_copies == (2 if arg == "smoke" else 10)
     assert tuple(c.base.diffusion.condition.attributes) == ("sex", "age_decade", "race")
     shares = {m: c.methods[m] for m in c.methods if m.startswith("supplement_")}
     for m, method in shares.items():  # p % supplementation: real with probability 1 / (1 + p / 100)
@@ -66,8 +67,12 @@ def test_supplement_arguments_fail_clearly():
     load_config("cxr_supplement", "percents=250")
   with pytest.raises(ValueError, match="multiples of 100"):
     load_config("cxr_supplement", "percents=x")
+  with pytest.raises(ValueError, match="guidance values are numbers >= 0"):
+    load_config("cxr_supplement", "guidance=-1/4")
+  assert {m for m in load_config("cxr_supplement", "guidance=2").methods if m.startswith("cfg")} == {"cfg_w2"}
   assert set(load_config("cxr_supplement", "percents=200/500").methods) == {
-      "real", "supplement_200", "supplement_500", "synthetic_only_200", "synthetic_only_500"}
+      "real", "supplement_200", "supplement_500", "synthetic_only_200", "synthetic_only_500",
+      "cfg_w0", "cfg_w4", "cfg_w7p5"}
   c = load_config("cxr_supplement", "")
   with c.unlocked():
     c.generate.replica_copies = 3  # fewer copies than supplement_1000 reads
@@ -329,6 +334,15 @@ def test_cxr_supplement_smoke_writes_the_curve_and_the_per_finding_table(tmp_pat
   assert supp["cooccurrence"]["synthetic replicas"]["pearson_vs_real_train"] == pytest.approx(1.0)
   table = supp["findings"]["id"]
   assert set(table) == {"real", "supplement_100", "supplement_200", "synthetic_only_100", "synthetic_only_200"}
+  # 000's CFG matrix: the real model and one per guidance, on real test images and each store's held-out part
+  matrix = supp["cfg_matrix"]["auroc"]
+  stores = {"replica_w0", "replica_w4", "replica_w7.5"}
+  assert set(matrix) == {"real", "cfg_w0", "cfg_w4", "cfg_w7p5"}
+  assert all(set(row) == {"real id"} | stores for row in matrix.values())
+  assert set(supp["cfg_matrix"]["fid"]) == stores
+  mix = json.loads((workdir / "classifiers" / "cfg_w4" / "seed0" / "metrics.json").read_text())["mix"]
+  assert mix["synthetic_examples"] == n_train - len(range(0, n_train, 10))  # every 10th example held out
   assert "p_bonferroni" in table["supplement_100"]["Atelectasis"]
-  assert c.generate.replica_copies == 2 and "Supplementation with label-matched replicas" in (
-      workdir / "report.html").read_text()
+  page = (workdir / "report.html").read_text()
+  assert c.generate.replica_copies == 2 and "Supplementation with label-matched replicas" in page
+  assert "trained on" in page and "replica_w7.5" in page  # the matrix's table
