@@ -317,7 +317,8 @@ def test_cxr_supplement_smoke_writes_the_curve_and_the_per_finding_table(tmp_pat
   """Paper 000's study on the chest world: one replica store serves every share, and the analyze stage
   writes the supplementation curve, the per-finding table and the co-occurrence correlations."""
   workdir = tmp_path / "supp"
-  r = run_main("--config=configs/cxr_supplement.py:smoke", f"--workdir={workdir}", timeout=900)
+  r = run_main("--config=configs/cxr_supplement.py:smoke", f"--workdir={workdir}", "--config.seeds=1",
+               "--config.tune.grid=", timeout=900)  # tuning and seeds: the derm smoke test
   assert r.returncode == 0, r.stderr[-3000:]
   c = load_config("cxr_supplement", "smoke")
   store = read_shards(str(workdir / "synthetic" / "replica")).arrays
