@@ -50,6 +50,10 @@ class MissingInput(Exception):
   """An analysis's inputs are not there (the message says which stage makes them)."""
 
 
+class NotApplicable(Exception):
+  """The analysis does not apply to this study (no such methods, another label kind): left out."""
+
+
 @dataclasses.dataclass(eq=False)  # hashed by identity: its loaders are cached per instance
 class StudyRuns:
   """What the analyses read: the study's folders and choices (built by the study)."""
@@ -332,7 +336,9 @@ def analyse_beta_posterior(r: StudyRuns) -> dict[str, Any]:
           for g, v in post.items():
             e["groups"].setdefault(g, []).append(v["mean"])
   if not out["methods"]:
-    raise MissingInput("no Beta posteriors in the runs (softmax tasks only; run the classifiers stage)")
+    if r.runs(r.reference) and r.info()[0] != "softmax":
+      raise NotApplicable("the Beta posterior is of top-3 (softmax tasks)")
+    raise MissingInput("no Beta posteriors in the runs (run the classifiers stage)")
   for m, splits in out["methods"].items():
     for split, attrs in splits.items():
       for attr, e in attrs.items():
@@ -456,7 +462,7 @@ def analyse_group_metrics(r: StudyRuns, results: dict[str, Any]) -> dict[str, An
 
 def analyse_quality_filter(r: StudyRuns, results: dict[str, Any]) -> dict[str, Any]:
   if not r.filtered:
-    raise MissingInput("no quality-filtered method in this study")
+    raise NotApplicable("no quality-filtered method in this study")
   kind, high_risk = r.info()
   out: dict[str, Any] = {"methods": {}}
   rows = []
@@ -493,7 +499,7 @@ def cfg_matrix(r: StudyRuns, names: list[str], every: int = 10) -> dict[str, Any
   replica store, on the real ID test split and on each store's held-out rows (those of every 10th
   training example, which the store's own model did not train on), mean over seeds; with each store's
   FID to the real training images in the baseline's features."""
-  stores = sorted(set(r.cfg_matrix.values()), key=lambda s: float(s[len("replica_w"):]))
+  stores = sorted((s for s in set(r.cfg_matrix.values()) if s in r.stores), key=lambda s: float(s[len("replica_w"):]))
   held = {s: held_out(r.store(s), every) for s in stores}
   table: dict[str, dict[str, Any]] = {}
   for m in [r.reference] + list(r.cfg_matrix):
@@ -521,10 +527,10 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
   """Paper 000: macro AUROC against the synthetic share (Fig. 3), per-finding AUROC with paired t-tests and
   Bonferroni against real data (Tables E3-E9), and the findings' co-occurrence (Figs. E1-E3)."""
   if not r.supplement:
-    raise MissingInput("no supplementation methods in this study (configs/cxr_supplement.py)")
+    raise NotApplicable("no supplementation methods in this study (configs/cxr_supplement.py)")
   kind, _ = r.info()
   if kind != "multilabel":
-    raise MissingInput("paper 000's statistics are per finding (multi-label tasks)")
+    raise NotApplicable("paper 000's statistics are per finding (multi-label tasks)")
   ref_seeds = r.runs(r.reference)
   names = list(r.spec().class_names)
   splits = results.get("splits", [])
@@ -576,7 +582,7 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
       if how == "real+synthetic":
         pts = [(0, curve["real"])] + pts
       series[f"{how}, {split}"] = ([x for x, _ in pts], [y for _, y in pts])
-  if r.cfg_matrix:
+  if any(s in r.stores for s in r.cfg_matrix.values()):
     out["cfg_matrix"] = cfg_matrix(r, names)
     cols = ["real id"] + sorted(out["cfg_matrix"]["fid"] or set(r.cfg_matrix.values()))
     out["tables"] = [{"header": ["trained on", *[f"{c} (FID {out['cfg_matrix']['fid'][c]:.1f})"
@@ -609,6 +615,9 @@ def run_analyses(r: StudyRuns) -> dict[str, Any]:
       entry = fn()
     except MissingInput as e:
       entry = {"skipped": str(e)}
+    except NotApplicable as e:
+      print(f"analysis {name}: not for this study ({e})", flush=True)
+      return {}
     entry["seconds"] = round(time.time() - t0, 2)
     out[name] = entry
     print(f"analysis {name}: {entry.get('skipped', 'done')} ({entry['seconds']:.1f} s)", flush=True)
