@@ -91,3 +91,16 @@ def test_finding_aucs_match_sklearn_and_cover_them_with_the_ci():
     assert lo <= res[name]["auc"] <= hi
   assert res["rare"]["prevalence"] < 0.05 < res["common"]["prevalence"]
   assert res["macro"]["auc"] == pytest.approx((res["common"]["auc"] + res["rare"]["auc"]) / 2)
+
+
+def test_cfg_store_names_and_the_replica_hold_out():
+  from synth_med.diffusion.fair_sampler import held_out
+  from synth_med.experiments.synthetic_store import replica_guidance
+  assert replica_guidance("replica_w7.5") == 7.5 and replica_guidance("replica_w0") == 0.0
+  assert replica_guidance("replica") is None and replica_guidance("replica_w-1") is None
+  assert replica_guidance("replica_wx") is None and replica_guidance("label") is None
+  rep = replica_conditions(_training(n=25), 2)
+  held = held_out(rep, 10)
+  assert set(rep[REPLICA_SOURCE][held]) == {0, 10, 20}  # the same examples in every copy
+  with pytest.raises(SynthMedError, match="replica store"):
+    held_out({"label": np.zeros((3, 1))}, 10)
