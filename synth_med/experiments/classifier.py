@@ -54,10 +54,11 @@ def build_model(config: Any, spec) -> bit_resnet.Model:
 FEATURES_FILE = "features.npz"  # {split or 'train' or 'synthetic/<store>': [N, d] float16}
 
 
-def _batch_fn(task: ClassifierTask, mesh: jax.sharding.Mesh, name: str, head):
-  """(params) -> fn(local batch dict) -> head(logits, features) of the global batch (numpy), jitted once."""
+def _batch_fn(task: ClassifierTask, mesh: jax.sharding.Mesh, name: str, head, *variant):
+  """(params) -> fn(local batch dict) -> head(logits, features) of the global batch (numpy), jitted once
+  per (name, task, mesh, variant)."""
   key = jit_cache.task_key(task)
-  fn = jit_cache.shared(key and (name, key, mesh), lambda: jax.jit(
+  fn = jit_cache.shared(key and (name, key, mesh, *variant), lambda: jax.jit(
       lambda params, images: head(*task.logits(params, images)), out_shardings=sharding.replicated(mesh)))
 
   def bind(params):
@@ -94,7 +95,7 @@ def load_features(path: str) -> dict[str, np.ndarray]:
 
 def make_predict(task: ClassifierTask, mesh: jax.sharding.Mesh, label_kind: str):
   """(params) -> fn(local batch dict) -> global probabilities (numpy)."""
-  return _batch_fn(task, mesh, f"predict/{label_kind}", lambda logits, features: probabilities(logits, label_kind))
+  return _batch_fn(task, mesh, "predict", lambda logits, features: probabilities(logits, label_kind), label_kind)
 
 
 def training_stream(source: Any, spec: Any, config: Any) -> tuple[Any, dict[str, Any]]:
