@@ -23,6 +23,9 @@ Arguments (comma list):
   quick            supplementation at 100, 300 and 1000 % (the default)
   all              at 100, 200, ..., 1000 %
   percents=A/B/..  these percentages (multiples of 100, up to 1000)
+  chexpert / mimic_cxr / chestxray14 / csv   a local copy of that data set (--config.data.manual_dir=...;
+                   docs/data.md); race needs --config.data.chexpert_demographics_csv or
+                   --config.data.mimic_admissions_csv
 Defaults we chose where 000 is silent at this scale: a 32 px generator with 2,000 steps sampled in 20,
 500 real training images, 10 replicas each (000: every CheXpert image, 10 variants), the classifier of
 the chest study.
@@ -71,7 +74,8 @@ def get_config(arg=None):
   parts = {w.strip() for w in (arg or "").split(",") if w.strip()}
   guidance, parts = parse_guidance(parts)
   percents, words = parse_percents(parts)
-  words = common.parse_arg(",".join(sorted(words)), ("smoke", "full", "quick", "all"))
+  words = common.parse_arg(",".join(sorted(words)), ("smoke", "full", "quick", "all") + common.sources_of("chest"))
+  source = common.real_source(words, "chest")
   classifier, base, _ = common.stage_configs(cxr_classifier, cxr_diffusion, words, upsampler=False)
   methods = {"real": common.method()}
   for p in percents:
@@ -83,6 +87,8 @@ def get_config(arg=None):
   modes = ("replica",) + tuple(f"replica_w{w:g}" for w in guidance)
   config = common.study_base("chest", "sex", base, None, classifier, methods, modes=modes)
   config.data.label_policy = "mask_uncertain"  # paper 000 masks uncertain findings
+  if source:  # a local copy: every training image is replicated (race from data.mimic_admissions_csv or
+    common.use_real_data(config, source)  # data.chexpert_demographics_csv when given)
   config.base.diffusion.condition.attributes = CONDITION
   config.base.sampler.guidance = 0.0  # 000 chose CFG scale 0 (plain conditional sampling) for its replicas
   config.generate.replica_copies = max(percents) // 100
@@ -102,8 +108,8 @@ def get_config(arg=None):
     config.classifier.train.ema_decay = 0.9999
     config.classifier.eval.use_ema = True
   else:
-    # 500 real training images, so 1000 % is 5,000 replicas: the 2-core budget of 30 min
-    config.data.train_size = 500
+    if not source:  # 500 real training images, so 1000 % is 5,000 replicas: the 2-core budget of 30 min
+      config.data.train_size = 500
     config.classifier.data.image_size = 32
     config.base.data.image_size = 32
     config.base.train.steps = 2000

@@ -73,6 +73,10 @@ def test_supplement_arguments_fail_clearly():
   assert set(load_config("cxr_supplement", "percents=200/500").methods) == {
       "real", "supplement_200", "supplement_500", "synthetic_only_200", "synthetic_only_500",
       "cfg_w0", "cfg_w4", "cfg_w7p5"}
+  real = load_config("cxr_supplement", "chexpert,percents=100")
+  assert real.data.source == "chexpert" and real.data.train_size == 0  # every training image replicated
+  with pytest.raises(ValueError, match="unknown config argument"):
+    load_config("cxr_supplement", "ham10000")  # a skin data set
   c = load_config("cxr_supplement", "")
   with c.unlocked():
     c.generate.replica_copies = 3  # fewer copies than supplement_1000 reads
@@ -347,3 +351,22 @@ def test_cxr_supplement_smoke_writes_the_curve_and_the_per_finding_table(tmp_pat
   page = (workdir / "report.html").read_text()
   assert c.generate.replica_copies == 2 and "Supplementation with label-matched replicas" in page
   assert "trained on" in page and "replica_w7.5" in page  # the matrix's table
+
+
+@pytest.mark.slow
+def test_cxr_supplement_runs_on_a_fake_chexpert_copy_with_race(tmp_path):
+  """Paper 000's study on a local CheXpert copy (a tiny fake tree) with a demographics CSV: the replicas
+  carry race from it, and every stage runs on a test split too small for some findings' AUROC."""
+  from tests import fake_datasets as fake
+  root = fake.write_chexpert(str(tmp_path / "cx"), patients=40)
+  workdir = tmp_path / "supp"
+  r = run_main("--config=configs/cxr_supplement.py:smoke,chexpert,percents=100", f"--workdir={workdir}",
+               f"--config.data.manual_dir={root}",
+               f"--config.data.chexpert_demographics_csv={tmp_path / 'cx' / 'chexpert_demo.csv'}",
+               f"--config.data.preprocessed_dir={tmp_path / 'pre'}", "--config.seeds=1", "--config.tune.grid=",
+               timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  store = read_shards(str(workdir / "synthetic" / "replica")).arrays
+  assert (store["attrs/race"] >= 0).any() and (store["attrs/race"] == -1).any()  # 'Other' / 'Unknown' rows
+  res = json.loads((workdir / "results.json").read_text())
+  assert "supplementation" in res["analyses"] and "skipped" not in res["analyses"]["supplementation"]

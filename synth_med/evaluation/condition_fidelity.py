@@ -17,6 +17,7 @@ overall and per requested property value.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -69,7 +70,7 @@ def fit_probes(real: Mapping[str, np.ndarray], attribute: str, seed: int = 0,
   probes = {}
   for name, (y, ok) in targets.items():
     fit = ~test & ok
-    if len(np.unique(y[fit])) < 2:
+    if len(np.unique(y[fit])) < 2 or not (test & ok).any():  # nothing to fit on, or to score it on
       continue
     probe = _probe(feats[fit], y[fit], seed)
     counts = np.bincount(y[fit])
@@ -128,11 +129,15 @@ def classifier_fidelity(run_dirs: list[str], attribute: str, value_names: tuple[
       for v in ([] if codes is None else np.unique(codes[codes >= 0])):
         name = value_names[int(v)] if int(v) < len(value_names) else str(int(v))
         entry.setdefault(name, []).append(float(metric_values(metric, p, (codes == v)[None].astype(float), kind)[0]))
-  real_mean = float(np.mean(real))
-  out = {}
-  for store, entry in per_store.items():
-    synth = float(np.nanmean(entry.pop("all")))
-    out[store] = {"metric": metric, "synthetic_as_requested": synth, "real_heldout": real_mean,
-                  "ratio": synth / real_mean if real_mean else None, "runs": len(runs),
-                  "synthetic_per_value": {k: float(np.nanmean(v)) for k, v in entry.items()}}
+  finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731 - undefined (e.g. one class) -> None
+  with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN mean is an undefined metric
+    real_mean = finite(np.nanmean(real))
+    out = {}
+    for store, entry in per_store.items():
+      synth = finite(np.nanmean(entry.pop("all")))
+      out[store] = {"metric": metric, "synthetic_as_requested": synth, "real_heldout": real_mean,
+                    "ratio": synth / real_mean if synth is not None and real_mean else None, "runs": len(runs),
+                    "synthetic_per_value": {k: v for k, v in ((k, finite(np.nanmean(v))) for k, v in entry.items())
+                                            if v is not None}}
   return out

@@ -239,8 +239,9 @@ def write_report(path: str, res: Mapping[str, Any] | None, timings: Mapping[str,
     for mode, e in cfid.items():
       per = ", ".join(f"{k}: {v:.2f}" for k, v in (e.get("synthetic_per_value") or {}).items())
       ratio = "n/a" if e.get("ratio") is None else f"{e['ratio']:.2f}"
+      real, synth = (("n/a" if e[k] is None else f"{e[k]:.3f}") for k in ("real_heldout", "synthetic_as_requested"))
       parts.append(f"<tr><td>{html.escape(mode)}</td><td>{html.escape(e['metric'])}</td>"
-                   f"<td>{e['real_heldout']:.3f}</td><td>{e['synthetic_as_requested']:.3f}</td><td>{ratio}</td>"
+                   f"<td>{real}</td><td>{synth}</td><td>{ratio}</td>"
                    f"<td>{html.escape(per)}</td></tr>")
     parts.append("</table>")
 

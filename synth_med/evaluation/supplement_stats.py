@@ -70,8 +70,9 @@ def finding_aucs(p: Predictions, names: Sequence[str], n_boot: int = 1000, seed:
                  "prevalence": float(y[keep].mean()) if keep.any() else None}
     if np.isfinite(point):
       boots.append(boot)
+  out["macro"] = {"auc": None, "ci": None}  # no finding defined (one class only in every column)
   if boots:
-    points = [e["auc"] for e in out.values() if e["auc"] is not None]
+    points = [e["auc"] for name, e in out.items() if name != "macro" and e["auc"] is not None]
     out["macro"] = {"auc": float(np.mean(points)), "ci": None}
     if n_boot > 0:
       macro = np.nanmean(np.stack(boots), 0)

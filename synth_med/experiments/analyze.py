@@ -506,13 +506,15 @@ def cfg_matrix(r: StudyRuns, names: list[str], every: int = 10) -> dict[str, Any
     row: dict[str, list[float]] = {}
     for s in r.runs(m):
       row.setdefault("real id", []).append(st.finding_aucs(r.predictions(m, s)["id"], names, n_boot=0)["macro"]["auc"])
+      row["real id"] = [v for v in row["real id"] if v is not None]
       path = os.path.join(r.run_dir(m, s), SYNTHETIC_PREDICTIONS_FILE)
       synth = load_predictions(path) if os.path.exists(path) else {}
       for store in stores:
         if store in synth:
           p = _subset(synth[store], np.nonzero(held[store])[0])
-          row.setdefault(store, []).append(st.finding_aucs(p, names, n_boot=0)["macro"]["auc"])
-    table[m] = {k: float(np.mean(v)) for k, v in row.items()}
+          auc = st.finding_aucs(p, names, n_boot=0)["macro"]["auc"]
+          row.setdefault(store, []).extend([] if auc is None else [auc])
+    table[m] = {k: float(np.mean(v)) for k, v in row.items() if v}
   fid = {}
   try:
     feats = r.reference_features()
@@ -537,10 +539,11 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
   out: dict[str, Any] = {"curve": {}, "findings": {}, "cooccurrence": {}}
   # the curve: macro AUROC (mean over seeds) per share, for each kind, internal and external
   for split in splits:
-    base = [st.finding_aucs(r.predictions(r.reference, s)[split], names, n_boot=0)["macro"]["auc"] for s in ref_seeds]
-    curve = {"real": float(np.mean(base))}
+    macro = lambda m, s: st.finding_aucs(r.predictions(m, s)[split], names, n_boot=0)["macro"]["auc"]  # noqa: E731
+    base = [v for v in (macro(r.reference, s) for s in ref_seeds) if v is not None]
+    curve = {"real": float(np.mean(base)) if base else None}
     for m, (how, pct) in sorted(r.supplement.items(), key=lambda kv: kv[1][1]):
-      vals = [st.finding_aucs(r.predictions(m, s)[split], names, n_boot=0)["macro"]["auc"] for s in r.runs(m)]
+      vals = [v for v in (macro(m, s) for s in r.runs(m)) if v is not None]
       if vals:
         curve.setdefault(how, {})[str(pct)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": len(vals)}
     out["curve"][split] = curve
@@ -579,7 +582,7 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
   for split, curve in out["curve"].items():
     for how in ("real+synthetic", "synthetic only"):
       pts = sorted((int(k), v["mean"]) for k, v in curve.get(how, {}).items())
-      if how == "real+synthetic":
+      if how == "real+synthetic" and curve["real"] is not None:
         pts = [(0, curve["real"])] + pts
       series[f"{how}, {split}"] = ([x for x, _ in pts], [y for _, y in pts])
   if any(s in r.stores for s in r.cfg_matrix.values()):
