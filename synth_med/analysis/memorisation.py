@@ -37,14 +37,25 @@ def nearest(queries: np.ndarray, keys: np.ndarray, metric: str, chunk: int = 512
   return dist, idx
 
 
-def copy_check(synthetic: np.ndarray, train: np.ndarray, test: np.ndarray, metric: str = "l2") -> dict[str, Any]:
+def _rows(x: np.ndarray, metric: str) -> np.ndarray:
+  """Images as pixel rows in [0, 1] for 'l2'; features as they are for 'cosine'."""
+  return _pixels(x) if metric == "l2" else np.asarray(x, np.float32)
+
+
+def reference_distances(test: np.ndarray, train: np.ndarray, metric: str = "l2") -> np.ndarray:
+  """Each test row's distance to its nearest training row: the reference every store is held to."""
+  return nearest(_rows(test, metric), _rows(train, metric), metric)[0]
+
+
+def copy_check(synthetic: np.ndarray, train: np.ndarray, test: np.ndarray | None = None, metric: str = "l2",
+               reference: np.ndarray | None = None) -> dict[str, Any]:
   """Nearest-training distances of synthetic and of test rows (images, or features with 'cosine').
 
-  Returns the two distance distributions' quantiles, the threshold (the smallest test-to-train
-  distance), the flagged fraction and the indices of the closest synthetic / training pairs."""
-  as_rows = _pixels if metric == "l2" else (lambda x: np.asarray(x, np.float32))
-  s_dist, s_idx = nearest(as_rows(synthetic), as_rows(train), metric)
-  t_dist, _ = nearest(as_rows(test), as_rows(train), metric)
+  `reference` is `reference_distances(test, train, metric)` when already computed (several stores against one
+  training set). Returns the two distance distributions' quantiles, the threshold (the smallest
+  test-to-train distance), the flagged fraction and the indices of the closest synthetic / training pairs."""
+  s_dist, s_idx = nearest(_rows(synthetic, metric), _rows(train, metric), metric)
+  t_dist = reference_distances(test, train, metric) if reference is None else reference
   threshold = float(t_dist.min())
   flagged = s_dist < threshold
   order = np.argsort(s_dist)

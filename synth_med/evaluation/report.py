@@ -7,7 +7,6 @@ Fig. 7); stage timings.
 """
 from __future__ import annotations
 
-import base64
 import html
 import os
 from typing import Any, Mapping
@@ -15,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from synth_med.infra import artifacts
-from synth_med.infra.figures import grid_figure, png_data_uri
+from synth_med.infra.figures import grid_figure, png_data_uri, png_file_data_uri
 from synth_med.evaluation.study_results import fmt
 
 
@@ -161,9 +160,7 @@ def analyses_section(analyses: Mapping[str, Any], folder: str) -> str:
     parts.append(f"<p>{html.escape(entry.get('caption', ''))}</p>")
     for fig in (entry.get("figure"), entry.get("heatmaps")):
       if fig and os.path.exists(os.path.join(folder, fig)):
-        with open(os.path.join(folder, fig), "rb") as f:
-          uri = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
-        parts.append(f"<img alt='{html.escape(name)}' src='{uri}'>")
+        parts.append(f"<img alt='{html.escape(name)}' src='{png_file_data_uri(os.path.join(folder, fig))}'>")
     for table in [entry.get("table")] + list(entry.get("tables", [])):
       if table and table["rows"]:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table["header"])

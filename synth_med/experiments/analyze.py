@@ -108,8 +108,12 @@ class StudyRuns:
     return read_shards(self.stores[mode]).arrays
 
   @functools.lru_cache(maxsize=None)
+  def world(self) -> Any:
+    """The classifier's world (its splits and attributes), made once."""
+    return make_world(self.classifier_config.data)
+
   def spec(self) -> Any:
-    return make_world(self.classifier_config.data).spec
+    return self.world().spec
 
   def value_names(self, attr: str) -> tuple[str, ...]:
     return tuple(self.spec().attribute(attr).values)
@@ -148,14 +152,18 @@ def analyse_memorisation(r: StudyRuns) -> dict[str, Any]:
     feats = {}
   out: dict[str, Any] = {"stores": {}}
   rows = []
+  # the test images' nearest training images: one reference for every store
+  pixel_ref = memorisation.reference_distances(test, train, "l2")
+  feature_ref = memorisation.reference_distances(feats["id"], feats["train"], "cosine") if feats else None
   for mode in r.stores:
     synth = r.store(mode)["image"]
     if synth.shape[1:] != train.shape[1:]:
       raise MissingInput(f"store {mode!r} images are {synth.shape[1:]}, the generator's training images "
                          f"{train.shape[1:]}")
-    entry = {"pixel": memorisation.copy_check(synth, train, test, "l2")}
+    entry = {"pixel": memorisation.copy_check(synth, train, metric="l2", reference=pixel_ref)}
     if f"synthetic/{mode}" in feats:
-      entry["feature"] = memorisation.copy_check(feats[f"synthetic/{mode}"], feats["train"], feats["id"], "cosine")
+      entry["feature"] = memorisation.copy_check(feats[f"synthetic/{mode}"], feats["train"], metric="cosine",
+                                                 reference=feature_ref)
     out["figure"] = r.figure(f"memorisation_{mode}", plots.memorisation_figure(entry["pixel"], synth, train))
     out["stores"][mode] = {k: _public(v) for k, v in entry.items()}
     for space, v in entry.items():
@@ -503,18 +511,16 @@ def cfg_matrix(r: StudyRuns, names: list[str], every: int = 10) -> dict[str, Any
   held = {s: held_out(r.store(s), every) for s in stores}
   table: dict[str, dict[str, Any]] = {}
   for m in [r.reference] + list(r.cfg_matrix):
-    row: dict[str, list[float]] = {}
+    row: dict[str, list[float | None]] = {}
     for s in r.runs(m):
       row.setdefault("real id", []).append(st.finding_aucs(r.predictions(m, s)["id"], names, n_boot=0)["macro"]["auc"])
-      row["real id"] = [v for v in row["real id"] if v is not None]
       path = os.path.join(r.run_dir(m, s), SYNTHETIC_PREDICTIONS_FILE)
       synth = load_predictions(path) if os.path.exists(path) else {}
-      for store in stores:
-        if store in synth:
-          p = _subset(synth[store], np.nonzero(held[store])[0])
-          auc = st.finding_aucs(p, names, n_boot=0)["macro"]["auc"]
-          row.setdefault(store, []).extend([] if auc is None else [auc])
-    table[m] = {k: float(np.mean(v)) for k, v in row.items() if v}
+      for store in (name for name in stores if name in synth):
+        p = _subset(synth[store], np.nonzero(held[store])[0])
+        row.setdefault(store, []).append(st.finding_aucs(p, names, n_boot=0)["macro"]["auc"])
+    defined = {k: [v for v in vals if v is not None] for k, vals in row.items()}
+    table[m] = {k: float(np.mean(v)) for k, v in defined.items() if v}
   fid = {}
   try:
     feats = r.reference_features()
@@ -568,7 +574,7 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
                      "n/a" if e.get("p_bonferroni") is None else f"{e['p_bonferroni']:.2g}"])
   # co-occurrence: the real training labels against the replica store's and each test split's
   store = r.store("replica") if "replica" in r.stores else None
-  world = make_world(r.classifier_config.data)
+  world = r.world()
   train = world.metadata(np.asarray(world.split("train").ids))
   mats = {"real train": st.cooccurrence(train["label"], train["label_mask"])}
   if store is not None:

@@ -265,9 +265,9 @@ def run_classifier(config: Any, workdir: str, synthetic_stores: dict[str, str] |
   save_predictions(os.path.join(workdir, PREDICTIONS_FILE), split_predictions)
   if synthetic_stores is not None:  # the study's real-data model: its training images' features too
     features["train"] = embed_source(source, embed, eval_bs)
-    rows = source.fetch(np.arange(len(source)))
+    meta = world.metadata(np.asarray(train_split.ids, np.int64))  # the attributes without the pixels
     for a in spec.attributes:
-      features[f"attrs/train/{a.name}"] = np.asarray(rows[f"attrs/{a.name}"], np.int32)
+      features[f"attrs/train/{a.name}"] = np.asarray(meta[f"attrs/{a.name}"], np.int32)
   if synthetic_stores:
     synth_preds = {}
     for store, folder in synthetic_stores.items():

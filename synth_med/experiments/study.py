@@ -41,7 +41,7 @@ from synth_med.evaluation.study_results import aggregate, comparison_table, comp
 from synth_med.experiments.analyze import StudyRuns, run_analyses
 from synth_med.experiments.classifier import SYNTHETIC_PREDICTIONS_FILE, run_classifier
 from synth_med.experiments.diffusion import run_diffusion
-from synth_med.experiments.synthetic_store import filter_store, generate_fair, replica_guidance
+from synth_med.experiments.synthetic_store import FILTER_REPORT, filter_store, generate_fair, replica_guidance
 from synth_med.experiments.tuning import apply_overrides, best_path, grid_points, read_best, run_tuning
 from synth_med.infra import artifacts
 
@@ -111,9 +111,18 @@ def synthetic_folder(workdir: str, method: Any) -> str:
   return os.path.join(workdir, "synthetic", method.synthetic + ("_filtered" if method.get("quality_filter") else ""))
 
 
+def real_probes(config: Any, world: Any) -> dict[str, Any]:
+  """The condition-fidelity probes fitted on the real val + ID test images of `world` (the classifier's)."""
+  real = concat_batches([materialise(WorldSource(world, world.split(s)), f"{s} split").arrays for s in ("val", "id")])
+  return fit_probes(real, str(config.generate.attribute), int(config.seed))
+
+
 def ensure_filtered_store(config: Any, workdir: str, method: str) -> dict[str, Any]:
   """Builds (once) the quality-filtered copy of `method`'s store from the baseline's seed-0 predictions on it."""
   m = config.methods[method]
+  out = synthetic_folder(workdir, m)
+  if artifacts.is_done(out) and os.path.exists(os.path.join(out, FILTER_REPORT)):  # every later seed
+    return artifacts.read_json(os.path.join(out, FILTER_REPORT))
   reference = reference_method(config)
   ref_dir = os.path.join(workdir, "classifiers", reference, "seed0")
   preds_path = os.path.join(ref_dir, SYNTHETIC_PREDICTIONS_FILE)
@@ -122,12 +131,10 @@ def ensure_filtered_store(config: Any, workdir: str, method: str) -> dict[str, A
                         f"seed-0 predictions ({preds_path}); run that classifier first (it is the first method).")
   world = make_world(stage_config(config, "classifier").data)
   attribute = str(config.generate.attribute)
-  real = concat_batches([materialise(WorldSource(world, world.split(s)), f"{s} split").arrays for s in ("val", "id")])
   info = artifacts.read_json(os.path.join(ref_dir, "metrics.json"))
   values = next((tuple(a.values) for a in world.spec.attributes if a.name == attribute), ())
-  return filter_store(os.path.join(workdir, "synthetic", m.synthetic), synthetic_folder(workdir, m),
-                      load_predictions(preds_path)[m.synthetic], info["label_kind"],
-                      fit_probes(real, attribute, int(config.seed)), attribute, values, tuple(info["classes"]))
+  return filter_store(os.path.join(workdir, "synthetic", m.synthetic), out, load_predictions(preds_path)[m.synthetic],
+                      info["label_kind"], real_probes(config, world), attribute, values, tuple(info["classes"]))
 
 
 def classifier_config(config: Any, workdir: str, method: str, seed: int,
@@ -300,9 +307,8 @@ def store_fidelity(config: Any, workdir: str, world: Any) -> dict[str, Any]:
   stores = {m: f for m, f in stores.items() if artifacts.is_done(f)}
   if not stores:
     return {}
-  real = concat_batches([materialise(WorldSource(world, world.split(s)), f"{s} split").arrays for s in ("val", "id")])
   attribute = str(config.generate.attribute)
-  probes = fit_probes(real, attribute, int(config.seed))
+  probes = real_probes(config, world)
   out = {m: fidelity(probes, read_shards(f).arrays, attribute) for m, f in stores.items()}
   spec = next((a for a in world.spec.attributes if a.name == attribute), None)
   for entry in out.values():  # name the requested values as the data do (female / male, tone=dark)
