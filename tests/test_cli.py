@@ -97,3 +97,18 @@ def test_main_finds_the_configs_package_from_any_folder(tmp_path):
   r = subprocess.run([sys.executable, MAIN, f"--config={ROOT}/configs/derm_classifier.py:smok",
                       f"--workdir={tmp_path}/w"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
   assert r.returncode == 2 and "unknown config argument(s) ['smok']" in r.stderr, r.stderr
+
+
+def test_the_ci_scripts_python_checks_run():
+  """Every `python -c` line in .ci/run imports what exists (a renamed module fails CI in 25 s)."""
+  import re
+  import shlex
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    lines = [l.strip() for l in f if l.strip().startswith("python -c ")]
+  assert len(lines) >= 2
+  for line in lines:
+    code = shlex.split(line)[2]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 0, (line, proc.stderr[-2000:])
+    assert re.search(r"\S", proc.stdout), line
