@@ -34,6 +34,9 @@ def data_config(world: str, image_size: int) -> ConfigDict:
       "num_classes": {"skin": 27, "chest": 5, "tissue": 2}[world],
       "id_domains": id_domains,
       "ood_domains": ood_domains,
+      # Where the labelled training and validation images come from; () = id_domains. A study sets it per
+      # method (method(site='external'): paper 000's two-site setting); the test splits do not change.
+      "train_domains": (),
       "unlabelled_domains": unlabelled,
       "train_size": 4000,
       "val_size": 500,
@@ -240,7 +243,8 @@ def unet_config(model_channels: int, channel_mult: tuple[int, ...], num_res_bloc
       "channel_mult": channel_mult,
       "num_res_blocks": num_res_blocks,
       "attention_resolutions": attention_resolutions,
-      "num_head_channels": num_head_channels,
+      "num_head_channels": num_head_channels,  # channels per attention head; <= 0: num_heads heads
+      "num_heads": 1,
       "dropout": 0.0,
       "use_scale_shift_norm": True,
       "resblock_updown": False,
@@ -408,16 +412,21 @@ def stage_configs(classifier_module, diffusion_module, words: set[str], upsample
 def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,
            equality_level: float = 0.0, filter_dominant: int = 0, oversample: bool = False,
            pretrained: bool = False, control: str = "", quality_filter: bool = False, copies: int = 0,
-           holdout: int = 0) -> ConfigDict:
+           holdout: int = 0, site: str = "", baseline: str = "") -> ConfigDict:
   """One classifier recipe of a study (a baseline, a synthetic mix, or a control of one: `control`
   swaps the synthetic images for real ones, see mix_config). `quality_filter` mixes in only the store's
   images whose requested label the real-data classifier, and whose requested property a probe on real
   images, confirm (experiments/synthetic_store.filter_store). `copies` > 0 mixes in the first k copies
-  of a 'replica' store (paper 000's graded supplementation)."""
+  of a 'replica' store (paper 000's graded supplementation). `site='external'` trains on the real images
+  of the study's first OOD domain instead of its ID domains (paper 000's two-site setting: MIMIC-CXR's real
+  images with synthetic replicas of CheXpert's); the test splits are the other methods'. `baseline` names the
+  method it is compared with ('' = the study's real-data baseline; a two-site mix: the external site's real
+  data alone)."""
   return ConfigDict({"augment": augment, "loss": loss, "synthetic": synthetic, "alpha": alpha,
                      "equality_level": equality_level, "filter_dominant": filter_dominant,
                      "oversample": oversample, "pretrained": pretrained, "control": control,
-                     "quality_filter": quality_filter, "copies": copies, "holdout": holdout})
+                     "quality_filter": quality_filter, "copies": copies, "holdout": holdout, "site": site,
+                     "baseline": baseline})
 
 
 def controls(mix: ConfigDict) -> dict[str, ConfigDict]:
@@ -518,12 +527,13 @@ def copy_unlocked(config: ConfigDict) -> ConfigDict:
 
 def study_smoke(config: ConfigDict) -> None:
   """A study that runs end to end in a few minutes (tests): 2 seeds of the real-data baseline and of
-  every synthetic method (the other baselines differ only in augmentation or loss, tested apart),
+  every synthetic method and its baseline (the other baselines differ only in augmentation or loss, tested apart),
   one-level UNets, a few steps each."""
   config.seeds = 2
   config.cpu_devices = SMOKE_CPU_DEVICES
-  config.method_names = ",".join(m for m in config.methods
-                                  if m in ("real", "no_aug") or config.methods[m].synthetic)
+  chosen = [m for m in config.methods if m in ("real", "no_aug") or config.methods[m].synthetic]
+  baselines = {config.methods[m].get("baseline", "") for m in chosen}  # and what they are compared with
+  config.method_names = ",".join(m for m in config.methods if m in chosen or m in baselines)
   config.generate.num_images = 32
   config.generate.shard_size = 16
   for part in ("base", "upsampler"):

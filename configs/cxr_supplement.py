@@ -10,22 +10,28 @@ supplements with p % reads the first p/100 copies. Classifiers (3 seeds): real d
 synthetic at each p % (a training example is real with probability 1 / (1 + p/100), as when the two
 sets are pooled); synthetic only at the same sizes; and 000's CFG matrix: one replica copy made at
 each guidance w (0, 4, 7.5), a model trained on each (10 % of the training examples held out), each
-model scored on real test images and on every store's held-out part, next to the store's FID.
+model scored on real test images and on every store's held-out part, next to the store's FID. Two
+sites (000's MIMIC-CXR + synthetic CheXpert): `two_site_real` trains on the real images of the world's
+OOD hospital alone, `two_site_supplement_<p>` adds this hospital's replicas; those are compared with
+`two_site_real`, every other method with `real`.
 Evaluation: the internal test split (ID) and the
-external one (the world's OOD hospital), macro and per-finding AUROC; the analyze stage adds 000's
-statistics (bootstrap CIs per finding, paired t-tests with Bonferroni, co-occurrence correlation).
+external one (the world's OOD hospital), the same images for every model, macro and per-finding AUROC;
+the analyze stage adds 000's statistics (bootstrap CIs per finding, paired t-tests with Bonferroni,
+co-occurrence correlation).
 
 Arguments (comma list):
   smoke            tiny, runs in about two minutes (tests; 100 and 200 %)
   guidance=A/B/..  the CFG matrix's guidance values (default 0/4/7.5, 000's Table 2)
   full             paper 000's Table E1 sizes for accelerators: 256 px, UNet ch 128 (1,1,2,2,4,4), cosine
-                   T = 1000, DDIM 200 steps; the classifier with Lion (lr 1e-5, weight decay 3e-4), EMA 0.9999
-  quick            supplementation at 100, 300 and 1000 % (the default)
-  all              at 100, 200, ..., 1000 %
+                   T = 1000, 4 attention heads, DDIM 200 steps; the classifier with Lion (lr 1e-5, weight decay 3e-4), EMA 0.9999
+  quick            supplementation at 100, 300 and 1000 % (the default); two sites at the largest share
+  all              at 100, 200, ..., 1000 %, two sites too
   percents=A/B/..  these percentages (multiples of 100, up to 1000)
   chexpert / mimic_cxr / chestxray14 / csv   a local copy of that data set (--config.data.manual_dir=...;
                    docs/data.md); race needs --config.data.chexpert_demographics_csv or
-                   --config.data.mimic_admissions_csv
+                   --config.data.mimic_admissions_csv. A one-site data set has no two-site methods; :csv
+                   keeps them (name the second site with --config.data.ood_domains, or leave them out
+                   with --config.method_names)
 Defaults we chose where 000 is silent at this scale: a 32 px generator with 2,000 steps sampled in 20,
 500 real training images, 10 replicas each (000: every CheXpert image, 10 variants), the classifier of
 the chest study.
@@ -77,11 +83,15 @@ def get_config(arg=None):
   words = common.parse_arg(",".join(sorted(words)), ("smoke", "full", "quick", "all") + common.sources_of("chest"))
   source = common.real_source(words, "chest")
   classifier, base, _ = common.stage_configs(cxr_classifier, cxr_diffusion, words, upsampler=False)
-  methods = {"real": common.method()}
+  methods = {"real": common.method(), "two_site_real": common.method(site="external")}
   for p in percents:
     methods[f"supplement_{p}"] = common.method(synthetic="replica", alpha=1.0 / (1.0 + p / 100.0), copies=p // 100)
   for p in percents:
     methods[f"synthetic_only_{p}"] = common.method(synthetic="replica", alpha=0.0, copies=p // 100)
+  two_site = percents if "all" in parts else percents[-1:]
+  for p in two_site:  # paper 000's two sites: the external site's real images + this site's replicas
+    methods[f"two_site_supplement_{p}"] = common.method(synthetic="replica", alpha=1.0 / (1.0 + p / 100.0),
+                                                        copies=p // 100, site="external", baseline="two_site_real")
   for w in guidance:  # the CFG matrix: synthetic only on one copy made at w, 10 % of it held out
     methods[f"cfg_w{w:g}".replace(".", "p")] = common.method(synthetic=f"replica_w{w:g}", alpha=0.0, holdout=10)
   modes = ("replica",) + tuple(f"replica_w{w:g}" for w in guidance)
@@ -89,6 +99,9 @@ def get_config(arg=None):
   config.data.label_policy = "mask_uncertain"  # paper 000 masks uncertain findings
   if source:  # a local copy: every training image is replicated (race from data.mimic_admissions_csv or
     common.use_real_data(config, source)  # data.chexpert_demographics_csv when given)
+  if not tuple(config.data.ood_domains) and source != "csv":  # one site: no second site's real data
+    for name in [m for m in config.methods if config.methods[m].get("site") == "external"]:
+      del config.methods[name]
   config.base.diffusion.condition.attributes = CONDITION
   config.base.sampler.guidance = 0.0  # 000 chose CFG scale 0 (plain conditional sampling) for its replicas
   config.generate.replica_copies = max(percents) // 100
@@ -97,9 +110,9 @@ def get_config(arg=None):
     common.study_smoke_sizes(config, base_size=16, size=16)
   elif "full" in words:  # paper 000 Table E1, for accelerators
     config.base.data.image_size = config.classifier.data.image_size = 256
-    # attention at 32, 16 and 8 px of 256 px (downsample factors 8, 16, 32); 000 uses 4 heads, we use
-    # heads of 64 channels (2 to 8 heads)
-    config.base.model = common.unet_config(128, (1, 1, 2, 2, 4, 4), 2, (8, 16, 32), 64)
+    # attention at 32, 16 and 8 px of 256 px (downsample factors 8, 16, 32) with 4 heads, as in 000
+    config.base.model = common.unet_config(128, (1, 1, 2, 2, 4, 4), 2, (8, 16, 32), -1)
+    config.base.model.num_heads = 4
     config.base.model.dtype = "bfloat16"
     config.base.diffusion.schedule, config.base.diffusion.num_steps = "cosine", 1000
     config.base.sampler.name, config.base.sampler.steps, config.base.sampler.eta = "ddim", 200, 0.0

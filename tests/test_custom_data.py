@@ -62,7 +62,15 @@ def test_site_column_names_ood_values(tmp_path):
   assert world.id_domains == ("site_a", "site_b") and world.eval_split_names() == ("id", "site_c")
   dom = np.asarray(world.table.domains)[world.table.domain]
   assert set(dom[world.split("site_c").ids]) == {"site_c"} and "site_c" not in set(dom[world.split("train").ids])
+  with cfg.unlocked():  # paper 000's two sites: train on site_c's training rows, test on the same splits
+    cfg.train_domains = ("site_c",)
+  two_site = TableWorld(cfg, load_table(cfg))
+  assert set(dom[two_site.split("train").ids]) == {"site_c"} and set(dom[two_site.split("val").ids]) <= {"site_c"}
+  assert not set(two_site.split("train").ids) & set(two_site.split("site_c").ids)
+  for split in ("id", "site_c"):
+    np.testing.assert_array_equal(two_site.split(split).ids, world.split(split).ids)
   with cfg.unlocked():
+    cfg.train_domains = ()
     cfg.ood_domains = ("site_z",)
   with pytest.raises(SynthMedError, match=r"data.ood_domains has \['site_z'\], which never occur.*'site_a'"):
     TableWorld(cfg, load_table(cfg))

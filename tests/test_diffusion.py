@@ -665,3 +665,18 @@ def test_a_stored_checkpoint_loads_and_computes_its_stored_output(name):
     out = np.asarray(model.apply({"params": params}, *args))
     want = expected[f"{name}_out"]
     assert np.abs(out - want).max() <= tol * np.abs(want).max(), ops.name
+
+
+def test_a_fixed_number_of_heads_equals_heads_of_that_width():
+  """guided-diffusion's num_heads (paper 000: 4 heads) when num_head_channels <= 0: 4 heads over 32
+  channels are heads of 8 channels; a count that does not divide the channels fails clearly."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 32))
+  by_count = unet.Attention(num_head_channels=-1, num_heads=4, ops=OPS)
+  by_width = unet.Attention(num_head_channels=8, ops=OPS)
+  one_head = unet.Attention(num_head_channels=-1, num_heads=1, ops=OPS)
+  params = by_count.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  np.testing.assert_allclose(by_count.apply(params, x), by_width.apply(params, x), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(by_count.apply(params, x), one_head.apply(params, x), atol=1e-4)
+  with pytest.raises(SynthMedError, match="cannot be split into 3 heads; choose num_heads"):
+    unet.Attention(num_head_channels=-1, num_heads=3, ops=OPS).init(jax.random.PRNGKey(1), x)

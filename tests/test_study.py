@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from synth_med.experiments.run import validate
+from synth_med.experiments.study import classifier_config
 from synth_med.data.shards import read_shards
 from synth_med.errors import SynthMedError
 from synth_med.infra import artifacts
@@ -52,6 +53,17 @@ def test_study_configs_validate(name, arg):
     for m, method in shares.items():  # p % supplementation: real with probability 1 / (1 + p / 100)
       assert method.alpha == pytest.approx(1 / (1 + method.copies))
     assert c.data.label_policy == "mask_uncertain" and c.base.sampler.guidance == 0.0
+    if arg == "full":  # paper 000 Table E1: 4 attention heads
+      assert c.base.model.num_head_channels <= 0 and c.base.model.num_heads == 4
+    # paper 000's two sites: the OOD site's real images, alone and with this site's replicas
+    two = {m for m in c.methods if m.startswith("two_site")}
+    assert two == {"two_site_real", "two_site_supplement_" + ("200" if arg == "smoke" else "1000")}
+    assert all(c.methods[m].site == "external" for m in two)
+    sup = next(m for m in two if "supplement" in m)
+    assert c.methods[sup].baseline == "two_site_real" and c.methods[sup].synthetic == "replica"
+    cc = classifier_config(c, "/tmp", sup, 0)
+    assert tuple(cc.data.train_domains) == ("ood1",) and tuple(cc.data.ood_domains) == ("ood1",)
+    assert tuple(classifier_config(c, "/tmp", "real", 0).data.train_domains) == ()
 
 
 def test_attribute_axis_and_skew_are_config_choices():
@@ -72,9 +84,23 @@ def test_supplement_arguments_fail_clearly():
   assert {m for m in load_config("cxr_supplement", "guidance=2").methods if m.startswith("cfg")} == {"cfg_w2"}
   assert set(load_config("cxr_supplement", "percents=200/500").methods) == {
       "real", "supplement_200", "supplement_500", "synthetic_only_200", "synthetic_only_500",
-      "cfg_w0", "cfg_w4", "cfg_w7p5"}
+      "cfg_w0", "cfg_w4", "cfg_w7p5", "two_site_real", "two_site_supplement_500"}
+  assert {m for m in load_config("cxr_supplement", "all").methods if m.startswith("two_site_supplement")} == {
+      f"two_site_supplement_{p}" for p in range(100, 1001, 100)}
   real = load_config("cxr_supplement", "chexpert,percents=100")
   assert real.data.source == "chexpert" and real.data.train_size == 0  # every training image replicated
+  assert not any(m.startswith("two_site") for m in real.methods)  # one site, no second site's real data
+  assert "two_site_real" in load_config("cxr_supplement", "csv").methods  # its site column may name two
+  c = load_config("cxr_supplement", "")
+  with c.unlocked():
+    c.data.ood_domains = ()
+  with pytest.raises(SynthMedError, match="trains on the external site's real images, but data.ood_domains is empty"):
+    validate(c)
+  c = load_config("cxr_supplement", "")
+  with c.unlocked():
+    c.methods.two_site_supplement_1000.baseline = "mimic"
+  with pytest.raises(SynthMedError, match="baseline='mimic'; name another of the study's methods"):
+    validate(c)
   with pytest.raises(ValueError, match="unknown config argument"):
     load_config("cxr_supplement", "ham10000")  # a skin data set
   c = load_config("cxr_supplement", "")
@@ -338,7 +364,22 @@ def test_cxr_supplement_smoke_writes_the_curve_and_the_per_finding_table(tmp_pat
   assert set(supp["curve"]["id"]["real+synthetic"]) == {"100", "200"} == set(supp["curve"]["id"]["synthetic only"])
   assert supp["cooccurrence"]["synthetic replicas"]["pearson_vs_real_train"] == pytest.approx(1.0)
   table = supp["findings"]["id"]
-  assert set(table) == {"real", "supplement_100", "supplement_200", "synthetic_only_100", "synthetic_only_200"}
+  assert set(table) == {"real", "supplement_100", "supplement_200", "synthetic_only_100", "synthetic_only_200",
+                        "two_site_real", "two_site_supplement_200"}
+  # paper 000's two sites: the OOD site's real images (its training split) with this site's replicas,
+  # compared with that site's real data alone on the same test images
+  two = json.loads((workdir / "classifiers" / "two_site_supplement_200" / "seed0" / "metrics.json").read_text())
+  one = json.loads((workdir / "classifiers" / "real" / "seed0" / "metrics.json").read_text())
+  assert two["train_domains"] == ["ood1"] and one["train_domains"] == ["id"]
+  assert two["mix"]["synthetic_examples"] == 2 * n_train and two["mix"]["alpha"] == pytest.approx(1 / 3)
+  assert set(supp["curve"]["ood1"]["two sites"]) == {"200"}
+  assert supp["curve"]["ood1"]["two sites baseline"]["method"] == "two_site_real"
+  assert table["two_site_supplement_200"]["Atelectasis"]["against"] == "two_site_real"
+  res = json.loads((workdir / "results.json").read_text())
+  assert res["comparisons"]["two_site_supplement_200"]["against"] == "two_site_real"
+  assert "against" not in res["comparisons"]["supplement_100"]
+  for split in ("id", "ood1"):  # the same test images for every model
+    assert two["splits"][split]["n"] == one["splits"][split]["n"]
   # 000's CFG matrix: the real model and one per guidance, on real test images and each store's held-out part
   matrix = supp["cfg_matrix"]["auroc"]
   stores = {"replica_w0", "replica_w4", "replica_w7.5"}

@@ -103,6 +103,26 @@ def test_labelled_splits_come_from_id_domains_only(tiny_world_config):
       assert {w.spec.domains[i] for i in np.unique(d)} == {ood}
 
 
+def test_train_domains_move_the_training_and_validation_splits_only(tiny_world_config):
+  """Paper 000's two sites: training and validation images from the OOD site, disjoint from its test split;
+  the test splits are those of the study's other models."""
+  base = make_world(tiny_world_config("chest"))
+  c = tiny_world_config("chest")
+  c.train_domains = ("ood1",)
+  w = make_world(c)
+  for split in ("train", "val"):
+    d, _, _ = unpack_ids(w.split(split).ids)
+    assert {w.spec.domains[i] for i in np.unique(d)} == {"ood1"}, split
+    assert len(w.split(split)) == len(base.split(split)) or split == "train"
+  assert not set(w.split("train").ids) & set(w.split("ood1").ids)
+  assert not set(w.split("val").ids) & set(w.split("ood1").ids)
+  for split in ("id", "ood1"):
+    np.testing.assert_array_equal(w.split(split).ids, base.split(split).ids)
+  c.train_domains = ("hospital9",)
+  with pytest.raises(SynthMedError, match=r"data.train_domains has unknown domain\(s\) \['hospital9'\]"):
+    make_world(c).split("train")
+
+
 def test_unlabelled_domains_follow_the_config(tiny_world_config):
   c = tiny_world_config("skin")
   w = make_world(c)

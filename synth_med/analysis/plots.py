@@ -61,12 +61,23 @@ def bars_figure(values: Mapping[str, Mapping[str, float | None]], ylabel: str,
 
 def lines_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str) -> bytes:
   """One line per named (x, y) series."""
-  fig, axes = figure(1, 1, (5.0, 3.6))
-  for name, (x, y) in series.items():
-    axes[0].plot(x, y, "o-", label=name)
-  axes[0].set_xlabel(xlabel)
-  axes[0].set_ylabel(ylabel)
-  axes[0].legend(fontsize=6)
+  return panels_figure({"": series}, xlabel, ylabel)
+
+
+def panels_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str,
+                  ylabel: str, hlines: Mapping[str, Mapping[str, float]] | None = None) -> bytes:
+  """One panel per title, one line per named (x, y) series in it, and dashed horizontal reference lines
+  (`hlines[title]`: {name: y}), e.g. paper 000's Fig. 3 with the real-data baseline."""
+  fig, axes = figure(1, len(panels), (5.0 * len(panels), 3.6))
+  for ax, (title, series) in zip(axes, panels.items()):
+    for name, (x, y) in series.items():
+      ax.plot(x, y, "o-", label=name)
+    for k, (name, y) in enumerate((hlines or {}).get(title, {}).items()):
+      ax.axhline(y, color=f"C{7 + k}", linestyle="--", linewidth=1.0, label=name)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=6)
   return png_bytes(fig)
 
 

@@ -129,12 +129,14 @@ def comparison_section(res: dict[str, Any]) -> str:
   rows = []
   for m, entry in res["comparisons"].items():
     cells = "".join(_cell(entry.get(s, {}).get(c, {})) for s in res["splits"] for c in cols)
-    rows.append(f"<tr><td>{html.escape(m)}</td><td>{entry.get('seeds', '')}</td>{cells}</tr>")
+    against = f" (vs {entry['against']})" if entry.get("against") else ""
+    rows.append(f"<tr><td>{html.escape(m + against)}</td><td>{entry.get('seeds', '')}</td>{cells}</tr>")
   notes = "".join(f"<li>{html.escape(t)}</li>" for t in control_verdicts(res))
   return (f"<h2>Paired differences to {html.escape(ref)}</h2><p>Each cell: the mean over seeds of the "
           f"method minus <b>{html.escape(ref)}</b> (same seed, same test images), its 95 % bootstrap CI "
           "(seeds and test images resampled together) and a verdict: better or worse when the CI excludes 0, "
-          "otherwise no detectable difference; U p is the Mann-Whitney test over seeds. For the "
+          "otherwise no detectable difference; U p is the Mann-Whitney test over seeds. A method marked (vs X) is "
+          "compared with X instead (paper 000's two-site mixes against the external site's real data). For the "
           f"{html.escape(res['attribute'])} gap lower is better.</p><table><tr><th>method</th><th>seeds</th>"
           f"{head}</tr>" + "".join(rows) + "</table>" + (f"<p>Controls:</p><ul>{notes}</ul>" if notes else ""))
 

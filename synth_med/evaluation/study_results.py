@@ -157,5 +157,6 @@ def comparison_table(res: dict[str, Any]) -> str:
         ci = "n/a" if c["ci"] is None else f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
         pu = "n/a" if c["p_mann_whitney"] is None else f"{c['p_mann_whitney']:.2g}"
         cells.append(f"{name} {c['diff']:+.3f} {ci} p={pu} {c['verdict']}")
-      lines.append(f"  {m} [{split}]: " + "; ".join(cells))
+      against = f" (vs {entry['against']})" if entry.get("against") else ""
+      lines.append(f"  {m}{against} [{split}]: " + "; ".join(cells))
   return "\n".join(lines)

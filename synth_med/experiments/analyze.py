@@ -65,13 +65,17 @@ class StudyRuns:
   stores: dict[str, str]  # finished synthetic stores: {mode: folder}
   store_method: dict[str, str]  # {store: the synthetic mix method that trains on it}
   filtered: dict[str, tuple[str, str]]  # {quality-filtered method: (its unfiltered mix, its store folder)}
-  supplement: dict[str, tuple[str, int]]  # paper 000: {method: ('real+synthetic' or 'synthetic only', percent)}
+  # paper 000: {method: ('real+synthetic', 'synthetic only' or 'two sites', percent)}
+  supplement: dict[str, tuple[str, int]]
   cfg_matrix: dict[str, str]  # paper 000's Table 2: {method trained on one guidance's store: that store}
   classifier_config: Any  # a complete classifier stage config (its world and eval settings)
   generator_config: Any  # the stage config whose images the stores match (upsampler, else base)
   results_path: str
   n_boot: int
   seed: int = 0
+  # the 0 % point each kind of supplementation is compared with (absent kinds: `reference`); paper 000's
+  # two sites: the external site's real data alone
+  supplement_baselines: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def run_dir(self, method: str, seed: int) -> str:
     return os.path.join(self.workdir, "classifiers", method, f"seed{seed}")
@@ -544,10 +548,17 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
   splits = results.get("splits", [])
   out: dict[str, Any] = {"curve": {}, "findings": {}, "cooccurrence": {}}
   # the curve: macro AUROC (mean over seeds) per share, for each kind, internal and external
+  baseline = {how: r.supplement_baselines.get(how, r.reference) for how, _ in r.supplement.values()}
   for split in splits:
     macro = lambda m, s: st.finding_aucs(r.predictions(m, s)[split], names, n_boot=0)["macro"]["auc"]  # noqa: E731
-    base = [v for v in (macro(r.reference, s) for s in ref_seeds) if v is not None]
-    curve = {"real": float(np.mean(base)) if base else None}
+
+    def mean_macro(m: str) -> float | None:
+      vals = [v for v in (macro(m, s) for s in r.runs(m)) if v is not None]
+      return float(np.mean(vals)) if vals else None
+    curve: dict[str, Any] = {"real": mean_macro(r.reference)}
+    for how, b in baseline.items():
+      if b != r.reference:
+        curve[f"{how} baseline"] = {"method": b, "mean": mean_macro(b)}
     for m, (how, pct) in sorted(r.supplement.items(), key=lambda kv: kv[1][1]):
       vals = [v for v in (macro(m, s) for s in r.runs(m)) if v is not None]
       if vals:
@@ -556,20 +567,24 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
   # per finding (seed 0, as 000's single models): AUROC with its bootstrap CI, and the paired test against real
   rows = []
   for split in splits:
-    ref = r.predictions(r.reference, ref_seeds[0])[split]
-    table = {r.reference: st.finding_aucs(ref, names, n_boot=r.n_boot, seed=r.seed)}
-    for m in r.supplement:
-      if 0 in r.runs(m):
+    table = {}
+    for b in dict.fromkeys([r.reference, *baseline.values()]):
+      if 0 in r.runs(b):
+        table[b] = st.finding_aucs(r.predictions(b, 0)[split], names, n_boot=r.n_boot, seed=r.seed)
+    for m, (how, _) in r.supplement.items():
+      if 0 in r.runs(m) and 0 in r.runs(baseline[how]):
         p = r.predictions(m, 0)[split]
         table[m] = st.finding_aucs(p, names, n_boot=r.n_boot, seed=r.seed)
-        for name, t in st.paired_finding_tests(p, ref, names, n_boot=r.n_boot, seed=r.seed).items():
-          table[m][name].update(t)
+        tests = st.paired_finding_tests(p, r.predictions(baseline[how], 0)[split], names, n_boot=r.n_boot, seed=r.seed)
+        for name, t in tests.items():
+          table[m][name].update(t, against=baseline[how])
     out["findings"][split] = table
     for m, per in table.items():
       for name in names:
         e = per[name]
         rare = e["prevalence"] is not None and e["prevalence"] < 0.05
-        rows.append([split, m, name + (" (<5 %)" if rare else ""), "n/a" if e["auc"] is None else f"{e['auc']:.3f}",
+        against = f" (vs {e['against']})" if e.get("against") not in (None, r.reference) else ""
+        rows.append([split, m + against, name + (" (<5 %)" if rare else ""), "n/a" if e["auc"] is None else f"{e['auc']:.3f}",
                      "n/a" if e.get("diff") is None else f"{e['diff']:+.3f}",
                      "n/a" if e.get("p_bonferroni") is None else f"{e['p_bonferroni']:.2g}"])
   # co-occurrence: the real training labels against the replica store's and each test split's
@@ -584,13 +599,22 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
     mats[f"real {split} test"] = st.cooccurrence(p.label, p.label_mask)
   out["cooccurrence"] = {k: {"pearson_vs_real_train": st.cooccurrence_correlation(mats["real train"], v),
                              "matrix": np.nan_to_num(v).tolist()} for k, v in mats.items()}
-  series = {}
+  panels, hlines = {}, {}
   for split, curve in out["curve"].items():
-    for how in ("real+synthetic", "synthetic only"):
+    series, lines = {}, {}
+    for how in ("real+synthetic", "synthetic only", "two sites"):
       pts = sorted((int(k), v["mean"]) for k, v in curve.get(how, {}).items())
-      if how == "real+synthetic" and curve["real"] is not None:
-        pts = [(0, curve["real"])] + pts
-      series[f"{how}, {split}"] = ([x for x, _ in pts], [y for _, y in pts])
+      zero = curve.get(f"{how} baseline", {}).get("mean") if how == "two sites" else curve["real"]
+      if how != "synthetic only" and pts and zero is not None:
+        pts = [(0, zero)] + pts
+      if pts:
+        series[how] = ([x for x, _ in pts], [y for _, y in pts])
+    if curve["real"] is not None:
+      lines[f"real only ({r.reference})"] = curve["real"]
+    if curve.get("two sites baseline", {}).get("mean") is not None:
+      lines[f"external site real only ({curve['two sites baseline']['method']})"] = curve["two sites baseline"]["mean"]
+    title = f"{split} test"
+    panels[title], hlines[title] = series, lines
   if any(s in r.stores for s in r.cfg_matrix.values()):
     out["cfg_matrix"] = cfg_matrix(r, names)
     cols = ["real id"] + sorted(out["cfg_matrix"]["fid"] or set(r.cfg_matrix.values()))
@@ -598,18 +622,21 @@ def analyse_supplementation(r: StudyRuns, results: dict[str, Any]) -> dict[str, 
                                                   if c in out["cfg_matrix"]["fid"] else c for c in cols]],
                       "rows": [[m] + [f"{row[c]:.3f}" if c in row else "" for c in cols]
                                for m, row in out["cfg_matrix"]["auroc"].items()]}]
-  out["figure"] = r.figure("supplementation", plots.lines_figure(series, "synthetic images, % of the real training set",
-                                                                 "macro AUROC (mean over seeds)"))
+  out["figure"] = r.figure("supplementation", plots.panels_figure(panels, "synthetic images, % of the real training set",
+                                                                  "macro AUROC (mean over seeds)", hlines))
   out["heatmaps"] = r.figure("cooccurrence", plots.heatmaps_figure(mats, names))
   corr = ", ".join(f"{k}: {v['pearson_vs_real_train']:.3f}" for k, v in out["cooccurrence"].items()
                    if v["pearson_vs_real_train"] is not None and k != "real train")
-  out["caption"] = ("Paper 000 Fig. 3: macro AUROC against the share of synthetic replicas, real + synthetic (from 0 % = "
-                    "real only) and synthetic only, on the internal (id) and external test splits, mean over seeds. "
-                    "The table: seed 0's per-finding AUROC, its difference to real data and the paired t-test over "
-                    "1,000 bootstrap resamples, Bonferroni-corrected over the findings (000's protocol; resamples are "
+  out["caption"] = ("Paper 000 Figs. 3 and 4: macro AUROC against the share of synthetic replicas, real + synthetic (from "
+                    "0 % = real only), synthetic only, and two sites (the external site's real training images plus "
+                    "this site's replicas, from 0 % = the external site's real data alone), on the internal (id) and "
+                    "external test splits, mean over seeds; dashed: the real-data baselines. "
+                    "The table: seed 0's per-finding AUROC, its difference to its baseline and the paired t-test over "
+                    "1,000 bootstrap resamples, Bonferroni-corrected over the findings; the baseline is real data, or X for a "
+                    "method marked (vs X) (000's protocol; resamples are "
                     "not independent samples, so these p-values are far smaller than the paired comparison over seeds "
                     f"gives); findings under 5 % prevalence are marked. Co-occurrence correlation with the real training labels: {corr}.")
-  out["table"] = {"header": ["split", "method", "finding", "AUROC", "− real", "p (Bonferroni)"], "rows": rows}
+  out["table"] = {"header": ["split", "method", "finding", "AUROC", "− baseline", "p (Bonferroni)"], "rows": rows}
   return out
 
 

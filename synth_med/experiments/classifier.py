@@ -245,6 +245,7 @@ def run_classifier(config: Any, workdir: str, synthetic_stores: dict[str, str] |
   predict = bind(eval_params(result.state, config))
   metrics: dict[str, Any] = {"world": spec.name, "label_kind": spec.label_kind, "classes": list(spec.class_names),
                              "high_risk": list(spec.high_risk), "train_examples": len(train_split),
+                             "train_domains": list(world.train_domains),
                              "steps": int(config.train.steps), "mix": mix_info, "splits": {}}
   split_predictions = {}
   embed = make_embed(task, mesh)(eval_params(result.state, config))

@@ -137,6 +137,11 @@ def ensure_filtered_store(config: Any, workdir: str, method: str) -> dict[str, A
                       info["label_kind"], real_probes(config, world), attribute, values, tuple(info["classes"]))
 
 
+def baseline_of(config: Any, method: str) -> str:
+  """The method `method` is compared with: its `baseline`, or the study's real-data baseline."""
+  return str(config.methods[method].get("baseline", "") or reference_method(config))
+
+
 def classifier_config(config: Any, workdir: str, method: str, seed: int,
                       tuned: dict[str, Any] | None = None) -> Any:
   """The classifier stage config of one method and seed, with the tune stage's values (`tuned`) applied."""
@@ -156,6 +161,8 @@ def classifier_config(config: Any, workdir: str, method: str, seed: int,
     c.mix.synthetic_copies = int(m.get("copies", 0))
     c.mix.synthetic_holdout = int(m.get("holdout", 0))
     c.model.pretrained_npz = config.pretrained_npz if m.pretrained else ""
+    if m.get("site", "") == "external":  # paper 000's two sites: the first OOD domain's real training images
+      c.data.train_domains = tuple(config.data.ood_domains)[:1]
   return c
 
 
@@ -184,6 +191,17 @@ def validate(config: Any) -> None:
       raise SynthMedError(f"method {name!r} mixes in {copies} replica copies; that needs synthetic='replica' "
                           f"and generate.replica_copies >= {copies} (it is "
                           f"{config.generate.get('replica_copies', 0)}).")
+    site = str(m.get("site", ""))
+    if site not in ("", "external"):
+      raise SynthMedError(f"method {name!r} has site={site!r}; use '' (the study's ID domains) or 'external'.")
+    base = str(m.get("baseline", ""))
+    if base and (base not in config.methods or base == name):
+      raise SynthMedError(f"method {name!r} has baseline={base!r}; name another of the study's methods "
+                          f"{list(config.methods)}.")
+    if site == "external" and not tuple(config.data.ood_domains):
+      raise SynthMedError(f"method {name!r} trains on the external site's real images, but data.ood_domains is "
+                          "empty; name a second site in --config.data.ood_domains, or leave the method out with "
+                          "--config.method_names.")
   for mode in config.generate.modes:
     if mode not in SYNTHETIC_MODES and replica_guidance(mode) is None:
       raise SynthMedError(f"generate.modes has {mode!r}; choose from {list(SYNTHETIC_MODES)} or "
@@ -322,9 +340,15 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
   names = method_names(config)
   res = aggregate(config, workdir, names, int(config.seeds))
   res["reference"] = reference_method(config)
-  res["comparisons"] = comparisons(workdir, res, res["reference"], names, int(config.seeds),
-                                   int(config.classifier.eval.min_group_size), int(config.comparisons.bootstrap),
-                                   int(config.seed))
+  res["comparisons"] = {}
+  for base in dict.fromkeys(baseline_of(config, m) for m in names):  # each method against its own baseline
+    group = [m for m in names if baseline_of(config, m) == base and m != base]
+    found = comparisons(workdir, res, base, [base] + group, int(config.seeds),
+                        int(config.classifier.eval.min_group_size), int(config.comparisons.bootstrap), int(config.seed))
+    for entry in found.values():
+      if base != res["reference"]:
+        entry["against"] = base
+    res["comparisons"].update(found)
   if os.path.exists(best_path(workdir)):
     res["tuning"] = artifacts.read_json(best_path(workdir))
   if config.get("fidelity", True):
@@ -355,13 +379,19 @@ def analysis_inputs(config: Any, workdir: str) -> StudyRuns:
               for m in names if config.methods[m].get("quality_filter")}
   cfg_matrix = {m: str(config.methods[m].synthetic) for m in names
                 if replica_guidance(str(config.methods[m].synthetic)) is not None}
-  supplement = {m: ("real+synthetic" if float(config.methods[m].alpha) > 0 else "synthetic only",
-                    100 * int(config.methods[m].get("copies", 0)))
+  def supplement_kind(m: str) -> str:
+    if config.methods[m].get("site") == "external":
+      return "two sites"
+    return "real+synthetic" if float(config.methods[m].alpha) > 0 else "synthetic only"
+  supplement = {m: (supplement_kind(m), 100 * int(config.methods[m].get("copies", 0)))
                 for m in names if int(config.methods[m].get("copies", 0)) > 0}
+  supplement_baselines = {kind: baseline_of(config, m) for m, (kind, _) in supplement.items()
+                          if baseline_of(config, m) in names}
   return StudyRuns(workdir=workdir, methods=names, seeds=int(config.seeds), reference=reference_method(config),
                    attribute=str(config.generate.attribute),
                    stores={m: f for m, f in stores.items() if artifacts.is_done(f)}, store_method=store_method,
-                   filtered=filtered, supplement=supplement, cfg_matrix=cfg_matrix,
+                   filtered=filtered, supplement=supplement, supplement_baselines=supplement_baselines,
+                   cfg_matrix=cfg_matrix,
                    classifier_config=stage_config(config, "classifier"),
                    generator_config=stage_config(config, "upsampler" if config.get("upsampler") is not None
                                                  else "base"),

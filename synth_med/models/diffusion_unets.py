@@ -34,4 +34,4 @@ def build_model(model_cfg: Any, channels: int, ops: Ops | None = None) -> Any:
              num_head_channels=int(model_cfg.num_head_channels), dropout=float(model_cfg.dropout),
              use_scale_shift_norm=bool(model_cfg.use_scale_shift_norm),
              resblock_updown=bool(model_cfg.resblock_updown), dtype=DTYPES[model_cfg.dtype],
-             ops=ops)
+             ops=ops, num_heads=int(model_cfg.get("num_heads", 1)))

@@ -35,6 +35,7 @@ class Model(nn.Module):
   resblock_updown: bool = False
   dtype: object = None
   ops: Ops = unet.REFERENCE_OPS
+  num_heads: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None,
@@ -46,5 +47,6 @@ class Model(nn.Module):
     kw = {} if self.dtype is None else {"dtype": self.dtype}
     return unet.Model(self.out_channels, self.model_channels, tuple(self.channel_mult), self.num_res_blocks,
                       tuple(self.attention_resolutions), self.num_head_channels, self.dropout,
-                      self.use_scale_shift_norm, self.resblock_updown, ops=self.ops, name="unet", **kw)(
+                      self.use_scale_shift_norm, self.resblock_updown, ops=self.ops, num_heads=self.num_heads,
+                      name="unet", **kw)(
                           x, t, cond, low_res, train)

@@ -171,18 +171,21 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention over the spatial positions (heads of `num_head_channels`)."""
+  """Multi-head self-attention over the spatial positions: heads of `num_head_channels`, or (when that is
+  <= 0) `num_heads` heads, as in guided-diffusion."""
   num_head_channels: int = 64
   ops: Ops = REFERENCE_OPS
   dtype: Any = jnp.float32
+  num_heads: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    heads = max(c // self.num_head_channels, 1) if self.num_head_channels > 0 else 1
+    heads = max(c // self.num_head_channels, 1) if self.num_head_channels > 0 else max(int(self.num_heads), 1)
     if c % heads:
-      raise SynthMedError(f"attention over {c} channels cannot be split into heads of "
-                          f"{self.num_head_channels} channels; choose num_head_channels dividing "
+      what = (f"heads of {self.num_head_channels} channels; choose num_head_channels" if self.num_head_channels > 0
+              else f"{heads} heads; choose num_heads")
+      raise SynthMedError(f"attention over {c} channels cannot be split into {what} dividing "
                           "model_channels * channel_mult.")
     y = Norm(self.ops, name="norm")(x).reshape(b, h * w, c)
     qkv = PixelDense(3 * c, self.ops, self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
@@ -204,6 +207,7 @@ class Model(nn.Module):
   resblock_updown: bool = False
   dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators); params stay float32
   ops: Ops = REFERENCE_OPS  # the convolutions, dense layers, norm and attention (`synth_med.ops`)
+  num_heads: int = 1  # attention heads when num_head_channels <= 0 (paper 000: 4)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None,
@@ -222,7 +226,7 @@ class Model(nn.Module):
       x = jnp.concatenate([x, low_res.astype(x.dtype)], axis=-1)
     res_block = functools.partial(ResBlock, ops=self.ops, dropout=self.dropout,
                                   use_scale_shift_norm=self.use_scale_shift_norm, dtype=self.dtype)
-    attention = functools.partial(Attention, self.num_head_channels, self.ops, self.dtype)
+    attention = functools.partial(Attention, self.num_head_channels, self.ops, self.dtype, self.num_heads)
     conv = functools.partial(Conv3x3, ops=self.ops, dtype=self.dtype)
     h = conv(ch, name="input_conv")(x.astype(self.dtype))
     skips, ds = [h], 1

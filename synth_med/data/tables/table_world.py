@@ -48,6 +48,7 @@ class TableWorld:
     self._label, self._mask = label.astype(np.float32), mask.astype(np.float32)
     self.table = table
     for name, doms in (("id_domains", self.id_domains), ("ood_domains", self.ood_domains),
+                       ("train_domains", self.train_domains),
                        ("unlabelled_domains", self.unlabelled_domains)):
       bad = [d for d in doms if d not in table.domains]
       if bad:
@@ -69,6 +70,12 @@ class TableWorld:
     return tuple(self.config.id_domains) or tuple(d for d in self.table.domains if d not in self.ood_domains)
 
   @property
+  def train_domains(self) -> tuple[str, ...]:
+    """data.train_domains, or (when empty) the ID domains: where the labelled training and validation rows
+    come from (paper 000's two-site setting trains on another site's rows; the test splits stay)."""
+    return tuple(self.config.get("train_domains", ()) or ()) or self.id_domains
+
+  @property
   def unlabelled_domains(self) -> tuple[str, ...]:
     """data.unlabelled_domains, or (when empty) every domain (`worlds.base.unlabelled_domains`)."""
     return unlabelled_domains(self.config.unlabelled_domains, self.table.domains)
@@ -87,12 +94,13 @@ class TableWorld:
     t = self.table
     dom_names = np.asarray(t.domains, dtype=object)[t.domain]
     in_id = np.isin(dom_names, self.id_domains)
+    in_train_domains = np.isin(dom_names, self.train_domains)
     lab = t.labelled & ok
     splits = {}
-    train = np.nonzero(in_id & lab & usable & (t.split == "train"))[0]
+    train = np.nonzero(in_train_domains & lab & usable & (t.split == "train"))[0]
     train = self._cap(train, "train_size", 1)
     splits["train"] = apply_skew(train, self.metadata(train), self.config.skew, self.spec)
-    splits["val"] = self._cap(np.nonzero(in_id & lab & (t.split == "val"))[0], "val_size", 2)
+    splits["val"] = self._cap(np.nonzero(in_train_domains & lab & (t.split == "val"))[0], "val_size", 2)
     splits["id"] = self._cap(np.nonzero(in_id & lab & (t.split == "test"))[0], "test_size", 3)
     for k, d in enumerate(self.ood_domains):
       splits[d] = self._cap(np.nonzero((dom_names == d) & lab & (t.split == "test"))[0], "ood_size", 10 + k)
@@ -102,7 +110,7 @@ class TableWorld:
     in_unl = np.isin(dom_names, self.unlabelled_domains)
     # Never an evaluation image, and not the ID labelled rows left out by a cap or the skew.
     in_train = t.split == "train"
-    eligible = in_unl & ok & ~used & (~t.labelled | (in_train & ~usable) | (in_train & ~in_id))
+    eligible = in_unl & ok & ~used & (~t.labelled | (in_train & ~usable) | (in_train & ~in_train_domains))
     splits["unlabelled"] = self._cap(np.nonzero(eligible)[0], "unlabelled_size", 4)
     for name, rows in splits.items():
       if name in ("train", "val", "id") and len(rows) == 0:

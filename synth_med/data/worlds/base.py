@@ -113,6 +113,17 @@ class World(abc.ABC):
   def ood_domains(self) -> tuple[str, ...]:
     return tuple(self.config.ood_domains)
 
+  @property
+  def train_domains(self) -> tuple[str, ...]:
+    """The domains of the labelled training and validation splits: `data.train_domains`, or (when empty)
+    the ID domains. Paper 000's two-site setting trains on another site's real data; the test splits
+    stay the same, so its models are compared on the same images."""
+    doms = tuple(self.config.get("train_domains", ()) or ()) or self.id_domains
+    bad = [d for d in doms if d not in self.spec.domains]
+    if bad:
+      raise SynthMedError(f"data.train_domains has unknown domain(s) {bad}; choose from {list(self.spec.domains)}.")
+    return doms
+
   def uniform(self, stream: int, ids: np.ndarray, n: int = 1) -> np.ndarray:
     return rf.uniform(self.seed, stream, ids, n)
 
@@ -175,7 +186,7 @@ class World(abc.ABC):
     if name == "train":
       return Split("train", self._train_ids(), True)
     if name == "val":
-      return Split("val", self._draw(self.id_domains, VAL, int(cfg.val_size), labelled_only=True), True)
+      return Split("val", self._draw(self.train_domains, VAL, int(cfg.val_size), labelled_only=True), True)
     if name == "id":
       return Split("id", self._draw(self.id_domains, TEST, int(cfg.test_size), labelled_only=True), True)
     if name == "unlabelled":
@@ -219,7 +230,7 @@ class World(abc.ABC):
 
   def _train_ids(self) -> np.ndarray:
     """The ID labelled pool with the configured skew caps applied (Table A2 rule)."""
-    pool = self._draw(self.id_domains, TRAIN, int(self.config.train_size), labelled_only=True)
+    pool = self._draw(self.train_domains, TRAIN, int(self.config.train_size), labelled_only=True)
     return apply_skew(pool, self.metadata(pool), self.config.skew, self.spec)
 
 
