@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from synth_med.data.pipeline import TrainStream
 from synth_med.errors import SynthMedError
@@ -39,6 +40,14 @@ class Task(Protocol):
   def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array
            ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
     """Scalar loss and scalar metrics for one global batch."""
+
+  # Optional: `param_groups` {top-level parameter key: train.<optimizer key>} gives each part its own
+  # optimizer (a GAN's generator and critic); `needs_step` puts the step number in the batch ('step').
+
+
+class StopTraining(Exception):
+  """Raised by a hook to end training early at the current step (e.g. FID early stopping): the loop
+  checkpoints that step and returns."""
 
 
 Hook = Callable[[int, TrainState], None]
@@ -68,7 +77,7 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
   sharding.check_batch_size(int(tcfg.batch_size), mesh)
   ensure_writable_dir(workdir)
 
-  tx, schedule = make_optimizer(tcfg.optimizer, total)
+  tx, schedule = task_optimizer(task, tcfg, total)
   ema_decay = float(tcfg.ema_decay)
   rules = [tuple(r) for r in config.sharding_rules]
   root_rng = jax.random.key(int(config.seed))
@@ -161,13 +170,35 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
       done = step + 1
       for action in actions:
         action(done)
-      for hook in hooks:
-        hook(done, state)
+      try:
+        for hook in hooks:
+          hook(done, state)
+      except StopTraining as stop:
+        print(f"training stopped at step {done}: {stop}", flush=True)
+        if last_saved != done:
+          save(done, 0.0)
+        break
     ckpt.wait()
   finally:
     writer.flush()
     ckpt.close()
   return LoopResult(state=state, mesh=mesh, start_step=start)
+
+
+def task_optimizer(task: Task, tcfg: Any, total: int) -> tuple[Any, Any]:
+  """(optimizer, schedule of the first group): `train.optimizer`, or one optimizer per parameter group
+  for a task with `param_groups` (optax.multi_transform over the top-level parameter keys)."""
+  groups = getattr(task, "param_groups", None)
+  if not groups:
+    return make_optimizer(tcfg.optimizer, total)
+  missing = [key for key in groups.values() if tcfg.get(key) is None]
+  if missing:
+    raise SynthMedError(f"this task trains {list(groups)} with their own optimizers; the config lacks "
+                        f"{['train.' + k for k in missing]}.")
+  made = {part: make_optimizer(tcfg[key], total) for part, key in groups.items()}
+  tx = optax.multi_transform({part: m[0] for part, m in made.items()},
+                             lambda params: {k: k for k in params})
+  return tx, next(iter(made.values()))[1]
 
 
 def _flat_config(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -31,12 +31,13 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
   """Returns (optimizer, schedule) for `train.optimizer`."""
   sched = make_schedule(cfg, total_steps)
   name, wd = cfg.name, float(cfg.weight_decay)
+  b1, b2 = float(cfg.get("b1", 0.9)), float(cfg.get("b2", 0.999))  # prog-GAN: 0, 0.99
   if name == "adam":
-    tx = optax.adam(sched)
+    tx = optax.adam(sched, b1=b1, b2=b2)
     if wd:
       tx = optax.chain(optax.add_decayed_weights(wd), tx)
   elif name == "adamw":
-    tx = optax.adamw(sched, weight_decay=wd)
+    tx = optax.adamw(sched, b1=b1, b2=b2, weight_decay=wd)
   elif name == "lion":  # Chen et al. 2023; paper 000's classifier (lr 1e-5, weight decay 3e-4)
     tx = optax.lion(sched, weight_decay=wd)
   elif name in ("momentum", "sgd"):

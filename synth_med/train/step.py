@@ -31,8 +31,12 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
   sampled pure noise while its raw weights upsampled well).
   """
 
+  needs_step = bool(getattr(task, "needs_step", False))  # e.g. a progressive GAN's growth schedule
+
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if needs_step:
+      batch = {**batch, "step": state.step}
     (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
