@@ -37,6 +37,10 @@ def data_config(world: str, image_size: int) -> ConfigDict:
       # Where the labelled training and validation images come from; () = id_domains. A study sets it per
       # method (method(site='external'): paper 000's two-site setting); the test splits do not change.
       "train_domains": (),
+      # Paper 001's benchmark axes: keep the m most frequent label combinations (0 = all) and at most n
+      # training images per combination (0 = all); see synth_med/data/label_combinations.py.
+      "label_combinations": 0,
+      "per_combination": 0,
       "unlabelled_domains": unlabelled,
       "train_size": 4000,
       "val_size": 500,
@@ -306,6 +310,58 @@ def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
   config.cpu_devices = CPU_DEVICES
   config.sharding_rules = ()
   return config
+
+
+def gan_base(world: str, image_size: int, kind: str) -> ConfigDict:
+  """A CPU-sized GAN stage (paper 001's cpD-GAN or prog-GAN) on a procedural world; 001's sizes come with
+  `gan_full`. Adam with beta1 = 0, beta2 = 0.99 (prog-GAN's) for the generator and the critic, WGAN-GP."""
+  config = ConfigDict()
+  config.experiment = "gan"
+  config.seed = 0
+  config.distributed = False
+  config.data = data_config(world, image_size)
+  config.data.cache = True
+  config.data.num_threads = 2
+  config.model = ConfigDict({"name": kind, "z_dim": 128 if kind == "cpd_gan" else 512, "base_channels": 32,
+                             "max_channels": 128, "start_size": 8})
+  config.gan = ConfigDict({"gp_weight": 10.0, "drift": 1e-3, "ac_weight": 1.0,
+                           # prog-GAN: images per fade-in and per stabilisation phase (001: 1.4M at 32 px)
+                           "phase_images": 40_000})
+  config.fid = ConfigDict({"every_images": 16_000, "images": 1000, "min_images": 64_000, "patience": 2})
+  config.train = train_config(steps=1500, batch_size=64, optimizer="adam", lr=2e-3, schedule="constant")
+  config.train.optimizer.b1, config.train.optimizer.b2 = 0.0, 0.99
+  config.train.critic_optimizer = copy_unlocked(config.train.optimizer)
+  config.train.ema_decay = 0.999
+  config.train.log_every, config.train.checkpoint_every = 100, 250
+  config.mesh = mesh_config()
+  config.cpu_devices = CPU_DEVICES
+  config.sharding_rules = ()
+  return config
+
+
+def gan_full(config: ConfigDict) -> None:
+  """Paper 001's GAN training: batch 256, lr 0.005, n_critic 1; FID on 10k images every 400K images,
+  at least 7M images (z of 512 and 512 channels for prog-GAN)."""
+  config.train.batch_size = 256
+  config.train.optimizer.lr = config.train.critic_optimizer.lr = 0.005
+  config.train.steps = 20_000_000 // 256  # an upper bound; FID early stopping ends training
+  config.train.checkpoint_every = 2000
+  config.model.max_channels = 512
+  config.model.base_channels = 64
+  config.fid.every_images, config.fid.images, config.fid.min_images = 400_000, 10_000, 7_000_000
+  config.gan.phase_images = 1_400_000
+
+
+def gan_smoke(config: ConfigDict) -> None:
+  """A GAN stage that runs in seconds (tests): 16 px, a few steps, FID twice."""
+  config.data.image_size = 16
+  config.data.train_size, config.data.val_size, config.data.test_size, config.data.ood_size = 128, 32, 32, 32
+  config.model.base_channels, config.model.max_channels, config.model.z_dim = 8, 16, 16
+  config.train.steps, config.train.batch_size = 12, 16
+  config.train.log_every, config.train.checkpoint_every = 4, 6
+  config.gan.phase_images = 48
+  config.fid.every_images, config.fid.images, config.fid.min_images = 96, 32, 0
+  config.cpu_devices = SMOKE_CPU_DEVICES
 
 
 def diffusion_train(steps: int, batch: int, lr: float, warmup: int, ema: float,

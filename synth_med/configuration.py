@@ -21,8 +21,9 @@ from synth_med.data.mixing import check_alpha
 from synth_med.diffusion.samplers import SAMPLERS
 from synth_med.diffusion.schedules import SCHEDULES as NOISE_SCHEDULES, VARIANCES
 from synth_med.models.diffusion_unets import MODELS
+from synth_med.models.gan_layers import GAN_MODELS
 
-EXPERIMENTS = ("classifier", "diffusion", "study")
+EXPERIMENTS = ("classifier", "diffusion", "gan", "study", "tstr")
 
 
 def _choice(config: Any, dotted: str, choices) -> None:
@@ -45,7 +46,7 @@ def validate(config: Any) -> None:
   """Raises SynthMedError naming the first invalid key and its valid choices."""
 
   _choice(config, "experiment", EXPERIMENTS)
-  if config.experiment == "study":
+  if config.experiment in ("study", "tstr"):
     raise SynthMedError("configuration.validate checks one stage's config; a study config is checked by "
                         "synth_med.experiments.run.validate (which validates each of its stages).")
   _choice(config, "data.source", ("world",) + SOURCES)
@@ -71,8 +72,31 @@ def validate(config: Any) -> None:
       raise SynthMedError(f"--config.mesh.{name}={size!r} must be a positive int or -1.")
   if config.experiment == "classifier":
     _validate_classifier(config)
+  elif config.experiment == "gan":
+    _validate_gan(config)
   else:
     _validate_diffusion(config)
+
+
+def _validate_gan(config: Any) -> None:
+  """A GAN stage (paper 001): its model, both optimizers, the growth phase and FID early stopping."""
+  _choice(config, "model.name", GAN_MODELS)
+  _choice(config, "train.critic_optimizer.name", OPTIMIZERS)
+  _choice(config, "train.critic_optimizer.schedule", SCHEDULES)
+  size = int(config.data.image_size)
+  if size & (size - 1):
+    raise SynthMedError(f"--config.data.image_size={size} must be a power of 2 for a GAN (e.g. 16, 32, 64).")
+  for key in ("model.z_dim", "model.base_channels", "model.max_channels", "train.critic_optimizer.lr",
+              "gan.phase_images", "fid.patience"):
+    _positive(config, key)
+  for key in ("fid.every_images", "fid.images", "fid.min_images", "gan.gp_weight", "gan.drift", "gan.ac_weight"):
+    _positive(config, key, allow_zero=True)
+  if config.model.name == "prog_gan":
+    start = int(config.model.start_size)
+    if start < 4 or start > size or start & (start - 1):
+      raise SynthMedError(f"--config.model.start_size={start} must be a power of 2 from 4 to data.image_size={size}.")
+  if int(config.fid.every_images) > 0 and int(config.fid.images) < 2:
+    raise SynthMedError(f"--config.fid.images={config.fid.images}: FID needs at least 2 images (001: 10,000).")
 
 
 def _validate_classifier(config: Any) -> None:

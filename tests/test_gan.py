@@ -176,3 +176,18 @@ def test_a_task_with_parameter_groups_needs_each_optimizer(tmp_path):
   with pytest.raises(SynthMedError, match=r"lacks \['train.critic_optimizer'\]"):
     train(GANTask(cpd_gan.Model(8, 1, 2, z_dim=4, base_channels=4, max_channels=8), "softmax"), cfg,
           TrainStream(ArraySource(_toy(32, 8)), 16, seed=0, num_threads=0), str(tmp_path))
+
+
+def test_the_gan_config_runs_through_main_and_keeps_its_best_generator(tmp_path):
+  """configs/cxr_gan.py:smoke (prog-GAN) through the real main: FID twice, the best generator under best/,
+  samples; a bad size argument is a clear error."""
+  import json
+  from tests.conftest import load_config
+  from tests.test_cli import run_main
+  r = run_main("--config=configs/cxr_gan.py:smoke,prog_gan", f"--workdir={tmp_path}", timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  assert metrics["model"] == "prog_gan" and len(metrics["fid"]["history"]) == 2
+  assert (tmp_path / "best").is_dir() and (tmp_path / "samples.png").exists()
+  with pytest.raises(ValueError, match="the image size is one of"):
+    load_config("cxr_gan", "size=24")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from synth_med.data.label_combinations import restrict
 from synth_med.data.tables import make_table_world
 from synth_med.data.worlds import World, make_procedural_world
 
 
 def make_world(data_config: Any) -> World:
-  """The world named by `data_config.world`, or the real data set of `data.source` when it is not 'world'."""
+  """The world named by `data_config.world`, or the real data set of `data.source` when it is not 'world';
+  restricted to its most frequent label combinations when data.label_combinations / data.per_combination
+  are set (paper 001's benchmark axes, `data.label_combinations`)."""
   if str(data_config.get("source", "world")) != "world":
-    return make_table_world(data_config)
-  return make_procedural_world(data_config)
+    return restrict(make_table_world(data_config), data_config)
+  return restrict(make_procedural_world(data_config), data_config)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -37,6 +37,7 @@ from synth_med.objectives.reweighting import (dominant_classes, equality_weights
                                               oversample_rows)
 from synth_med.infra import sharding
 from synth_med.train import jit_cache
+from synth_med.infra.checkpoint import read_checkpoint
 from synth_med.train.loop import train
 from synth_med.train.metric_writers import create_writer
 
@@ -81,6 +82,23 @@ def embed_source(source: Any, embed: Any, batch_size: int) -> np.ndarray:
     keep = multihost_utils.process_allgather(valid, tiled=True)
     out.append(np.asarray(embed(batch))[keep].astype(np.float16))
   return np.concatenate(out)
+
+
+def load_embedder(config: Any, run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
+  """fn(uint8 images [N, H, W, C]) -> float32 pre-logit features of the finished classifier run in
+  `run_dir` (its config `config`; EMA weights when eval.use_ema): paper 001's FID and nearest-neighbour
+  feature space."""
+  spec = make_world(config.data).spec
+  task = ClassifierTask(build_model(config, spec), spec.label_kind)
+  tree, _ = read_checkpoint(os.path.join(run_dir, "checkpoints"))
+  params = tree["ema_params" if config.eval.use_ema else "params"]
+  mesh = sharding.make_mesh(config.mesh)
+  embed = make_embed(task, mesh)(params)
+  bs = int(config.eval.batch_size)
+
+  def fn(images: np.ndarray) -> np.ndarray:
+    return embed_source(ArraySource({"image": np.asarray(images, np.uint8)}), embed, bs).astype(np.float32)
+  return fn
 
 
 def save_features(path: str, features: dict[str, np.ndarray]) -> None:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LEAK = 0.2
+GAN_MODELS = ("cpd_gan", "prog_gan")  # model.name of a GAN stage (models/cpd_gan.py, models/prog_gan.py)
 
 
 def pixel_norm(x: jax.Array, eps: float = 1e-8) -> jax.Array:
