@@ -100,3 +100,16 @@ def test_gan_benchmark_smoke_writes_the_axis_tables(tmp_path):
   assert "label combinations" in page and "AUC_syn" in page and "Nearest real neighbours" in page
   again = run_main("--config=configs/gan_benchmark.py:smoke", f"--workdir={workdir}", timeout=600)
   assert again.returncode == 0 and "is done; skipping" in again.stdout
+
+
+@pytest.mark.slow
+def test_the_benchmark_takes_the_diffusion_generator(tmp_path):
+  """generator=diffusion: the label-conditioned diffusion model (no unlabelled images) on the same fold and axes."""
+  workdir = tmp_path / "bench"
+  r = run_main("--config=configs/gan_benchmark.py:smoke,diffusion", "--config.setting_names=m2_n40_px16",
+               f"--workdir={workdir}", timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((workdir / "results.json").read_text())
+  assert res["generator"] == "diffusion" and set(res["settings"]) == {"m2_n40_px16"}
+  gen = json.loads((workdir / "settings" / "m2_n40_px16" / "generator" / "metrics.json").read_text())
+  assert gen["data"]["unlabelled"] == 0 and gen["conditioning"] == ["label"]

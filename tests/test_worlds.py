@@ -123,6 +123,13 @@ def test_train_domains_move_the_training_and_validation_splits_only(tiny_world_c
     make_world(c).split("train")
 
 
+def test_no_unlabelled_images_is_an_empty_split(tiny_world_config):
+  for world in WORLDS:
+    c = tiny_world_config(world)
+    c.unlabelled_size = 0
+    assert len(make_world(c).split("unlabelled")) == 0, world
+
+
 def test_unlabelled_domains_follow_the_config(tiny_world_config):
   c = tiny_world_config("skin")
   w = make_world(c)

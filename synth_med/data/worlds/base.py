@@ -221,7 +221,7 @@ class World(abc.ABC):
         if labelled_only:
           ids = ids[self.usable_for_labelled_training(self.metadata(ids))]
         got.append(ids)
-      out.append(np.concatenate(got)[:m])
+      out.append(np.concatenate(got)[:m] if got else np.zeros((0,), np.int64))
     return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
   def _unlabelled_ids(self, domains: tuple[str, ...]) -> np.ndarray:

@@ -111,7 +111,7 @@ class ChestWorld(World):
       start += 4 * n + 64
       meta = self.metadata(ids)
       out.append(ids[~self.usable_for_labelled_training(meta)])
-    return np.concatenate(out)[:n]
+    return np.concatenate(out)[:n] if out else np.zeros((0,), np.int64)
 
   def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]):
     """Per-example parameters in numpy, pixels in one jitted XLA kernel (`_chest_pixels`)."""
