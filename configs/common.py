@@ -259,15 +259,21 @@ def unet_config(model_channels: int, channel_mult: tuple[int, ...], num_res_bloc
   })
 
 
-def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
-  """A CPU-sized diffusion stage on a procedural world; Table E1 sizes come with `full`."""
+def stage_base(experiment: str, world: str, image_size: int) -> ConfigDict:
+  """What every generator stage config starts with: the experiment, seed and the world's data, cached."""
   config = ConfigDict()
-  config.experiment = "diffusion"
+  config.experiment = experiment
   config.seed = 0
-  config.distributed = False
+  config.distributed = False  # True: call jax.distributed.initialize() (multi-host)
   config.data = data_config(world, image_size)
   config.data.cache = True
   config.data.num_threads = 2
+  return config
+
+
+def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
+  """A CPU-sized diffusion stage on a procedural world; Table E1 sizes come with `full`."""
+  config = stage_base("diffusion", world, image_size)
   config.data.unlabelled_size = 4000
   # CPU default: ~1M parameters at 32 px; attention only at 8 px (downsample factor 4).
   config.model = unet_config(32, (1, 2, 2), 1, (4,), 32, "superres_unet" if upsampler else "unet")
@@ -315,13 +321,7 @@ def diffusion_base(world: str, image_size: int, upsampler: bool) -> ConfigDict:
 def gan_base(world: str, image_size: int, kind: str) -> ConfigDict:
   """A CPU-sized GAN stage (paper 001's cpD-GAN or prog-GAN) on a procedural world; 001's sizes come with
   `gan_full`. Adam with beta1 = 0, beta2 = 0.99 (prog-GAN's) for the generator and the critic, WGAN-GP."""
-  config = ConfigDict()
-  config.experiment = "gan"
-  config.seed = 0
-  config.distributed = False
-  config.data = data_config(world, image_size)
-  config.data.cache = True
-  config.data.num_threads = 2
+  config = stage_base("gan", world, image_size)
   config.model = ConfigDict({"name": kind, "z_dim": 128 if kind == "cpd_gan" else 512, "base_channels": 32,
                              "max_channels": 128, "start_size": 8})
   config.gan = ConfigDict({"gp_weight": 10.0, "drift": 1e-3, "ac_weight": 1.0,
