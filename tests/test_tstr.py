@@ -44,7 +44,7 @@ def test_combination_world_keeps_the_most_frequent_combinations_and_caps_each(ti
 def test_benchmark_settings_vary_one_axis_at_a_time():
   c = load_config("gan_benchmark", "")
   names = [s["name"] for s in settings(c)]
-  assert names == ["m4_n200_px16", "m8_n200_px16", "m2_n200_px16", "m4_n400_px16", "m4_n100_px16", "m4_n200_px32"]
+  assert names == ["m4_n200_px32", "m8_n200_px32", "m2_n200_px32", "m4_n400_px32", "m4_n100_px32", "m4_n200_px16"]
   assert c.seeds >= 4 and c.generator == "cpd_gan"
   validate(c)
   full = load_config("gan_benchmark", "full")
@@ -59,7 +59,7 @@ def test_benchmark_settings_vary_one_axis_at_a_time():
     validate(c)
   c = load_config("gan_benchmark", "")
   with c.unlocked():
-    c.setting_names = "m4_n200_px16,m99"
+    c.setting_names = "m4_n200_px32,m99"
   with pytest.raises(SynthMedError, match=r"unknown settings \['m99'\]"):
     validate(c)
   c = load_config("gan_benchmark", "")
