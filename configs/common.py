@@ -322,8 +322,10 @@ def gan_base(world: str, image_size: int, kind: str) -> ConfigDict:
   """A CPU-sized GAN stage (paper 001's cpD-GAN or prog-GAN) on a procedural world; 001's sizes come with
   `gan_full`. Adam with beta1 = 0, beta2 = 0.99 (prog-GAN's) for the generator and the critic, WGAN-GP."""
   config = stage_base("gan", world, image_size)
-  config.model = ConfigDict({"name": kind, "z_dim": 128 if kind == "cpd_gan" else 512, "base_channels": 32,
-                             "max_channels": 128, "start_size": 8})
+  # CPU default: 16 channels at the image size, doubling per halving up to 64 (about 4.7 steps/s at 32 px,
+  # batch 64, on 2 cores); 001's 512 with `gan_full`.
+  config.model = ConfigDict({"name": kind, "z_dim": 128 if kind == "cpd_gan" else 512, "base_channels": 16,
+                             "max_channels": 64, "start_size": 8})
   config.gan = ConfigDict({"gp_weight": 10.0, "drift": 1e-3, "ac_weight": 1.0,
                            # prog-GAN: images per fade-in and per stabilisation phase (001: 1.4M at 32 px)
                            "phase_images": 40_000})

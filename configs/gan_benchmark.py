@@ -47,7 +47,7 @@ def get_config(arg=None):
   config.setting_names = ""  # '' = every setting; or a comma list of setting names (m4_n200_px32, ...)
   config.data = common.data_config("chest", BASE["image_size"])
   config.data.skew.setting = "none"
-  config.data.train_size = 8000  # a pool from which each setting keeps its combinations and images
+  config.data.train_size = 12_000  # a pool from which each setting keeps its combinations and images
   config.data.val_size, config.data.test_size = 500, 1000
   config.base = common.ConfigDict(dict(FULL_BASE if "full" in words else BASE))
   config.axes = common.ConfigDict(dict(FULL_AXES if "full" in words else AXES))
@@ -65,7 +65,6 @@ def get_config(arg=None):
     c.train.checkpoint_every = 300
     c.eval.bootstrap = 0
     g = config.gan  # about 4.7 steps/s at 32 px on 2 cores
-    g.model.base_channels, g.model.max_channels = 16, 64
     g.train.steps = 600
     g.fid.every_images, g.fid.images, g.fid.min_images = 12_800, 500, 25_600
     g.gan.phase_images = 6_400

@@ -112,6 +112,7 @@ def _gan_config(steps):
   return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cpd_gan", "prog_gan"])
 def test_a_gan_learns_the_class_it_is_asked_for(kind, tmp_path):
   """Trained on the 2-class toy, the generator's samples are classified as the requested class by a
@@ -178,6 +179,7 @@ def test_a_task_with_parameter_groups_needs_each_optimizer(tmp_path):
           TrainStream(ArraySource(_toy(32, 8)), 16, seed=0, num_threads=0), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_the_gan_config_runs_through_main_and_keeps_its_best_generator(tmp_path):
   """configs/cxr_gan.py:smoke (prog-GAN) through the real main: FID twice, the best generator under best/,
   samples; a bad size argument is a clear error."""

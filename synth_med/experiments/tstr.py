@@ -134,6 +134,8 @@ def validate(config: Any) -> None:
     part = "diffusion" if config.generator == "diffusion" else "gan"
     for c in (stage_config(config, part, s), classifier_config(config, s, 0, "/tmp/synthetic")):
       configuration.validate(c)
+    if str(config.data.source) == "world":  # enough images per combination (metadata only, cheap)
+      make_world(classifier_config(config, s, 0).data)
 
 
 def _run_dir(workdir: str, s: dict[str, Any], *parts: str) -> str:
