@@ -35,6 +35,9 @@ Arguments (comma list):
 Defaults we chose where 000 is silent at this scale: a 32 px generator with 2,000 steps sampled in 20,
 500 real training images, 10 replicas each (000: every CheXpert image, 10 variants), the classifier of
 the chest study.
+Expected at the default (commit af75ffb, 2-core AMD EPYC, 30.5 min): real data macro AUROC 0.920 (ID) /
+0.912 (OOD); real + synthetic at 100 % not detectably different, at 300 and 1000 % worse on ID; synthetic
+only worse at every share; two sites: + 1000 % replicas n.d. on ID, worse on the OOD site (README).
 """
 from configs import common, cxr_classifier, cxr_diffusion
 
