@@ -88,3 +88,39 @@ def test_eight_device_mesh_matches_one_device():
   np.testing.assert_allclose(out["one"]["w"], out["eight"]["w"], atol=1e-5)
   assert "model" in out["four_by_two"]["spec"]  # the regex rule really sharded the weights
   assert "must be divisible" in out["bad_batch_error"]
+
+
+_EIGHT_GAN = textwrap.dedent("""
+  import sys, json, tempfile
+  sys.path.insert(0, {root!r})
+  import jax, numpy as np
+  from synth_med.data.pipeline import ArraySource, TrainStream
+  from synth_med.infra import sharding
+  from synth_med.models import prog_gan
+  from synth_med.objectives.gan import GANTask
+  from synth_med.train.loop import train
+  from tests.test_gan import _gan_config, _toy
+  out = {{}}
+  for name, devs, data in [("one", jax.devices()[:1], 1), ("eight", jax.devices(), 8)]:
+    task = GANTask(prog_gan.Model(16, 1, 2, z_dim=8, base_channels=8, max_channels=16, start_size=8), "softmax",
+                   phase_steps=2)
+    stream = TrainStream(ArraySource(_toy(64)), 16, seed=0, num_threads=0)
+    res = train(task, _gan_config(5), stream, tempfile.mkdtemp(),
+                mesh=sharding.make_mesh({{"data": data, "model": 1}}, devices=devs))
+    out[name] = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(res.state.params["generator"])]
+  print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_a_gan_on_eight_devices_matches_one_device():
+  """Paper 001's GANs shard like the other models: prog-GAN (growth, mini-batch stddev over the global batch,
+  gradient penalty) trained 5 steps on an 8-device data mesh gives one device's generator."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _EIGHT_GAN.format(root=ROOT)], capture_output=True, text=True,
+                        env=env, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0][len("RESULT"):])
+  for a, b in zip(out["one"], out["eight"]):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
