@@ -86,13 +86,16 @@ def get_config(arg=None):
   words = common.parse_arg(",".join(sorted(words)), ("smoke", "full", "quick", "all") + common.sources_of("chest"))
   source = common.real_source(words, "chest")
   classifier, base, _ = common.stage_configs(cxr_classifier, cxr_diffusion, words, upsampler=False)
-  methods = {"real": common.method(), "two_site_real": common.method(site="external")}
+  # paper 000's two sites need a second site's real images: the world's OOD hospital, or a CSV's site column
+  two_sites = not source or source == "csv" or bool(common.DATA_SOURCES[source].ood_domains)
+  methods = {"real": common.method()}
+  if two_sites:
+    methods["two_site_real"] = common.method(site="external")
   for p in percents:
     methods[f"supplement_{p}"] = common.method(synthetic="replica", alpha=1.0 / (1.0 + p / 100.0), copies=p // 100)
   for p in percents:
     methods[f"synthetic_only_{p}"] = common.method(synthetic="replica", alpha=0.0, copies=p // 100)
-  two_site = percents if "all" in parts else percents[-1:]
-  for p in two_site:  # paper 000's two sites: the external site's real images + this site's replicas
+  for p in (percents if "all" in parts else percents[-1:]) if two_sites else ():  # paper 000's two sites: the external site's real images + this site's replicas
     methods[f"two_site_supplement_{p}"] = common.method(synthetic="replica", alpha=1.0 / (1.0 + p / 100.0),
                                                         copies=p // 100, site="external", baseline="two_site_real")
   for w in guidance:  # the CFG matrix: synthetic only on one copy made at w, 10 % of it held out
@@ -102,9 +105,6 @@ def get_config(arg=None):
   config.data.label_policy = "mask_uncertain"  # paper 000 masks uncertain findings
   if source:  # a local copy: every training image is replicated (race from data.mimic_admissions_csv or
     common.use_real_data(config, source)  # data.chexpert_demographics_csv when given)
-  if not tuple(config.data.ood_domains) and source != "csv":  # one site: no second site's real data
-    for name in [m for m in config.methods if config.methods[m].get("site") == "external"]:
-      del config.methods[name]
   config.base.diffusion.condition.attributes = CONDITION
   config.base.sampler.guidance = 0.0  # 000 chose CFG scale 0 (plain conditional sampling) for its replicas
   config.generate.replica_copies = max(percents) // 100

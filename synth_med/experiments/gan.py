@@ -124,25 +124,28 @@ def run_gan(config: Any, workdir: str, embed: Embed | None = None) -> dict[str, 
   real = source.arrays
   n_fid = min(int(fcfg.images), len(real["image"])) if every else 0
   real_features = embed(real["image"][:n_fid]) if every else None
-  cond = {"label": np.resize(real["label"], (max(n_fid, 1),) + real["label"].shape[1:]),
-          "label_mask": np.resize(real["label_mask"], (max(n_fid, 1),) + real["label_mask"].shape[1:])}
+  cond = {"label": real["label"][:n_fid], "label_mask": real["label_mask"][:n_fid]}
   fid_path = os.path.join(workdir, FID_FILE)
   history = artifacts.read_json(fid_path)["history"] if os.path.exists(fid_path) else []
   stopper = EarlyStopping.from_history(int(fcfg.patience), min_steps, history)
   best = Checkpointer(os.path.join(workdir, "best"), 1)
   writer = create_writer(os.path.join(workdir, "tensorboard", "samples"), console=False)
   grid_y = np.repeat(np.asarray(grid_labels(spec, real["label"])), 8, axis=0)
+  gen = GANGenerator(task, None)  # one jitted sampler; each evaluation swaps in the current parameters
+
+  def write_grid(step: int) -> None:
+    grid = make_grid(gen.generate({"label": grid_y}, seed=99), ncol=8)
+    save_png(os.path.join(workdir, "samples.png"), grid)
+    writer.write_images(step, {"samples": grid[None]})
 
   def fid_hook(step: int, state: Any) -> None:
     if not every or step % every or any(s == step for s, _ in stopper.history):
       return
-    gen = GANGenerator(task, jax.device_get(state.ema_params["generator"]))
+    gen.params = jax.device_get(state.ema_params["generator"])
     fid = frechet_distance(real_features, embed(gen.generate(cond, n_fid, seed=1234)))
     stop = stopper.update(step, fid)
     writer.write_scalars(step, {"fid": fid})
-    grid = make_grid(gen.generate({"label": grid_y}, seed=99), ncol=8)
-    save_png(os.path.join(workdir, "samples.png"), grid)
-    writer.write_images(step, {"samples": grid[None]})
+    write_grid(step)
     if stopper.improved:
       best.save(step, {"ema_params": state.ema_params})
       best.wait()
@@ -159,10 +162,8 @@ def run_gan(config: Any, workdir: str, embed: Embed | None = None) -> dict[str, 
   if every and stopper.best_step > 0:
     tree, _ = read_checkpoint(os.path.join(workdir, "best"))
     params = tree["ema_params"]["generator"]
-  gen = GANGenerator(task, params)
-  grid = make_grid(gen.generate({"label": grid_y}, seed=99), ncol=8)
-  save_png(os.path.join(workdir, "samples.png"), grid)
-  writer.write_images(int(result.state.step), {"samples": grid[None]})
+  gen.params = params
+  write_grid(int(result.state.step))
   writer.flush()
   metrics = {"world": spec.name, "model": str(config.model.name), "steps": int(result.state.step),
              "images_seen": int(result.state.step) * bs, "train_examples": len(train_split),

@@ -343,7 +343,7 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
   res["comparisons"] = {}
   for base in dict.fromkeys(baseline_of(config, m) for m in names):  # each method against its own baseline
     group = [m for m in names if baseline_of(config, m) == base and m != base]
-    found = comparisons(workdir, res, base, [base] + group, int(config.seeds),
+    found = comparisons(workdir, res, base, group, int(config.seeds),
                         int(config.classifier.eval.min_group_size), int(config.comparisons.bootstrap), int(config.seed))
     for entry in found.values():
       if base != res["reference"]:

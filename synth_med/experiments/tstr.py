@@ -25,7 +25,7 @@ Every stage skips finished work and resumes interrupted work, as the study does.
 """
 from __future__ import annotations
 
-import copy
+import html
 import os
 import time
 from typing import Any
@@ -42,11 +42,12 @@ from synth_med.data.shards import read_shards
 from synth_med.data.sources import make_world
 from synth_med.errors import SynthMedError
 from synth_med.evaluation.paired import compare, load_predictions, metric_values
-from synth_med.evaluation.report import png_file_data_uri
-from synth_med.experiments.classifier import (PREDICTIONS_FILE, SYNTHETIC_PREDICTIONS_FILE, load_embedder,
-                                              run_classifier)
+from synth_med.infra.figures import data_uri, png_file_data_uri
+from synth_med.experiments.classifier import (FEATURES_FILE, PREDICTIONS_FILE, SYNTHETIC_PREDICTIONS_FILE,
+                                              load_embedder, load_features, run_classifier)
 from synth_med.experiments.diffusion import run_diffusion
 from synth_med.experiments.gan import load_generator as load_gan, run_gan
+from synth_med.experiments.study import stage_config as study_stage_config
 from synth_med.experiments.generation import run_generation
 from synth_med.experiments.synthetic_store import load_generator as load_diffusion
 from synth_med.infra import artifacts, sharding
@@ -57,13 +58,6 @@ AXIS_NAMES = {"label_combinations": "label combinations", "per_combination": "tr
               "image_size": "resolution (px)"}
 GENERATORS = ("cpd_gan", "prog_gan", "diffusion")
 FOLDS = {"train": "train", "val": "val", "test": "id"}  # synthetic fold -> the real split whose labels it copies
-SHARED_DATA_KEYS = ("source", "world", "seed", "num_classes", "id_domains", "ood_domains", "unlabelled_domains",
-                    "train_size", "val_size", "test_size", "ood_size", "label_policy", "skew", "domain_prevalence",
-                    "manual_dir", "preprocessed_dir", "corrupt_images", "equalize", "frontal_only", "val_fraction",
-                    "id_test_fraction", "mimic_patients_csv", "mimic_admissions_csv", "chexpert_demographics_csv",
-                    "csv", "channels", "columns")
-
-
 def setting_name(s: dict[str, int]) -> str:
   return f"m{s['label_combinations']}_n{s['per_combination']}_px{s['image_size']}"
 
@@ -87,23 +81,16 @@ def settings(config: Any) -> list[dict[str, Any]]:
 
 
 def stage_config(config: Any, part: str, setting: dict[str, Any]) -> Any:
-  """config.<part> (classifier, gan or diffusion) with the study's data keys and the setting's axes."""
-  sub = copy.deepcopy(config[part])
+  """config.<part> (classifier, gan or diffusion) as the study builds a stage (`study.stage_config`: its
+  data keys and mesh), with the setting's axes."""
+  sub = study_stage_config(config, part)
   with sub.unlocked():
-    for k in SHARED_DATA_KEYS:
-      if k in config.data:
-        sub.data[k] = copy.deepcopy(config.data[k])
     sub.data.label_combinations = int(setting["label_combinations"])
     sub.data.per_combination = int(setting["per_combination"])
     sub.data.image_size = int(setting["image_size"])
-    sub.mesh = copy.deepcopy(config.mesh)
-    sub.cpu_devices = config.cpu_devices
-    sub.distributed = False
-  if part == "diffusion":
-    with sub.unlocked():
+    if part == "diffusion":
       sub.data.unlabelled_size = 0  # the benchmark's generators see the labelled training fold only
       sub.diffusion.condition.attributes = ()
-  sub.lock()
   return sub
 
 
@@ -116,12 +103,18 @@ def classifier_config(config: Any, setting: dict[str, Any], seed: int, synthetic
   return c
 
 
-def validate(config: Any) -> None:
-  """Checks the benchmark's own keys, then each stage config of every setting, before any work."""
-  names = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+def parse_stages(value: str) -> list[str]:
+  """'real,evaluate' -> the valid stages in run order; bad names fail clearly."""
+  names = [s.strip() for s in str(value).split(",") if s.strip()]
   bad = [s for s in names if s not in STAGES]
   if bad or not names:
     raise SynthMedError(f"--config.stages has {bad or 'no stages'}; choose from {list(STAGES)}.")
+  return [s for s in STAGES if s in names]
+
+
+def validate(config: Any) -> None:
+  """Checks the benchmark's own keys, then each stage config of every setting, before any work."""
+  parse_stages(config.stages)
   if config.generator not in GENERATORS:
     raise SynthMedError(f"--config.generator={config.generator!r} is not valid; choose one of {list(GENERATORS)}.")
   if int(config.seeds) < 2:
@@ -132,10 +125,11 @@ def validate(config: Any) -> None:
       raise SynthMedError(f"--config.axes.{axis}={values}: values must be >= 0 (image sizes >= 8).")
   for s in settings(config):
     part = "diffusion" if config.generator == "diffusion" else "gan"
-    for c in (stage_config(config, part, s), classifier_config(config, s, 0, "/tmp/synthetic")):
+    classifier = classifier_config(config, s, 0, "/tmp/synthetic")
+    for c in (stage_config(config, part, s), classifier):
       configuration.validate(c)
     if str(config.data.source) == "world":  # enough images per combination (metadata only, cheap)
-      make_world(classifier_config(config, s, 0).data)
+      make_world(classifier.data)
 
 
 def _run_dir(workdir: str, s: dict[str, Any], *parts: str) -> str:
@@ -250,10 +244,9 @@ def fidelity_checks(config: Any, workdir: str, s: dict[str, Any], pairs: int = 8
   (with the memorisation check's reference: real test images' nearest training distances)."""
   world = make_world(classifier_config(config, s, 0).data)
   real_train = materialise(WorldSource(world, world.split("train")), "real train fold").arrays["image"]
-  real_test = materialise(WorldSource(world, world.split("id")), "real test fold").arrays["image"]
   synthetic = read_shards(_run_dir(workdir, s, "synthetic", "train")).arrays["image"]
-  embed = _embedder(config, workdir, s)
-  f_train, f_test, f_syn = embed(real_train), embed(real_test), embed(synthetic)
+  saved = load_features(os.path.join(_run_dir(workdir, s, "real", "seed0"), FEATURES_FILE))  # real train, test
+  f_train, f_test, f_syn = saved["train"], saved["id"], _embedder(config, workdir, s)(synthetic)
   check = copy_check(f_syn, f_train, f_test, metric="cosine")
   rng = np.random.default_rng(int(config.seed))
   picks = rng.choice(len(synthetic), min(pairs, len(synthetic)), replace=False)
@@ -300,7 +293,6 @@ def results_table(res: dict[str, Any]) -> str:
 
 
 def _stage_report(config: Any, workdir: str) -> None:
-  import html
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
     raise SynthMedError(f"{path} is missing; run the evaluate stage first.")
@@ -334,7 +326,7 @@ def _stage_report(config: Any, workdir: str) -> None:
                  "<th>t-test p</th><th>Δ_syn</th><th>FID</th></tr>" + "".join(rows) + "</table>")
   if panels:
     fig = plots.panels_figure({k: v for k, v in panels.items()}, "axis value", "AUC on the real test fold")
-    parts.insert(2, f"<img alt='AUC along each axis' src='data:image/png;base64,{_b64(fig)}'>")
+    parts.insert(2, f"<img alt='AUC along each axis' src='{data_uri(fig)}'>")
   for name in res["settings"]:
     grid = os.path.join(workdir, "settings", name, "generator", "samples.png")
     if os.path.exists(grid):
@@ -351,11 +343,6 @@ def _stage_report(config: Any, workdir: str) -> None:
   print(f"wrote {out}", flush=True)
 
 
-def _b64(png: bytes) -> str:
-  import base64
-  return base64.b64encode(png).decode()
-
-
 SETTING_STAGES = {"real": _stage_real, "generator": _stage_generator, "synthesize": _stage_synthesize,
                   "synthetic": _stage_synthetic}
 
@@ -363,7 +350,7 @@ SETTING_STAGES = {"real": _stage_real, "generator": _stage_generator, "synthesiz
 def run_tstr(config: Any, workdir: str) -> dict[str, Any]:
   """Runs the configured stages: per setting the first four, then evaluate and report."""
   validate(config)
-  stages = [s for s in STAGES if s in {x.strip() for x in str(config.stages).split(",")}]
+  stages = parse_stages(config.stages)
   artifacts.write_json(os.path.join(workdir, "config.json"), artifacts.config_to_dict(config))
   t0 = time.time()
   chosen = settings(config)

@@ -32,14 +32,15 @@ def png_bytes(fig: Any) -> bytes:
 
 def png_data_uri(fig: Any) -> str:
   """The figure as a data: URI for an <img> (closed afterwards)."""
-  return _data_uri(png_bytes(fig))
+  return data_uri(png_bytes(fig))
 
 
 def png_file_data_uri(path: str) -> str:
   """A PNG file as a data: URI for an <img>."""
   with open(path, "rb") as f:
-    return _data_uri(f.read())
+    return data_uri(f.read())
 
 
-def _data_uri(png: bytes) -> str:
+def data_uri(png: bytes) -> str:
+  """PNG bytes as a data: URI for an <img>."""
   return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
