@@ -42,7 +42,8 @@ class Task(Protocol):
     """Scalar loss and scalar metrics for one global batch."""
 
   # Optional: `param_groups` {top-level parameter key: train.<optimizer key>} gives each part its own
-  # optimizer (a GAN's generator and critic); `needs_step` puts the step number in the batch ('step').
+  # optimizer (a GAN's generator and critic); `needs_step` puts the step number in the batch ('step');
+  # `init_statistics(batch)` gives the task running statistics in the train state (see train.step).
 
 
 class StopTraining(Exception):
@@ -87,7 +88,8 @@ def train(task: Task, config: Any, stream: TrainStream, workdir: str,
 
   def init_state(rng, batch):
     params = task.init(rng, batch)
-    return state_lib.create(params, tx, jax.random.fold_in(rng, 1))
+    statistics = task.init_statistics(batch) if hasattr(task, "init_statistics") else None
+    return state_lib.create(params, tx, jax.random.fold_in(rng, 1), statistics)
 
   # Runs of equal tasks and optimizers in one process share their jitted functions (jit_cache).
   tkey = jit_cache.task_key(task)

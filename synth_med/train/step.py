@@ -32,17 +32,23 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
   """
 
   needs_step = bool(getattr(task, "needs_step", False))  # e.g. a progressive GAN's growth schedule
+  # A task with running statistics (`init_statistics`) reads them from the batch ('statistics') and returns
+  # the updated ones in its metrics ('statistics'); they are state, not gradients.
+  has_statistics = hasattr(task, "init_statistics")
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if needs_step:
       batch = {**batch, "step": state.step}
+    if has_statistics:
+      batch = {**batch, "statistics": state.statistics}
     (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
+    statistics = metrics.pop("statistics") if has_statistics else state.statistics
     metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, statistics=statistics,
                         ema_params=state_lib.ema_update(state.ema_params, params,
                                                         ema_decay_at(state.step, ema_decay)))
     return new, metrics
