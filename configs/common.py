@@ -1,6 +1,8 @@
 """Shared pieces of the experiment configs (big_vision style: plain functions)."""
 from __future__ import annotations
 
+from typing import Any
+
 from ml_collections import ConfigDict
 
 from synth_med.data.tables import DATA_SOURCES
@@ -143,6 +145,9 @@ def train_config(steps: int, batch_size: int, optimizer: str, lr: float, schedul
       "batch_size": batch_size,
       "optimizer": {"name": optimizer, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps,
                     "weight_decay": weight_decay, "grad_clip": 0.0},
+      # a classifier with learnt example weights (reweight.method): the weighting network's optimizer
+      "weighting_optimizer": {"name": "adam", "lr": 1e-3, "schedule": "constant", "warmup_steps": 0,
+                              "weight_decay": 0.0, "grad_clip": 0.0},
       "ema_decay": 0.0,
       "log_every": 50,
       "eval_every": 0,
@@ -179,6 +184,22 @@ def mix_config(world: str) -> ConfigDict:
       # Controls that keep the synthetic store's rows but swap in real training images (docs/design.md, "Controls"):
       # '' (synthetic images) | real_images (same label and property) | label_prior (same label).
       "control": "",
+  })
+
+
+def reweight_config() -> ConfigDict:
+  """Learnt weights of the synthetic examples (objectives/learnt_weights.py): paper 004's IDS
+  (information-bottleneck re-weighting) or MW-Net, its re-weighting baseline. Needs mix.alpha < 1."""
+  return ConfigDict({
+      "method": "",  # '' (off) | ids | mwnet
+      "input": "features",  # IDS's g_θ reads the classifier's features (held fixed) or the pooled 'image'
+      "hidden": 64,  # g_θ's hidden units
+      "temperature": 0.1,  # φ = softmax(−‖v − c‖² / temperature) on unit-length centred vectors
+      "input_size": 8,  # the centroids' input space: images average-pooled to this many pixels a side
+      "weighted_vib": True,  # our addition: each weight also scales its example's VIB (ids.weighted_vib_loss)
+      "entropy": 0.1,  # λ of that term's weight entropy: g = sigmoid(−(VIB − mean) / λ) at its optimum
+      "reweight_real": False,  # 004's option: the real examples take g_θ's weights too
+      "virtual_lr": 1.0,  # MW-Net: the look-ahead step on the head
   })
 
 
@@ -225,6 +246,7 @@ def classifier_base(world: str, image_size: int) -> ConfigDict:
   config.data.num_threads = 2
   config.loss = ConfigDict({"name": "ce", "focal_gamma": 2.0})
   config.mix = mix_config(world)
+  config.reweight = reweight_config()
   config.eval = eval_config()
   config.mesh = mesh_config()
   config.cpu_devices = CPU_DEVICES
@@ -470,7 +492,8 @@ def stage_configs(classifier_module, diffusion_module, words: set[str], upsample
 def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,
            equality_level: float = 0.0, filter_dominant: int = 0, oversample: bool = False,
            pretrained: bool = False, control: str = "", quality_filter: bool = False, copies: int = 0,
-           holdout: int = 0, site: str = "", baseline: str = "") -> ConfigDict:
+           holdout: int = 0, site: str = "", baseline: str = "", reweight: str = "",
+           same_mix_as: str = "") -> ConfigDict:
   """One classifier recipe of a study (a baseline, a synthetic mix, or a control of one: `control`
   swaps the synthetic images for real ones, see mix_config). `quality_filter` mixes in only the store's
   images whose requested label the real-data classifier, and whose requested property a probe on real
@@ -479,12 +502,14 @@ def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alp
   of the study's first OOD domain instead of its ID domains (paper 000's two-site setting: MIMIC-CXR's real
   images with synthetic replicas of CheXpert's); the test splits are the other methods'. `baseline` names the
   method it is compared with ('' = the study's real-data baseline; a two-site mix: the external site's real
-  data alone)."""
+  data alone). `reweight` learns the synthetic examples' weights ('ids': paper 004's information bottleneck;
+  'mwnet': its MW-Net baseline); `same_mix_as` names the fixed-weight mix with the same store, alpha and w2,
+  which the evaluate stage also compares it with (the learnt weights' own effect)."""
   return ConfigDict({"augment": augment, "loss": loss, "synthetic": synthetic, "alpha": alpha,
                      "equality_level": equality_level, "filter_dominant": filter_dominant,
                      "oversample": oversample, "pretrained": pretrained, "control": control,
                      "quality_filter": quality_filter, "copies": copies, "holdout": holdout, "site": site,
-                     "baseline": baseline})
+                     "baseline": baseline, "reweight": reweight, "same_mix_as": same_mix_as})
 
 
 def controls(mix: ConfigDict) -> dict[str, ConfigDict]:
@@ -500,13 +525,27 @@ def controls(mix: ConfigDict) -> dict[str, ConfigDict]:
   return out
 
 
+def learnt_weight_methods(mixes: dict[str, str], **mix_kwargs: Any) -> dict[str, ConfigDict]:
+  """Paper 004's methods next to a study's fixed-weight mixes ({mix name: its store}, all with `mix_kwargs`):
+  `ids` (the label store) and `ids_property` (the label + property store) with IDS weights, and `mwnet`
+  (MW-Net, 004's re-weighting baseline) on the richest store; each is also compared with its mix."""
+  out = {}
+  for mix, store in mixes.items():
+    name = "ids" if store == "label" else "ids_property"
+    out[name] = method(synthetic=store, reweight="ids", same_mix_as=mix, **mix_kwargs)
+  mix, store = list(mixes.items())[-1]
+  out["mwnet"] = method(synthetic=store, reweight="mwnet", same_mix_as=mix, **mix_kwargs)
+  return out
+
+
 TUNE_METRIC = {"skin": "top3", "chest": "mean_auc", "tissue": "accuracy"}
 
 
 # The classifier keys a study's methods set (common.method -> experiments.study.classifier_config).
 METHOD_KEYS = (("data", "augment"), ("loss", "name"), ("model", "pretrained_npz"), ("mix", "alpha"),
                ("mix", "synthetic_dir"), ("mix", "equality_level"), ("mix", "filter_dominant"),
-               ("mix", "oversample"), ("mix", "control"), ("mix", "synthetic_copies"), ("mix", "synthetic_holdout"))
+               ("mix", "oversample"), ("mix", "control"), ("mix", "synthetic_copies"), ("mix", "synthetic_holdout"),
+               ("reweight", "method"))
 
 
 def study_base(world: str, attribute: str, base: ConfigDict, upsampler: ConfigDict | None,

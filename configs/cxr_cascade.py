@@ -29,6 +29,7 @@ def get_config(arg=None):
       "synthetic_only": common.method(synthetic="label", alpha=0.0),
       # The label-only store has no property, so its one control is real images of the same findings.
       "control_label_prior": common.controls(common.method(synthetic="label", alpha=0.5))["control_label_prior"],
+      **common.learnt_weight_methods({"synth_label": "label"}, alpha=0.5),
   }
   config = common.study_base("chest", "sex", base, up, classifier, methods, modes=("label",))
   source = common.real_source(words, "chest")

@@ -49,6 +49,8 @@ def get_config(arg=None):
                                                      quality_filter=True),
       "synthetic_only": common.method(synthetic="label_property", alpha=0.0, filter_dominant=0),
       **common.controls(mix),
+      **common.learnt_weight_methods({"synth_label": "label", "synth_label_property": "label_property"},
+                                     alpha=0.5, filter_dominant=4),
   }
   if "baselines" in words:  # the rest of 002's E.2 list, and w1 at equality level 0.5 (G.3.5)
     methods.update({

@@ -29,6 +29,8 @@ def get_config(arg=None):
                                                      quality_filter=True),
       "synthetic_only": common.method(augment="none", synthetic="label_property", alpha=0.0),
       **common.controls(mix),
+      **common.learnt_weight_methods({"synth_label": "label", "synth_label_property": "label_property"},
+                                     augment="none", alpha=0.5),
   }
   if "baselines" in words:  # the synthetic mixes with colour augmentation too
     methods["synth_label_colour"] = common.method(augment="standard", synthetic="label", alpha=0.5)

@@ -117,6 +117,21 @@ def _validate_classifier(config: Any) -> None:
   if config.mix.control and float(config.mix.alpha) >= 1.0:
     raise SynthMedError(f"mix.control={config.mix.control!r} replaces a synthetic store's images; it needs "
                         "mix.alpha < 1 and mix.synthetic_dir (a control of a synthetic mix).")
+  reweight = config.get("reweight")
+  if reweight is not None and reweight.method:
+    _choice(config, "reweight.method", ("", "ids", "mwnet"))
+    _choice(config, "reweight.input", ("features", "image"))
+    if not 0.0 < float(config.mix.alpha) < 1.0:
+      raise SynthMedError(f"reweight.method={reweight.method!r} learns weights of synthetic examples next to real "
+                          f"ones; it needs 0 < mix.alpha < 1 (it is {config.mix.alpha}) and mix.synthetic_dir.")
+    if config.train.get("weighting_optimizer") is None:
+      raise SynthMedError("reweight.method is set but the config lacks train.weighting_optimizer (the weighting "
+                          "network's optimizer; configs/common.train_config makes one).")
+    _choice(config, "train.weighting_optimizer.name", OPTIMIZERS)
+    _choice(config, "train.weighting_optimizer.schedule", SCHEDULES)
+    for key in ("reweight.hidden", "reweight.temperature", "reweight.input_size", "train.weighting_optimizer.lr"):
+      _positive(config, key)
+    _positive(config, "reweight.entropy", allow_zero=True)
 
 
 def _validate_diffusion(config: Any) -> None:

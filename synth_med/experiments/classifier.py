@@ -33,6 +33,7 @@ from synth_med.errors import SynthMedError
 from synth_med.infra import artifacts
 from synth_med.models import bit_resnet
 from synth_med.objectives.classification import ClassifierTask, probabilities
+from synth_med.objectives.learnt_weights import LearntWeightsTask
 from synth_med.objectives.reweighting import (dominant_classes, equality_weights, filter_weights, label_keys,
                                               oversample_rows)
 from synth_med.infra import sharding
@@ -53,6 +54,34 @@ def build_model(config: Any, spec) -> bit_resnet.Model:
 
 
 FEATURES_FILE = "features.npz"  # {split or 'train' or 'synthetic/<store>': [N, d] float16}
+LEARNT_WEIGHTS_FILE = "learnt_weights.npz"  # {'weight': [M, L]}: every row of the mixed-in store (reweight.method)
+
+
+def learnt_weights_task(classifier: ClassifierTask, config: Any, spec: Any, synthetic_examples: int) -> LearntWeightsTask:
+  """The classifier with learnt synthetic-example weights (`config.reweight`); IDS's epoch (the Q(Z|Y) and
+  centroid refresh) is one pass over the synthetic examples at the mix's rate, (1 − α) × batch per step."""
+  r = config.reweight
+  per_step = max((1.0 - float(config.mix.alpha)) * int(config.train.batch_size), 1.0)
+  return LearntWeightsTask(classifier, spec.num_classes, method=str(r.method), weight_input=str(r.input),
+                           hidden=int(r.hidden), epoch_steps=int(np.ceil(synthetic_examples / per_step)),
+                           temperature=float(r.temperature), input_size=int(r.input_size),
+                           reweight_real=bool(r.reweight_real), virtual_lr=float(r.virtual_lr),
+                           weighted_vib=bool(r.weighted_vib), entropy=float(r.entropy))
+
+
+def save_learnt_weights(task: LearntWeightsTask, params: Any, mesh: jax.sharding.Mesh, folder: str, path: str,
+                        batch_size: int) -> np.ndarray:
+  """The learnt weight of every row of the store in `folder` (its label as the condition), saved to `path`."""
+  arrays = read_shards(folder).arrays
+  fn = jax.jit(lambda p, b: task.weights(p, b), out_shardings=sharding.replicated(mesh))
+  keys = ("image", "label", "label_mask")
+  out = []
+  for batch, valid in eval_batches(ArraySource({k: arrays[k] for k in keys}), batch_size):
+    keep = multihost_utils.process_allgather(valid, tiled=True)
+    out.append(np.asarray(jax.device_get(fn(params, sharding.to_global({k: batch[k] for k in keys}, mesh))))[keep])
+  weights = np.concatenate(out).astype(np.float32)
+  artifacts.atomic_write(path, lambda f: np.savez_compressed(f, weight=weights), mode="wb", suffix=".npz")
+  return weights
 
 
 def _batch_fn(task: ClassifierTask, mesh: jax.sharding.Mesh, name: str, head, *variant):
@@ -230,6 +259,8 @@ def run_classifier(config: Any, workdir: str, synthetic_stores: dict[str, str] |
                         focal_gamma=float(config.loss.focal_gamma),
                         augment=make_augment(str(config.data.world), config.data.augment),  # the modality
                         pretrained_npz=config.model.pretrained_npz, load_fn=bit_resnet.load)
+  if config.get("reweight") is not None and config.reweight.method:
+    task = learnt_weights_task(task, config, spec, int(mix_info.get("synthetic_examples", 0)))
   bind = make_predict(task, mesh, spec.label_kind)
   eval_bs = int(config.eval.batch_size)
   sharding.check_batch_size(eval_bs, mesh, "eval.batch_size")
@@ -298,6 +329,11 @@ def run_classifier(config: Any, workdir: str, synthetic_stores: dict[str, str] |
       features[f"synthetic/{store}"] = embed_source(ev.source, embed, eval_bs)
     save_predictions(os.path.join(workdir, SYNTHETIC_PREDICTIONS_FILE), synth_preds)
   save_features(os.path.join(workdir, FEATURES_FILE), features)
+  if isinstance(task, LearntWeightsTask):
+    w = save_learnt_weights(task, eval_params(result.state, config), mesh, str(config.mix.synthetic_dir),
+                            os.path.join(workdir, LEARNT_WEIGHTS_FILE), eval_bs)
+    metrics["learnt_weights"] = {"method": task.method, "mean": float(w.mean()), "std": float(w.std()),
+                                 "rows": int(len(w))}
   artifacts.write_json(metrics_path, metrics)
   artifacts.mark_done(workdir)
   print(summary_table(metrics), flush=True)

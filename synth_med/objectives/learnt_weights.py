@@ -72,7 +72,8 @@ class LearntWeightsTask:
 
   def __init__(self, classifier: ClassifierTask, num_classes: int, method: str = "ids", weight_input: str = "features",
                hidden: int = 64, epoch_steps: int = 1, temperature: float = 0.1, input_size: int = 8,
-               reweight_real: bool = False, virtual_lr: float = 1.0, weighted_vib: bool = True):
+               reweight_real: bool = False, virtual_lr: float = 1.0, weighted_vib: bool = True,
+               entropy: float = 0.1):
     if method not in METHODS:
       raise SynthMedError(f"reweight.method={method!r}; choose one of {list(METHODS)}.")
     if weight_input not in WEIGHT_INPUTS:
@@ -83,7 +84,8 @@ class LearntWeightsTask:
     self.slot_classes = int(num_classes) if self.label_kind == "softmax" else 2
     self.hidden, self.input_size = int(hidden), int(input_size)
     self.reweight_real, self.virtual_lr = bool(reweight_real), float(virtual_lr)
-    self.ids = ids_lib.IDSWeighting(self.num_slots, self.slot_classes, epoch_steps, temperature, input_size, weighted_vib)
+    self.ids = ids_lib.IDSWeighting(self.num_slots, self.slot_classes, epoch_steps, temperature, input_size, weighted_vib,
+                                    entropy)
     self.net = WeightNet(self.num_slots, self.hidden) if method == "ids" else meta_weight.LossToWeight()
 
   @property
@@ -91,7 +93,8 @@ class LearntWeightsTask:
     base = self.classifier.cache_key
     return None if base is None else ("LearntWeightsTask", base, self.method, self.weight_input, self.num_slots,
                                       self.slot_classes, self.hidden, self.input_size, self.reweight_real,
-                                      self.virtual_lr, self.ids.epoch_steps, self.ids.temperature, self.ids.weighted)
+                                      self.virtual_lr, self.ids.epoch_steps, self.ids.temperature, self.ids.weighted,
+                                      self.ids.entropy)
 
   # -- what the rest of the project reads from a classifier task ----------------------------------------
   @property
