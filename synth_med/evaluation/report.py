@@ -148,6 +148,7 @@ ANALYSIS_TITLES = {
     "beta_posterior": "Beta posterior spread (002 F.2, Fig. G6)", "group_metrics": "Fairness metrics (MEDFAIR)",
     "quality_filter": "Synthetic-sample quality filter",
     "supplementation": "Supplementation with label-matched replicas (paper 000)",
+    "learnt_weights": "Learnt weights of the synthetic images (paper 004's IDS, MW-Net)",
 }
 
 
@@ -160,7 +161,7 @@ def analyses_section(analyses: Mapping[str, Any], folder: str) -> str:
       parts.append(f"<p>Not run: {html.escape(entry['skipped'])}.</p>")
       continue
     parts.append(f"<p>{html.escape(entry.get('caption', ''))}</p>")
-    for fig in (entry.get("figure"), entry.get("heatmaps")):
+    for fig in (entry.get("figure"), entry.get("heatmaps"), entry.get("images")):
       if fig and os.path.exists(os.path.join(folder, fig)):
         parts.append(f"<img alt='{html.escape(name)}' src='{png_file_data_uri(os.path.join(folder, fig))}'>")
     for table in [entry.get("table")] + list(entry.get("tables", [])):

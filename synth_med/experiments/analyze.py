@@ -17,6 +17,9 @@ memorisation check on a store alone.
 - improvement (Figs. G4-G7): each method's paired change over the baseline per group and split.
 - group_metrics (MEDFAIR): worst group, equalised odds / equal opportunity, calibration per group,
   intersectional groups.
+- learnt_weights (paper 004, IDS and MW-Net): the learnt weights per requested class and property value,
+  the images with the highest and lowest weights, and whether the weight follows the real-data
+  classifier's verdict on the image (does the weighting down-weight images that ignore their condition?).
 """
 from __future__ import annotations
 
@@ -37,11 +40,13 @@ from synth_med.evaluation import fairness
 from synth_med.evaluation import supplement_stats as st
 from synth_med.evaluation.metrics import Predictions, metric_suite
 from synth_med.evaluation.paired import PREDICTIONS_FILE, compare, load_predictions
-from synth_med.experiments.classifier import FEATURES_FILE, SYNTHETIC_PREDICTIONS_FILE, load_features
+from synth_med.experiments.classifier import (FEATURES_FILE, LEARNT_WEIGHTS_FILE, SYNTHETIC_PREDICTIONS_FILE,
+                                              load_features)
 from synth_med.experiments.diffusion import training_source
 from synth_med.diffusion.fair_sampler import held_out
 from synth_med.experiments.synthetic_store import FILTER_REPORT
 from synth_med.infra import artifacts
+from synth_med.infra.image_grid import make_grid, save_png
 
 FIGURES = "analyses"  # the folder under the workdir
 
@@ -76,6 +81,7 @@ class StudyRuns:
   # the 0 % point each kind of supplementation is compared with (absent kinds: `reference`); paper 000's
   # two sites: the external site's real data alone
   supplement_baselines: dict[str, str] = dataclasses.field(default_factory=dict)
+  learnt_weights: dict[str, str] = dataclasses.field(default_factory=dict)  # {learnt-weights method: its store}
 
   def run_dir(self, method: str, seed: int) -> str:
     return os.path.join(self.workdir, "classifiers", method, f"seed{seed}")
@@ -506,6 +512,89 @@ def analyse_quality_filter(r: StudyRuns, results: dict[str, Any]) -> dict[str, A
   return out
 
 
+def requested_confirmed(label: np.ndarray, label_mask: np.ndarray, probs: np.ndarray, kind: str) -> np.ndarray:
+  """Per (example, weight slot) [M, L]: does the real-data classifier confirm the requested label? Softmax:
+  its top class is the requested one (one slot); sigmoid heads: each finding's probability is on the
+  requested side of 1/2 (NaN where the finding is unknown)."""
+  if kind == "softmax":
+    return (np.argmax(probs, -1) == np.argmax(label, -1)).astype(np.float64)[:, None]
+  agree = ((probs > 0.5) == (label > 0.5)).astype(np.float64)
+  return np.where(np.asarray(label_mask) > 0, agree, np.nan)
+
+
+def weight_confirmation(weights: np.ndarray, confirmed: np.ndarray) -> dict[str, Any]:
+  """How a weight [M, L] follows the verdict [M, L] (1 confirmed, 0 not, NaN unknown): the mean weight of
+  each side, the AUC of the weight for telling confirmed from unconfirmed pairs and Spearman's rho."""
+  keep = np.isfinite(confirmed)
+  w, c = np.asarray(weights, np.float64)[keep], confirmed[keep]
+  out: dict[str, Any] = {"pairs": int(keep.sum()), "confirmed_share": float(c.mean()) if len(c) else None,
+                         "mean_weight_confirmed": float(w[c == 1].mean()) if (c == 1).any() else None,
+                         "mean_weight_unconfirmed": float(w[c == 0].mean()) if (c == 0).any() else None,
+                         "auc": None, "spearman_rho": None, "spearman_p": None}
+  if 0 < c.sum() < len(c):
+    out["auc"] = float(stats.mannwhitneyu(w[c == 1], w[c == 0]).statistic / ((c == 1).sum() * (c == 0).sum()))
+    rho, p = stats.spearmanr(w, c)
+    out["spearman_rho"], out["spearman_p"] = float(rho), float(p)
+  return out
+
+
+def analyse_learnt_weights(r: StudyRuns) -> dict[str, Any]:
+  if not r.learnt_weights:
+    raise NotApplicable("no learnt-weights method in this study")
+  kind, _ = r.info()
+  classes = list(r.metrics(r.reference, r.runs(r.reference)[0])["classes"])
+  ref_preds = os.path.join(r.run_dir(r.reference, r.runs(r.reference)[0]), SYNTHETIC_PREDICTIONS_FILE)
+  out: dict[str, Any] = {"methods": {}}
+  rows, bars, strips = [], {}, []
+  for m, store in r.learnt_weights.items():
+    paths = [os.path.join(r.run_dir(m, s), LEARNT_WEIGHTS_FILE) for s in r.runs(m)]
+    paths = [p for p in paths if os.path.exists(p)]
+    if not paths or store not in r.stores:
+      raise MissingInput(f"{m!r} has no finished run with {LEARNT_WEIGHTS_FILE} (run the classifiers stage)")
+    w = np.mean([np.load(p)["weight"] for p in paths], 0)  # [M, L], averaged over seeds
+    arrays = r.store(store)
+    label, mask = np.asarray(arrays["label"]), np.asarray(arrays["label_mask"])
+    entry: dict[str, Any] = {"store": store, "seeds": len(paths), "mean": float(w.mean()),
+                             "quantiles": [float(q) for q in np.quantile(w, [0.1, 0.5, 0.9])]}
+    if kind == "softmax":
+      y = np.argmax(label, -1)
+      entry["per_class"] = {classes[k]: float(w[y == k, 0].mean()) for k in range(len(classes)) if (y == k).any()}
+    else:  # the finding's slot, over the examples whose finding is known
+      entry["per_class"] = {classes[k]: float(w[mask[:, k] > 0, k].mean()) for k in range(min(len(classes), w.shape[1]))
+                            if (mask[:, k] > 0).any()}
+    attr = arrays.get(f"attrs/{r.attribute}")
+    if attr is not None and (np.asarray(attr) >= 0).any():
+      names = r.value_names(r.attribute)
+      entry["per_value"] = {names[v]: float(w[np.asarray(attr) == v].mean()) for v in np.unique(attr) if v >= 0}
+    if os.path.exists(ref_preds) and store in load_predictions(ref_preds):
+      p = load_predictions(ref_preds)[store]
+      entry["confirmation"] = weight_confirmation(w, requested_confirmed(label, mask, p.probs, kind))
+    out["methods"][m] = entry
+    bars[f"{m}: per class"] = entry["per_class"]
+    if "per_value" in entry:
+      bars[f"{m}: per {r.attribute}"] = entry["per_value"]
+    conf = entry.get("confirmation", {})
+    fmt = lambda v, f="{:.3f}": "n/a" if v is None else f.format(v)  # noqa: E731
+    rows.append([m, store, len(paths), f"{entry['mean']:.3f}", fmt(conf.get("mean_weight_confirmed")),
+                 fmt(conf.get("mean_weight_unconfirmed")), fmt(conf.get("auc")), fmt(conf.get("spearman_rho"), "{:+.3f}"),
+                 fmt(conf.get("spearman_p"), "{:.2g}")])
+    order = np.argsort(-w.mean(1), kind="stable")
+    strips += [arrays["image"][order[:8]], arrays["image"][order[::-1][:8]]]
+  out["figure"] = r.figure("learnt_weights", plots.bars_figure(bars, "mean learnt weight"))
+  rel = os.path.join(FIGURES, "learnt_weights_images.png")
+  save_png(os.path.join(r.workdir, rel), make_grid(np.concatenate(strips), ncol=8))
+  out["images"] = rel
+  out["caption"] = ("Learnt weights of the synthetic images (mean over seeds): per requested class (per finding for "
+                    "multi-label data) and property value in the figure; in the image grid, per method, a row of the "
+                    "8 highest-weighted images and a row of the 8 lowest (methods in table order). The table asks "
+                    "whether the weight follows the real-data classifier's verdict on the image (it confirms the "
+                    "requested label): the mean weight of confirmed and unconfirmed images, the AUC of the weight "
+                    "for telling them apart (0.5 = unrelated) and Spearman's rho.")
+  out["table"] = {"header": ["method", "store", "seeds", "mean weight", "confirmed", "unconfirmed", "AUC",
+                             "Spearman rho", "p"], "rows": rows}
+  return out
+
+
 def cfg_matrix(r: StudyRuns, names: list[str], every: int = 10) -> dict[str, Any]:
   """Paper 000's Table 2: macro AUROC of the real-data model and of each model trained on one guidance's
   replica store, on the real ID test split and on each store's held-out rows (those of every 10th
@@ -669,6 +758,7 @@ def run_analyses(r: StudyRuns) -> dict[str, Any]:
   attempt("group_metrics", lambda: analyse_group_metrics(r, results))
   attempt("quality_filter", lambda: analyse_quality_filter(r, results))
   attempt("supplementation", lambda: analyse_supplementation(r, results))
+  attempt("learnt_weights", lambda: analyse_learnt_weights(r))
   results = artifacts.read_json(r.results_path) if os.path.exists(r.results_path) else {}
   results["analyses"] = out
   artifacts.write_json(r.results_path, results)

@@ -405,6 +405,8 @@ def analysis_inputs(config: Any, workdir: str) -> StudyRuns:
                    stores={m: f for m, f in stores.items() if artifacts.is_done(f)}, store_method=store_method,
                    filtered=filtered, supplement=supplement, supplement_baselines=supplement_baselines,
                    cfg_matrix=cfg_matrix,
+                   learnt_weights={m: str(config.methods[m].synthetic) for m in names
+                                   if config.methods[m].get("reweight")},
                    classifier_config=stage_config(config, "classifier"),
                    generator_config=stage_config(config, "upsampler" if config.get("upsampler") is not None
                                                  else "base"),
