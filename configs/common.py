@@ -486,7 +486,19 @@ def stage_configs(classifier_module, diffusion_module, words: set[str], upsample
   classifier = classifier_module.get_config(",".join(size_words))
   base = diffusion_module.get_config(",".join(size_words + list(base_words)))
   up = diffusion_module.get_config(",".join(size_words + ["upsampler"])) if upsampler else None
+  if "full" in words:
+    ids_full(classifier)
   return classifier, base, up
+
+
+def ids_full(classifier: ConfigDict) -> None:
+  """Paper 004's optimiser (its App. D.1: Adam β = (0.9, 0.999), weight decay 0.05, cosine decay) for the
+  weighting network. The classifier keeps its own recipe (004 fine-tunes an MAE-pretrained ViT-S/B at batch
+  1024 for 75 epochs; here the BiT of 002), so a learnt-weights mix differs from its fixed-weight mix only in
+  the weights."""
+  classifier.train.weighting_optimizer = ConfigDict({"name": "adam", "lr": 1e-3, "schedule": "cosine",
+                                                     "warmup_steps": 0, "weight_decay": 0.05, "grad_clip": 0.0,
+                                                     "b1": 0.9, "b2": 0.999})
 
 
 def method(augment: str = "standard", loss: str = "ce", synthetic: str = "", alpha: float = 1.0,

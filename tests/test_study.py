@@ -34,7 +34,12 @@ def test_study_configs_validate(name, arg):
     assert c.upsampler.data.image_size == c.classifier.data.image_size
     assert set(c.methods) == {"real", "oversample", "focal", "synth_label", "synth_label_property",
                               "synth_label_property_filtered", "synthetic_only", "control_real_images",
-                              "control_label_prior"}
+                              "control_label_prior", "ids", "ids_property", "mwnet"}
+    # paper 004: IDS on each store, MW-Net on the label + property one, each with its mix's alpha and w2
+    for m, mix in (("ids", "synth_label"), ("ids_property", "synth_label_property"), ("mwnet", "synth_label_property")):
+      assert c.methods[m].same_mix_as == mix and c.methods[m].synthetic == c.methods[mix].synthetic
+      assert (c.methods[m].alpha, c.methods[m].filter_dominant) == (c.methods[mix].alpha, c.methods[mix].filter_dominant)
+    assert (c.methods.ids.reweight, c.methods.mwnet.reweight) == ("ids", "mwnet")
     assert c.methods.synth_label_property_filtered.quality_filter and "analyze" in c.stages
     assert c.methods.control_real_images.alpha == c.methods.synth_label_property.alpha
     assert set(load_config(name, "baselines").methods) >= {"randaugment", "imagenet_aug", "randaugment_imagenet",
@@ -223,7 +228,13 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
 
   # Paired comparisons with the real baseline, the controls among them.
   assert res["reference"] == "real"
-  assert set(res["comparisons"]) == set(c.method_names.split(",")) - {"real"}
+  learnt = {"ids": "synth_label", "ids_property": "synth_label_property", "mwnet": "synth_label_property"}
+  assert set(res["comparisons"]) == set(c.method_names.split(",")) - {"real"} | {f"{m} [weights]" for m in learnt}
+  for m, mix in learnt.items():  # each learnt-weights mix also against its fixed-weight mix
+    assert res["comparisons"][f"{m} [weights]"]["against"] == mix
+    cell = res["comparisons"][f"{m} [weights]"]["id"]["top3"]
+    assert cell["diff"] == pytest.approx(res["methods"][m]["id"]["top3"]["mean"] - res["methods"][mix]["id"]["top3"]["mean"],
+                                         abs=1e-9)
   assert {"control_real_images", "control_label_prior"} <= set(res["comparisons"])
   for split in ("id", "ood1", "ood2"):
     cell = res["comparisons"]["synth_label_property"][split]["top3"]
@@ -240,7 +251,7 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
   # The analyze stage: every analysis ran, on this study's files.
   analyses = res["analyses"]
   assert set(analyses) == {"memorisation", "mmd", "pca", "improvement", "generation_quality", "underserved",
-                           "beta_posterior", "group_metrics", "quality_filter"}
+                           "beta_posterior", "group_metrics", "quality_filter", "learnt_weights"}
   assert not [k for k, v in analyses.items() if "skipped" in v], analyses
   for mode in ("label", "label_property"):  # a briefly trained generator copies nothing
     for space in ("pixel", "feature"):
@@ -253,6 +264,14 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
   assert set(filt["comparison"]) == {"id", "ood1", "ood2"}
   assert analyses["beta_posterior"]["methods"]["real"]["id"]["sex"]["spread"]["seeds"] == c.seeds
   assert all((workdir / e["figure"]).exists() for e in analyses.values() if "figure" in e)
+  weights = analyses["learnt_weights"]
+  assert set(weights["methods"]) == set(learnt) and (workdir / weights["images"]).exists()
+  for m, entry in weights["methods"].items():
+    w = np.mean([np.load(workdir / "classifiers" / m / f"seed{s}" / "learnt_weights.npz")["weight"]
+                 for s in range(c.seeds)], 0)
+    assert w.shape == (32, 1) and np.all((w >= 0) & (w <= 1)) and entry["mean"] == pytest.approx(w.mean(), rel=1e-5)
+    assert entry["confirmation"]["pairs"] == 32
+    assert set(entry.get("per_value", {})) == ({"female", "male"} if entry["store"] == "label_property" else set())
   feats = np.load(workdir / "classifiers" / "real" / "seed0" / "features.npz")
   assert {"val", "id", "ood1", "ood2", "train", "synthetic/label", "synthetic/label_property"} <= set(feats.files)
   assert set(np.load(workdir / "classifiers" / "synth_label" / "seed0" / "features.npz").files) == {
