@@ -78,6 +78,25 @@ def loop_config(steps: int = 8, batch: int = 16, lr: float = 0.5) -> ConfigDict:
   return c
 
 
+def killed_and_resumed(task, cfg, make_stream, workdir: str, kill_at: int):
+  """Trains `task` until a hook kills it after step `kill_at`, then reruns it in the same workdir to the end
+  (resuming from the last checkpoint); returns the resumed run's LoopResult."""
+  from synth_med.train.loop import train
+
+  def crash(step, state):
+    if step == kill_at:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    train(task, cfg, make_stream(), workdir, hooks=[crash])
+  return train(task, cfg, make_stream(), workdir)
+
+
+def assert_trees_equal(a, b) -> None:
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.fixture
 def tiny_world_config():
   from configs import common

@@ -12,7 +12,7 @@ from synth_med.models import cpd_gan, gan_layers, prog_gan
 from synth_med.objectives.gan import GANTask, gradient_penalty, to_uint8
 from synth_med.train.early_stopping import EarlyStopping
 from synth_med.train.loop import StopTraining, train
-from tests.conftest import loop_config
+from tests.conftest import assert_trees_equal, killed_and_resumed, loop_config
 
 
 def test_projection_discriminator_adds_the_label_embedding_inner_product():
@@ -145,17 +145,9 @@ def test_a_killed_gan_run_resumes_to_the_same_generator(tmp_path):
   cfg.train.checkpoint_every = 4
   stream = lambda: TrainStream(ArraySource(_toy(64)), 16, seed=0, num_threads=0)  # noqa: E731
   full = train(task, cfg, stream(), str(tmp_path / "full"))
-
-  def crash(step, state):
-    if step == 6:
-      raise KeyboardInterrupt
-
-  with pytest.raises(KeyboardInterrupt):
-    train(task, cfg, stream(), str(tmp_path / "killed"), hooks=[crash])
-  resumed = train(task, cfg, stream(), str(tmp_path / "killed"))
+  resumed = killed_and_resumed(task, cfg, stream, str(tmp_path / "killed"), kill_at=6)
   assert resumed.start_step == 4
-  for a, b in zip(jax.tree.leaves(full.state.params["generator"]), jax.tree.leaves(resumed.state.params["generator"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_equal(full.state.params["generator"], resumed.state.params["generator"])
 
 
 def test_a_hook_stops_training_early_and_the_step_is_checkpointed(tmp_path):

@@ -16,7 +16,7 @@ from synth_med.objectives import ids
 from synth_med.objectives.classification import ClassifierTask
 from synth_med.objectives.learnt_weights import LearntWeightsTask
 from synth_med.train.loop import train
-from tests.conftest import load_config, loop_config
+from tests.conftest import assert_trees_equal, killed_and_resumed, load_config, loop_config
 
 
 def _batch(rng, n, d_img=4, classes=3):
@@ -143,7 +143,6 @@ def test_mislabelled_synthetic_images_get_lower_weights(method, tmp_path):
 def test_a_killed_ids_run_resumes_to_the_same_classifier_weighting_net_and_statistics(tmp_path):
   """Multi-label data (3 findings, one weight per finding): killed at step 6, resumed from the step-4
   checkpoint, the run ends with the uninterrupted run's Θ, θ and IDS statistics."""
-  rng = np.random.default_rng(0)
   n, findings = 64, 3
 
   def arrays(seed):
@@ -153,25 +152,16 @@ def test_a_killed_ids_run_resumes_to_the_same_classifier_weighting_net_and_stati
     img[:, :findings] += (label[:, :, None, None] * 150).astype(np.int64)
     return {"image": img.astype(np.uint8), "label": label, "labelled": np.ones(n, bool),
             "label_mask": (r.random((n, findings)) < 0.9).astype(np.float32)}
-  del rng
   model = bit_resnet.Model(num_outputs=findings, depth=0, width=0.25, block_units=(1,), root_pool=False)
   task = LearntWeightsTask(ClassifierTask(model, "multilabel"), findings, method="ids", epoch_steps=3)
   cfg = _weighting_config(12, 16)
   cfg.train.checkpoint_every = 4
   stream = lambda: MixedStream(classifier_arrays(arrays(1)), classifier_arrays(arrays(2)), 0.5, 16, 0, 0)  # noqa: E731
   full = train(task, cfg, stream(), str(tmp_path / "full"))
-
-  def crash(step, state):
-    if step == 6:
-      raise KeyboardInterrupt
-  with pytest.raises(KeyboardInterrupt):
-    train(task, cfg, stream(), str(tmp_path / "killed"), hooks=[crash])
-  resumed = train(task, cfg, stream(), str(tmp_path / "killed"))
+  resumed = killed_and_resumed(task, cfg, stream, str(tmp_path / "killed"), kill_at=6)
   assert resumed.start_step == 4
-  for part in ("params", "statistics"):
-    a, b = getattr(full.state, part), getattr(resumed.state, part)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert_trees_equal(full.state.params, resumed.state.params)
+  assert_trees_equal(full.state.statistics, resumed.state.statistics)
   assert float(full.state.statistics["mass"].sum()) > 0  # four epochs of 3 steps were recorded
   batch = {k: jnp.asarray(v) for k, v in arrays(2).items()}
   assert task.weights(full.state.params, batch).shape == (n, findings)  # a weight per finding (004 §3)
