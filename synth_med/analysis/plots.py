@@ -92,3 +92,22 @@ def heatmaps_figure(matrices: Mapping[str, np.ndarray], names: Sequence[str]) ->
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=6)
   return png_bytes(fig)
+
+
+def table_heatmap_figure(rows: Mapping[str, Mapping[str, float]], label: str) -> bytes:
+  """One heat map of values in [0, 1]: a row per key of `rows`, a column per inner key (in first-seen order),
+  each cell printed; blank where a row lacks the column."""
+  cols = list(dict.fromkeys(k for r in rows.values() for k in r))
+  m = np.array([[r.get(c, np.nan) for c in cols] for r in rows.values()], float)
+  fig, axes = figure(1, 1, (max(4.0, 0.42 * len(cols) + 2.5), 0.45 * len(rows) + 2.2))
+  ax = axes[0]
+  im = ax.imshow(np.ma.masked_invalid(m), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+  for (i, j), v in np.ndenumerate(m):
+    if np.isfinite(v):
+      ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+  ax.set_xticks(range(len(cols)))
+  ax.set_xticklabels(cols, rotation=90, fontsize=6)
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels(list(rows), fontsize=7)
+  fig.colorbar(im, ax=ax, label=label)
+  return png_bytes(fig)

@@ -545,7 +545,7 @@ def analyse_learnt_weights(r: StudyRuns) -> dict[str, Any]:
   classes = list(r.metrics(r.reference, r.runs(r.reference)[0])["classes"])
   ref_preds = os.path.join(r.run_dir(r.reference, r.runs(r.reference)[0]), SYNTHETIC_PREDICTIONS_FILE)
   out: dict[str, Any] = {"methods": {}}
-  rows, bars, strips = [], {}, []
+  rows, bars, strips = [], {}, []  # bars: {method: {class or value: mean weight}}
   for m, store in r.learnt_weights.items():
     paths = [os.path.join(r.run_dir(m, s), LEARNT_WEIGHTS_FILE) for s in r.runs(m)]
     paths = [p for p in paths if os.path.exists(p)]
@@ -559,9 +559,13 @@ def analyse_learnt_weights(r: StudyRuns) -> dict[str, Any]:
     if kind == "softmax":
       y = np.argmax(label, -1)
       entry["per_class"] = {classes[k]: float(w[y == k, 0].mean()) for k in range(len(classes)) if (y == k).any()}
-    else:  # the finding's slot, over the examples whose finding is known
-      entry["per_class"] = {classes[k]: float(w[mask[:, k] > 0, k].mean()) for k in range(min(len(classes), w.shape[1]))
-                            if (mask[:, k] > 0).any()}
+    else:  # each finding's slot, over the images requested with it present and absent
+      entry["per_class"] = {}
+      for k in range(min(len(classes), w.shape[1])):
+        for side, wanted in (("present", label[:, k] > 0.5), ("absent", label[:, k] <= 0.5)):
+          rows_k = (mask[:, k] > 0) & wanted
+          if rows_k.any():
+            entry["per_class"][f"{classes[k]} {side}"] = float(w[rows_k, k].mean())
     attr = arrays.get(f"attrs/{r.attribute}")
     if attr is not None and (np.asarray(attr) >= 0).any():
       names = r.value_names(r.attribute)
@@ -570,9 +574,7 @@ def analyse_learnt_weights(r: StudyRuns) -> dict[str, Any]:
       p = load_predictions(ref_preds)[store]
       entry["confirmation"] = weight_confirmation(w, requested_confirmed(label, mask, p.probs, kind))
     out["methods"][m] = entry
-    bars[f"{m}: per class"] = entry["per_class"]
-    if "per_value" in entry:
-      bars[f"{m}: per {r.attribute}"] = entry["per_value"]
+    bars[m] = {**entry["per_class"], **{f"{r.attribute}={v}": x for v, x in entry.get("per_value", {}).items()}}
     conf = entry.get("confirmation", {})
     fmt = lambda v, f="{:.3f}": "n/a" if v is None else f.format(v)  # noqa: E731
     rows.append([m, store, len(paths), f"{entry['mean']:.3f}", fmt(conf.get("mean_weight_confirmed")),
@@ -580,12 +582,12 @@ def analyse_learnt_weights(r: StudyRuns) -> dict[str, Any]:
                  fmt(conf.get("spearman_p"), "{:.2g}")])
     order = np.argsort(-w.mean(1), kind="stable")
     strips += [arrays["image"][order[:8]], arrays["image"][order[::-1][:8]]]
-  out["figure"] = r.figure("learnt_weights", plots.bars_figure(bars, "mean learnt weight"))
+  out["figure"] = r.figure("learnt_weights", plots.table_heatmap_figure(bars, "mean learnt weight"))
   rel = os.path.join(FIGURES, "learnt_weights_images.png")
   save_png(os.path.join(r.workdir, rel), make_grid(np.concatenate(strips), ncol=8))
   out["images"] = rel
-  out["caption"] = ("Learnt weights of the synthetic images (mean over seeds): per requested class (per finding for "
-                    "multi-label data) and property value in the figure; in the image grid, per method, a row of the "
+  out["caption"] = ("Learnt weights of the synthetic images (mean over seeds): per requested class (per finding, "
+                    "requested present or absent, for sigmoid heads) and property value in the figure; in the image grid, per method, a row of the "
                     "8 highest-weighted images and a row of the 8 lowest (methods in table order). The table asks "
                     "whether the weight follows the real-data classifier's verdict on the image (it confirms the "
                     "requested label): the mean weight of confirmed and unconfirmed images, the AUC of the weight "
