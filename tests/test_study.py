@@ -37,9 +37,10 @@ def test_study_configs_validate(name, arg):
                               "control_label_prior", "ids", "ids_property", "mwnet"}
     # paper 004: IDS on each store, MW-Net on the label + property one, each with its mix's alpha and w2
     for m, mix in (("ids", "synth_label"), ("ids_property", "synth_label_property"), ("mwnet", "synth_label_property")):
-      assert c.methods[m].same_mix_as == mix and c.methods[m].synthetic == c.methods[mix].synthetic
+      assert c.methods[m].also_against[0] == mix and c.methods[m].synthetic == c.methods[mix].synthetic
       assert (c.methods[m].alpha, c.methods[m].filter_dominant) == (c.methods[mix].alpha, c.methods[mix].filter_dominant)
     assert (c.methods.ids.reweight, c.methods.mwnet.reweight) == ("ids", "mwnet")
+    assert tuple(c.methods.ids_property.also_against) == ("synth_label_property", "mwnet")
     assert c.methods.synth_label_property_filtered.quality_filter and "analyze" in c.stages
     assert c.methods.control_real_images.alpha == c.methods.synth_label_property.alpha
     assert set(load_config(name, "baselines").methods) >= {"randaugment", "imagenet_aug", "randaugment_imagenet",
@@ -229,10 +230,11 @@ def test_derm_cascade_smoke_killed_and_resumed_writes_report(tmp_path):
   # Paired comparisons with the real baseline, the controls among them.
   assert res["reference"] == "real"
   learnt = {"ids": "synth_label", "ids_property": "synth_label_property", "mwnet": "synth_label_property"}
-  assert set(res["comparisons"]) == set(c.method_names.split(",")) - {"real"} | {f"{m} [weights]" for m in learnt}
+  assert set(res["comparisons"]) == (set(c.method_names.split(",")) - {"real"} | {f"{m} vs {x}" for m, x in learnt.items()}
+                                     | {"ids_property vs mwnet"})
   for m, mix in learnt.items():  # each learnt-weights mix also against its fixed-weight mix
-    assert res["comparisons"][f"{m} [weights]"]["against"] == mix
-    cell = res["comparisons"][f"{m} [weights]"]["id"]["top3"]
+    assert res["comparisons"][f"{m} vs {mix}"]["against"] == mix
+    cell = res["comparisons"][f"{m} vs {mix}"]["id"]["top3"]
     assert cell["diff"] == pytest.approx(res["methods"][m]["id"]["top3"]["mean"] - res["methods"][mix]["id"]["top3"]["mean"],
                                          abs=1e-9)
   assert {"control_real_images", "control_label_prior"} <= set(res["comparisons"])

@@ -15,7 +15,7 @@ import numpy as np
 
 from synth_med.infra import artifacts
 from synth_med.infra.figures import grid_figure, png_data_uri, png_file_data_uri
-from synth_med.evaluation.study_results import fmt
+from synth_med.evaluation.study_results import comparison_row_name, fmt
 
 
 def _strip(images: np.ndarray, n: int, size: int, channels: int) -> np.ndarray:
@@ -129,8 +129,7 @@ def comparison_section(res: dict[str, Any]) -> str:
   rows = []
   for m, entry in res["comparisons"].items():
     cells = "".join(_cell(entry.get(s, {}).get(c, {})) for s in res["splits"] for c in cols)
-    against = f" (vs {entry['against']})" if entry.get("against") else ""
-    rows.append(f"<tr><td>{html.escape(m + against)}</td><td>{entry.get('seeds', '')}</td>{cells}</tr>")
+    rows.append(f"<tr><td>{html.escape(comparison_row_name(m, entry))}</td><td>{entry.get('seeds', '')}</td>{cells}</tr>")
   notes = "".join(f"<li>{html.escape(t)}</li>" for t in control_verdicts(res))
   return (f"<h2>Paired differences to {html.escape(ref)}</h2><p>Each cell: the mean over seeds of the "
           f"method minus <b>{html.escape(ref)}</b> (same seed, same test images), its 95 % bootstrap CI "

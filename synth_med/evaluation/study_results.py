@@ -141,6 +141,13 @@ def comparisons(workdir: str, res: dict[str, Any], reference: str, methods: Sequ
   return out
 
 
+def comparison_row_name(name: str, entry: dict[str, Any]) -> str:
+  """A comparison's row: the method, and '(vs X)' when it is compared with X rather than the reference (a row
+  named '<method> vs X' says so already)."""
+  other = entry.get("against")
+  return f"{name} (vs {other})" if other and not name.endswith(f" vs {other}") else name
+
+
 def comparison_table(res: dict[str, Any]) -> str:
   """Plain text: per method and split, the paired difference to the reference with its CI and verdict."""
   comps = res.get("comparisons", {})
@@ -157,6 +164,5 @@ def comparison_table(res: dict[str, Any]) -> str:
         ci = "n/a" if c["ci"] is None else f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
         pu = "n/a" if c["p_mann_whitney"] is None else f"{c['p_mann_whitney']:.2g}"
         cells.append(f"{name} {c['diff']:+.3f} {ci} p={pu} {c['verdict']}")
-      against = f" (vs {entry['against']})" if entry.get("against") else ""
-      lines.append(f"  {m}{against} [{split}]: " + "; ".join(cells))
+      lines.append(f"  {comparison_row_name(m, entry)} [{split}]: " + "; ".join(cells))
   return "\n".join(lines)

@@ -199,10 +199,10 @@ def validate(config: Any) -> None:
     if base and (base not in config.methods or base == name):
       raise SynthMedError(f"method {name!r} has baseline={base!r}; name another of the study's methods "
                           f"{list(config.methods)}.")
-    same = str(m.get("same_mix_as", ""))
-    if same and (same not in config.methods or config.methods[same].synthetic != m.synthetic):
-      raise SynthMedError(f"method {name!r} has same_mix_as={same!r}; name the study's fixed-weight mix of the same "
-                          f"store ({m.synthetic!r}).")
+    for other in m.get("also_against", ()):
+      if other not in config.methods or other == name or config.methods[other].synthetic != m.synthetic:
+        raise SynthMedError(f"method {name!r} has also_against={tuple(m.also_against)}; name other methods of the "
+                            f"study that mix in the same store ({m.synthetic!r}).")
     if site == "external" and not tuple(config.data.ood_domains):
       raise SynthMedError(f"method {name!r} trains on the external site's real images, but data.ood_domains is "
                           "empty; name a second site in --config.data.ood_domains, or leave the method out with "
@@ -354,14 +354,14 @@ def _stage_evaluate(config: Any, workdir: str) -> bool:
       if base != res["reference"]:
         entry["against"] = base
     res["comparisons"].update(found)
-  for m in names:  # a learnt-weights mix against the same mix with its fixed weights: the weights' own effect
-    same = str(config.methods[m].get("same_mix_as", ""))
-    if same and same in names:
-      found = comparisons(workdir, res, same, [m], int(config.seeds), int(config.classifier.eval.min_group_size),
-                          int(config.comparisons.bootstrap), int(config.seed))
-      for entry in found.values():
-        entry["against"] = same
-        res["comparisons"][f"{m} [weights]"] = entry
+  for m in names:  # e.g. a learnt-weights mix against its fixed-weight mix (the weights' own effect) and MW-Net
+    for other in config.methods[m].get("also_against", ()):
+      if other in names:
+        found = comparisons(workdir, res, other, [m], int(config.seeds), int(config.classifier.eval.min_group_size),
+                            int(config.comparisons.bootstrap), int(config.seed))
+        for entry in found.values():
+          entry["against"] = other
+          res["comparisons"][f"{m} vs {other}"] = entry
   if os.path.exists(best_path(workdir)):
     res["tuning"] = artifacts.read_json(best_path(workdir))
   if config.get("fidelity", True):
