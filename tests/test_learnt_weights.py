@@ -180,3 +180,29 @@ def test_learnt_weights_need_a_synthetic_mix_and_a_known_method():
   with c.unlocked():
     c.reweight.method = "mwnet"
   configuration.validate(c)
+
+
+@pytest.mark.parametrize("reweight_real", [False, True])
+def test_the_classifier_loss_weights_synthetic_examples_by_g_held_fixed(reweight_real):
+  """The classifier's part of the loss is Σ CE_i w_i / (labelled examples), with w = g for synthetic examples
+  and 1 for real ones (g too with `reweight_real`, 004's option), and g gets no gradient from it."""
+  x, y = _quadrants(16, 3)
+  batch = {k: jnp.asarray(v) for k, v in _arrays(x, y).items()}
+  batch["synthetic"] = jnp.asarray(np.arange(16) % 2 == 0)
+  batch["weight"] = jnp.ones(16)
+  batch["step"] = jnp.asarray(0)
+  model = bit_resnet.Model(num_outputs=K, depth=0, width=0.25, block_units=(1,), root_pool=False)
+  task = LearntWeightsTask(ClassifierTask(model, "softmax"), K, method="ids", epoch_steps=5, reweight_real=reweight_real)
+  params = task.init(jax.random.key(0), batch)
+  batch["statistics"] = task.init_statistics(batch)
+  _, metrics = task.loss(params, batch, jax.random.key(1))
+  logits, _ = task.logits(params, batch["image"])
+  ce = -jnp.sum(batch["label"] * jax.nn.log_softmax(logits), -1)
+  g = task.weights(params, batch)[:, 0]
+  w = g if reweight_real else jnp.where(batch["synthetic"], g, 1.0)
+  assert float(metrics["classifier_loss"]) == pytest.approx(float(jnp.sum(ce * w) / 16), rel=1e-5)
+
+  def classifier_part(weighting):
+    return task.loss({**params, "weighting": weighting}, batch, jax.random.key(1))[1]["classifier_loss"]
+  grads = jax.grad(classifier_part)(params["weighting"])
+  assert all(float(jnp.abs(leaf).max()) == 0.0 for leaf in jax.tree.leaves(grads))

@@ -112,12 +112,39 @@ _EIGHT_GAN = textwrap.dedent("""
 """)
 
 
+_EIGHT_IDS = textwrap.dedent("""
+  import sys, json, tempfile
+  sys.path.insert(0, {root!r})
+  import jax, numpy as np
+  from synth_med.data.mixing import MixedStream, classifier_arrays
+  from synth_med.infra import sharding
+  from synth_med.models import bit_resnet
+  from synth_med.objectives.classification import ClassifierTask
+  from synth_med.objectives.learnt_weights import LearntWeightsTask
+  from synth_med.train.loop import train
+  from tests.test_learnt_weights import K, _arrays, _quadrants, _weighting_config
+  out = {{}}
+  for name, devs, data in [("one", jax.devices()[:1], 1), ("eight", jax.devices(), 8)]:
+    model = bit_resnet.Model(num_outputs=K, depth=0, width=0.25, block_units=(1,), root_pool=False)
+    task = LearntWeightsTask(ClassifierTask(model, "softmax"), K, method="ids", epoch_steps=2)
+    stream = MixedStream(classifier_arrays(_arrays(*_quadrants(64, 0))), classifier_arrays(_arrays(*_quadrants(64, 1))),
+                         0.5, 16, 0, 0)
+    res = train(task, _weighting_config(5, 16), stream, tempfile.mkdtemp(),
+                mesh=sharding.make_mesh({{"data": data, "model": 1}}, devices=devs))
+    out[name] = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves((res.state.params, res.state.statistics))]
+  print("RESULT" + json.dumps(out))
+""")
+
+
 @pytest.mark.slow
-def test_a_gan_on_eight_devices_matches_one_device():
-  """Paper 001's GANs shard like the other models: prog-GAN (growth, mini-batch stddev over the global batch,
-  gradient penalty) trained 5 steps on an 8-device data mesh gives one device's generator."""
+@pytest.mark.parametrize("script", [_EIGHT_GAN, _EIGHT_IDS], ids=["prog_gan", "ids"])
+def test_two_optimizer_tasks_on_eight_devices_match_one_device(script):
+  """The tasks with two parameter groups shard like the other models: prog-GAN (growth, mini-batch stddev
+  over the global batch, gradient penalty) and paper 004's IDS (classifier, weighting network and the
+  epoch statistics, reduced over the global batch) trained 5 steps on an 8-device data mesh give one
+  device's parameters."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _EIGHT_GAN.format(root=ROOT)], capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, "-c", script.format(root=ROOT)], capture_output=True, text=True,
                         env=env, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   import json

@@ -383,10 +383,10 @@ def analysis_inputs(config: Any, workdir: str) -> StudyRuns:
   stores = {m: os.path.join(workdir, "synthetic", m) for m in config.generate.modes}
   names = method_names(config)
   store_method = {}
-  for m in names:  # the mix that trains on each store (alpha in (0, 1), no control)
+  for m in names:  # the mix that trains on each store (alpha in (0, 1), no control, filter or learnt weights)
     method = config.methods[m]
     if (method.synthetic and 0 < float(method.alpha) < 1 and not method.control and not method.get("quality_filter")
-        and method.synthetic not in store_method):
+        and not method.get("reweight") and method.synthetic not in store_method):
       store_method[method.synthetic] = m
   filtered = {m: (store_method.get(config.methods[m].synthetic, ""), synthetic_folder(workdir, config.methods[m]))
               for m in names if config.methods[m].get("quality_filter")}

@@ -33,13 +33,19 @@ def softmax_loss(logits: jax.Array, labels: jax.Array, gamma: float = 0.0) -> ja
   return -jnp.sum(labels * logp, axis=-1)
 
 
-def sigmoid_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, gamma: float = 0.0) -> jax.Array:
-  """Per-example BCE summed over the unmasked outputs, divided by their count."""
+def sigmoid_terms(logits: jax.Array, labels: jax.Array, gamma: float = 0.0) -> jax.Array:
+  """Each output's BCE [B, L]; gamma > 0 gives the focal form."""
   bce = optax.sigmoid_binary_cross_entropy(logits, labels)
   if gamma > 0:
     p = jax.nn.sigmoid(logits)
     pt = labels * p + (1.0 - labels) * (1.0 - p)
     bce = bce * (1.0 - pt) ** gamma
+  return bce
+
+
+def sigmoid_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, gamma: float = 0.0) -> jax.Array:
+  """Per-example BCE summed over the unmasked outputs, divided by their count."""
+  bce = sigmoid_terms(logits, labels, gamma)
   return jnp.sum(bce * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 

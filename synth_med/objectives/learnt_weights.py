@@ -20,12 +20,11 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from synth_med.errors import SynthMedError
 from synth_med.objectives import ids as ids_lib
 from synth_med.objectives import meta_weight
-from synth_med.objectives.classification import ClassifierTask, preprocess, softmax_loss
+from synth_med.objectives.classification import ClassifierTask, preprocess, sigmoid_terms, softmax_loss
 
 METHODS = ("ids", "mwnet")
 WEIGHT_INPUTS = ("features", "image")
@@ -57,12 +56,7 @@ def slot_losses(logits: jax.Array, batch: Mapping[str, jax.Array], label_kind: s
   """Per (example, slot) losses [B, L]: the softmax CE as one slot, or each output's BCE."""
   if label_kind == "softmax":
     return softmax_loss(logits, batch["label"].astype(jnp.float32), gamma)[:, None]
-  labels = batch["label"].astype(jnp.float32)
-  bce = optax.sigmoid_binary_cross_entropy(logits, labels)
-  if gamma > 0:
-    p = jax.nn.sigmoid(logits)
-    bce = bce * (1.0 - (labels * p + (1.0 - labels) * (1.0 - p))) ** gamma
-  return bce
+  return sigmoid_terms(logits, batch["label"].astype(jnp.float32), gamma)
 
 
 class LearntWeightsTask:
@@ -80,7 +74,7 @@ class LearntWeightsTask:
       raise SynthMedError(f"reweight.input={weight_input!r}; choose one of {list(WEIGHT_INPUTS)}.")
     self.classifier, self.method, self.weight_input = classifier, method, weight_input
     self.label_kind = classifier.label_kind
-    self.num_slots = 1 if self.label_kind == "softmax" else (1 if self.label_kind == "binary" else int(num_classes))
+    self.num_slots = 1 if self.label_kind in ("softmax", "binary") else int(num_classes)
     self.slot_classes = int(num_classes) if self.label_kind == "softmax" else 2
     self.hidden, self.input_size = int(hidden), int(input_size)
     self.reweight_real, self.virtual_lr = bool(reweight_real), float(virtual_lr)
