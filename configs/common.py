@@ -49,6 +49,9 @@ def data_config(world: str, image_size: int) -> ConfigDict:
       "test_size": 1000,
       "ood_size": 1000,
       "unlabelled_size": 2000,
+      # > 0: every example carries `report`, int32 token ids of this length (worlds that write reports: chest;
+      # paper 003's joint image + report generation)
+      "report_length": 0,
       "label_policy": "drop_uncertain",
       "skew": {
           "attribute": skew_attr,
@@ -78,7 +81,8 @@ def data_config(world: str, image_size: int) -> ConfigDict:
       "csv": "",  # data.source='csv': the CSV
       "channels": 3,
       "columns": {"image": "image", "label": "label", "label_format": "class", "findings": "",
-                  "attributes": "", "buckets": "", "domain": "", "split": "", "patient": "", "labelled": ""},
+                  "attributes": "", "buckets": "", "domain": "", "split": "", "patient": "", "labelled": "",
+                  "report": ""},
   })
 
 

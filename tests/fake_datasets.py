@@ -86,7 +86,9 @@ def write_chestxray14(root: str, n: int = 30, seed: int = 0) -> str:
   return root
 
 
-def write_mimic(root: str, n: int = 12, seed: int = 0) -> tuple[str, str]:
+def write_mimic(root: str, n: int = 12, seed: int = 0, reports: bool = False) -> tuple[str, str]:
+  """MIMIC-CXR-JPG's three CSVs, images and MIMIC-IV patients / admissions; with `reports`, PhysioNet's
+  mimic-cxr-reports/ for every study but the last (a missing report file)."""
   rng = np.random.default_rng(seed)
   lab_header = ["subject_id", "study_id"] + CHEXPERT_FINDINGS
   labs, meta, split, pts = [], [], [], []
@@ -99,6 +101,13 @@ def write_mimic(root: str, n: int = 12, seed: int = 0) -> tuple[str, str]:
     split.append([dicom, study, subj, ["train", "train", "validate", "test"][i % 4]])
     pts.append([subj, "FM"[i % 2], 40 + i])
     write_image(os.path.join(root, "files", f"p{str(subj)[:2]}", f"p{subj}", f"s{study}", f"{dicom}.jpg"), rng)
+    if reports and i < n - 1:
+      path = os.path.join(root, "mimic-cxr-reports", "files", f"p{str(subj)[:2]}", f"p{subj}", f"s{study}.txt")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w") as f:
+        f.write(f"                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n\n"
+                f" INDICATION:  cough.\n\n FINDINGS:  \n \n Study {i}: mild pulmonary\n edema.  No effusion.\n"
+                f" \n IMPRESSION:  \n \n Edema, case {i}.\n")
   _csv(os.path.join(root, "mimic-cxr-2.0.0-chexpert.csv.gz"), lab_header, labs)
   _csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"), ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta)
   _csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"), ["dicom_id", "study_id", "subject_id", "split"], split)

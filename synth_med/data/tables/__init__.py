@@ -61,14 +61,18 @@ def make_table_world(data_config: Any):
   return TableWorld(data_config, load_table(data_config))
 
 
+REPORT_VOCABULARY_FILE = "report_vocabulary.json"
+
+
 def save_vocabulary(world: Any, workdir: str) -> None:
-  """Writes `<workdir>/vocabulary.json` (classes, attribute values, domains) for a real data set; a
-  procedural world's vocabulary is fixed in code, so nothing is written for it."""
+  """Writes `<workdir>/vocabulary.json` (classes, attribute values, domains) for a real data set (a
+  procedural world's is fixed in code), and `<workdir>/report_vocabulary.json` (the report tokens, paper 003)
+  whenever the examples carry reports (`data.report_length` > 0), so their token ids can be read back."""
   if isinstance(world, TableWorld):
-    table = world.table
+    write_json(os.path.join(workdir, "vocabulary.json"), world.table.vocabulary())
+  if int(world.config.get("report_length", 0) or 0) > 0:
+    world.report_vocabulary().save(os.path.join(workdir, REPORT_VOCABULARY_FILE))
 
 
-    write_json(os.path.join(workdir, "vocabulary.json"), table.vocabulary())
-
-
-__all__ = ["DataSource", "DATA_SOURCES", "ImageTable", "SOURCES", "load_table", "make_table_world", "save_vocabulary"]
+__all__ = ["DataSource", "DATA_SOURCES", "ImageTable", "REPORT_VOCABULARY_FILE", "SOURCES", "load_table",
+           "make_table_world", "save_vocabulary"]

@@ -9,6 +9,7 @@ demographics CSV, when the user names one; unknown otherwise).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -138,11 +139,42 @@ def load_chestxray14(cfg: Any) -> ImageTable:
                 _cxr14_age(df["Patient Age"].to_numpy()), split, patient)
 
 
+REPORT_SECTIONS = ("FINDINGS", "IMPRESSION")
+
+
+def report_sections(text: str) -> str:
+  """The FINDINGS and IMPRESSION sections of a MIMIC-CXR free-text report, as 'FINDINGS: ... IMPRESSION: ...'
+  (whitespace collapsed); '' when it has neither. A section runs to the next upper-case 'HEADER:' line."""
+  out = []
+  for name in REPORT_SECTIONS:
+    m = re.search(rf"(?:^|\n)\s*{name}\s*:(.*?)(?=\n\s*[A-Z][A-Z /&()-]+:|\Z)", text, flags=re.S)
+    if m and m.group(1).strip():
+      out.append(f"{name}: " + " ".join(m.group(1).split()))
+  return " ".join(out)
+
+
+def mimic_reports(root: str, subject: np.ndarray, study: np.ndarray) -> np.ndarray | None:
+  """Each row's report sections from `<root>/mimic-cxr-reports/files/pXX/pSUBJECT/sSTUDY.txt` (PhysioNet's
+  mimic-cxr-reports.zip unpacked beside the images); None when the folder is absent, '' for a missing file."""
+  folder = os.path.join(root, "mimic-cxr-reports")
+  if not os.path.isdir(folder):
+    return None
+  out, cache = [], {}
+  for sub, stu in zip(subject.astype(str), study.astype(str)):
+    key = (sub, stu)
+    if key not in cache:
+      path = os.path.join(folder, "files", f"p{sub[:2]}", f"p{sub}", f"s{stu}.txt")
+      cache[key] = report_sections(open(path, encoding="utf-8", errors="replace").read()) if os.path.exists(path) else ""
+    out.append(cache[key])
+  return np.asarray(out, dtype=object)
+
+
 def load_mimic_cxr(cfg: Any) -> ImageTable:
   """MIMIC-CXR-JPG 2.0: mimic-cxr-2.0.0-{chexpert,metadata,split}.csv(.gz) and files/pXX/pSUBJECT/sSTUDY/DICOM.jpg.
   Sex and age come from MIMIC-IV's patients.csv(.gz) ('subject_id', 'gender', 'anchor_age') when
   `data.mimic_patients_csv` names it, race from its admissions.csv(.gz) ('subject_id', 'race') when
-  `data.mimic_admissions_csv` does; otherwise they are unknown. Split 'validate' -> val, 'test' -> test."""
+  `data.mimic_admissions_csv` does; otherwise they are unknown. Split 'validate' -> val, 'test' -> test.
+  With `mimic-cxr-reports/` in the folder (paper 003), each image carries its study's FINDINGS and IMPRESSION."""
   root = require_folder(cfg.manual_dir, "MIMIC-CXR-JPG")
 
   def csv(stem, cols):
@@ -174,5 +206,7 @@ def load_mimic_cxr(cfg: Any) -> ImageTable:
   if split.isna().any():
     raise SynthMedError(f"MIMIC-CXR-JPG: split values {sorted(set(df['split'][split.isna()]))} are not "
                         "train / validate / test.")
-  return _table("mimic_cxr", root, paths, _raw_from_columns(df, CHEXPERT_COLUMNS), sex, age, split.to_numpy(),
-                sid.to_numpy(), race)
+  table = _table("mimic_cxr", root, paths, _raw_from_columns(df, CHEXPERT_COLUMNS), sex, age, split.to_numpy(),
+                 sid.to_numpy(), race)
+  reports = mimic_reports(root, sid.to_numpy(), df["study_id"].astype(int).astype(str).to_numpy())
+  return table if reports is None else dataclasses.replace(table, reports=reports)

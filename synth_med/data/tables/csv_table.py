@@ -19,6 +19,7 @@
                               leave it '' for a seeded split by data.columns.patient (no patient crosses
                               splits)
     data.columns.labelled     optional 0/1 column; rows without a label are unlabelled anyway
+    data.columns.report       optional free-text report column (paper 003; read with data.report_length > 0)
 
 Rows without a label train only the generator. Vocabularies are built from the
 data in a fixed order (sorted) and saved as `vocabulary.json` in each stage's
@@ -147,7 +148,7 @@ def load_csv(cfg: Any) -> ImageTable:
   fmt = str(cols.label_format)
   needed = [str(cols.image)] + ([str(cols.label)] if fmt != "findings" else _list(cols.findings))
   needed += attr_cols + [c for c in buckets if c not in attr_cols]
-  needed += [str(cols[k]) for k in ("domain", "split", "patient", "labelled") if str(cols.get(k, "") or "")]
+  needed += [str(cols[k]) for k in ("domain", "split", "patient", "labelled", "report") if str(cols.get(k, "") or "")]
   df = read_csv(path, needed, "data.csv", dtype=str, keep_default_na=True)
   if len(df) == 0:
     raise SynthMedError(f"data.csv {path!r} has no rows.")
@@ -223,7 +224,8 @@ def load_csv(cfg: Any) -> ImageTable:
       name=f"csv-{name}", root=os.path.dirname(os.path.abspath(path)),
       paths=df[str(cols.image)].astype(str).to_numpy(), class_names=names, label_kind=kind,
       label=label, label_mask=np.ones_like(label), labelled=labelled, attributes=tuple(attributes), attrs=attrs,
-      domains=domains, domain=domain, split=split, patient=patient, channels=channels, raw_label=raw)
+      domains=domains, domain=domain, split=split, patient=patient, channels=channels, raw_label=raw,
+      reports=(df[str(cols.report)].fillna("").astype(str).to_numpy() if str(cols.get("report", "") or "") else None))
 
 
 def _num(x: float) -> str:

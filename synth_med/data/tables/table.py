@@ -33,6 +33,7 @@ class ImageTable:
   - `labelled`: False rows train only the generator (null label part).
   - `attrs`: name -> int32 codes (-1 unknown), with `attributes` naming the codes.
   - `domain`: int32 codes into `domains` (hospital, centre, site or one 'all').
+  - `reports`: the report text per row, or None when the data set has none.
   """
   name: str
   root: str
@@ -51,6 +52,7 @@ class ImageTable:
   channels: int
   raw_label: np.ndarray | None = None
   high_risk: tuple[str, ...] = ()
+  reports: np.ndarray | None = None  # str per row ('' where missing): the radiology report (paper 003)
 
   def __post_init__(self):
     n = len(self.paths)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from synth_med.data.label_policy import apply_label_policy, usable_for_classifier
+from synth_med.data.reports import Vocabulary
 from synth_med.data.tables.images import prepare_images
 from synth_med.data.tables.table import ImageTable
 from synth_med.data.worlds.base import Split, apply_skew, unlabelled_domains
@@ -59,6 +60,15 @@ class TableWorld:
                                       str(data_config.get("corrupt_images", "skip")),
                                       int(data_config.get("num_threads", 0) or 0))
     self._splits = self._build_splits(ok, usable)
+    self.report_length = int(data_config.get("report_length", 0) or 0)
+    self._vocabulary = None
+    if self.report_length > 0:
+      if table.reports is None:
+        raise SynthMedError(f"data.report_length={self.report_length} but {table.name} has no report text: for "
+                            "MIMIC-CXR-JPG unpack mimic-cxr-reports.zip as <manual_dir>/mimic-cxr-reports/; for your "
+                            "CSV name the text column in data.columns.report; or set data.report_length=0.")
+      # The training split's words seen twice or more (the rest are <unk>), so no test report shapes it.
+      self._vocabulary = Vocabulary.build(table.reports[self._splits["train"]].tolist(), min_count=2)
 
   @property
   def ood_domains(self) -> tuple[str, ...]:
@@ -144,7 +154,15 @@ class TableWorld:
            "labelled": labelled_rows, "domain": meta["domain"].astype(np.int32), "index": ids}
     for a in self.spec.attributes:
       out[f"attrs/{a.name}"] = meta[f"attrs/{a.name}"]
+    if self.report_length > 0:
+      out["report"] = self._vocabulary.encode(self.table.reports[ids].tolist(), self.report_length)
     return out
+
+  def report_vocabulary(self) -> Vocabulary:
+    """The vocabulary of the training split's reports (data.report_length > 0)."""
+    if self._vocabulary is None:
+      raise SynthMedError(f"{self.table.name}: reports are read only with data.report_length > 0.")
+    return self._vocabulary
 
 
 def describe(world: TableWorld) -> str:

@@ -155,7 +155,19 @@ class World(abc.ABC):
       out["label_mask"] = np.zeros_like(out["label_mask"])
     for a in self.spec.attributes:
       out[f"attrs/{a.name}"] = meta[f"attrs/{a.name}"].astype(np.int32)
+    length = int(self.config.get("report_length", 0) or 0)
+    if length > 0:  # paper 003: the image's report as token ids (the report is not a label: unlabelled keep it)
+      out["report"] = self.report_vocabulary().encode(self.report_texts(ids, meta), length)
     return out
+
+  def report_texts(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]) -> list[str]:
+    """The radiology-style report of each image (worlds that write reports override this)."""
+    raise SynthMedError(f"the {self.spec.name} world writes no reports; set data.report_length=0 "
+                        "(reports exist for the chest world and for real data with report text).")
+
+  def report_vocabulary(self) -> Any:
+    """The `reports.Vocabulary` of this world's reports."""
+    raise SynthMedError(f"the {self.spec.name} world writes no reports; set data.report_length=0.")
 
   def apply_capture(self, img: Any, domain: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Domain shift (blur, colour cast, contrast, brightness, gamma, sensor noise), then uint8.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synth_med.data import random_fields as rf
+from synth_med.data import reports
 from synth_med.data.label_policy import apply_label_policy, usable_for_classifier
 from synth_med.data.schema import (AGE_BUCKET_NAMES, AGE_DECADE_NAMES, RACE_NAMES, AttributeSpec, DatasetSpec,
                                    age_to_bucket, age_to_decade)
@@ -47,7 +48,7 @@ _CAPTURES = {
     "ood1": Capture(gain=(1.0,), brightness=0.04, contrast=0.8, gamma=0.8, blur=0.7, noise=0.04),
 }
 
-_S_DEMO, _S_FIND, _S_UNC, _S_GEOM, _S_RACE = 31, 32, 33, 34, 35
+_S_DEMO, _S_FIND, _S_UNC, _S_GEOM, _S_RACE, _S_REPORT = 31, 32, 33, 34, 35, 36
 
 
 class ChestWorld(World):
@@ -112,6 +113,24 @@ class ChestWorld(World):
       meta = self.metadata(ids)
       out.append(ids[~self.usable_for_labelled_training(meta)])
     return np.concatenate(out)[:n] if out else np.zeros((0,), np.int64)
+
+  def report_texts(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]) -> list[str]:
+    """Paper 003's reports (`reports.chest_report`), from what `render` draws: the side of the lateral
+    findings (geometry uniform 3: image left is the patient's right), the heart's extra width (cardiomegaly
+    severity), the fluid level (effusion: a higher level is a larger effusion) and the consolidation's
+    height (its zone). Severity of the findings drawn at one size comes from the report's own uniforms.
+    Uncertain findings (-1) are drawn and hedged in the text."""
+    g = self.uniform(_S_GEOM, ids, 12)
+    u = self.uniform(_S_REPORT, ids, reports.report_uniforms(len(FINDINGS)) + len(FINDINGS))
+    severity = u[:, -len(FINDINGS):].copy()
+    severity[:, 2] = g[:, 2]
+    severity[:, 3] = 1.0 - g[:, 6]
+    raw = meta["raw_label"]
+    return [reports.chest_report(FINDINGS, raw[i], bool(g[i, 3] >= 0.5), severity[i], float(g[i, 5]), u[i])
+            for i in range(len(ids))]
+
+  def report_vocabulary(self) -> reports.Vocabulary:
+    return reports.chest_vocabulary(FINDINGS)
 
   def render(self, ids: np.ndarray, meta: Mapping[str, np.ndarray]):
     """Per-example parameters in numpy, pixels in one jitted XLA kernel (`_chest_pixels`)."""
