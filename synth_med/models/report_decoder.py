@@ -1,0 +1,194 @@
+"""Paper 003's report generator F(image) (EMIXER §3; the hierarchical decoder of Jing et al. 2018):
+
+  image features -> a sentence LSTM that, per sentence, emits a topic vector and a stop probability
+                 -> a word LSTM (3 layers in 003) that writes each sentence from its topic.
+
+Reports are token ids (`data.reports`); `sentence_blocks` cuts them into [sentences, words] at the '.'
+token. Training is teacher-forced (`loss`: word cross-entropy over the real words + the stop flags' BCE);
+`generate` decodes greedily. The image encoder is a small strided CNN (the cascade's resolutions on CPU).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from synth_med.data.reports import BOS, EOS, PAD
+
+
+def sentence_blocks(tokens: np.ndarray, period: int, eos: int, sentences: int, words: int) -> np.ndarray:
+  """int32[N, sentences, words]: each report's sentences (<bos> and <eos> dropped; each sentence keeps its
+  '.' as its last word), one per row, cut or 0-padded. A sentence without '.' (the last) ends at <eos>."""
+  tokens = np.asarray(tokens)
+  out = np.zeros((len(tokens), sentences, words), np.int32)
+  for i, row in enumerate(tokens):
+    s, w = 0, 0
+    for t in row[1:]:
+      if t == eos or t == 0 or s >= sentences:
+        break
+      if w < words:
+        out[i, s, w] = t
+      w += 1
+      if t == period:
+        s, w = s + 1, 0
+  return out
+
+
+def blocks_from_tokens(tokens: jax.Array, period: int, eos: int, sentences: int, words: int) -> jax.Array:
+  """`sentence_blocks` in jax (inside a jitted step): int32[B, L] report ids -> [B, sentences, words]."""
+  body = tokens[:, 1:]
+  length = body.shape[1]
+  valid = jnp.cumsum((body == eos) | (body == 0), axis=1) == 0
+  is_period = (body == period) & valid
+  sentence = jnp.cumsum(is_period, axis=1) - is_period  # a '.' belongs to the sentence it ends
+  index = jnp.arange(length)[None, :]
+  after_period = jnp.concatenate([jnp.ones_like(is_period[:, :1]), is_period[:, :-1]], axis=1)
+  start = jax.lax.cummax(jnp.where(after_period, index, 0), axis=1)
+  position = index - start
+  keep = valid & (sentence < sentences) & (position < words)
+  flat = jnp.where(keep, sentence * words + position, sentences * words)  # out of range: dropped
+  out = jnp.zeros((tokens.shape[0], sentences * words + 1), tokens.dtype)
+  out = jax.vmap(lambda o, f, t: o.at[f].set(t))(out, flat, jnp.where(keep, body, 0))
+  return out[:, :-1].reshape(tokens.shape[0], sentences, words)
+
+
+def join_sentences(blocks: np.ndarray) -> np.ndarray:
+  """The inverse of `sentence_blocks` for one report [sentences, words] -> its word ids in order."""
+  return np.asarray([t for sentence in np.asarray(blocks) for t in sentence if t != 0], np.int32)
+
+
+class _Encoder(nn.Module):
+  width: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = images
+    for k in range(3):
+      x = nn.relu(nn.Conv(self.width * 2 ** k, (3, 3), strides=(2, 2), name=f"conv{k}")(x))
+    return nn.Dense(self.width * 4, name="proj")(x.mean((1, 2)))
+
+
+class Model(nn.Module):
+  """F(image) -> per-sentence stop logits [B, S] and word logits [B, S, W, V] (teacher-forced)."""
+  vocab_size: int
+  sentences: int = 8
+  words: int = 16
+  width: int = 32
+  hidden: int = 128
+  word_layers: int = 3
+
+  def setup(self):
+    self.encoder = _Encoder(self.width)
+    self.sentence_cell = nn.LSTMCell(self.hidden, name="sentence_lstm")
+    self.topic = nn.Dense(self.hidden, name="topic")
+    self.stop = nn.Dense(1, name="stop")
+    self.embed = nn.Embed(self.vocab_size, self.hidden, name="embed")
+    self.word_cells = [nn.LSTMCell(self.hidden, name=f"word_lstm{k}") for k in range(self.word_layers)]
+    self.out = nn.Dense(self.vocab_size, name="out")
+
+  def topics(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(topic vectors [B, S, H], stop logits [B, S]) from the sentence LSTM run S steps on the image."""
+    v = self.encoder(images)
+    carry = self.sentence_cell.initialize_carry(jax.random.key(0), v.shape)
+    topics, stops = [], []
+    for _ in range(self.sentences):
+      carry, h = self.sentence_cell(carry, v)
+      topics.append(jnp.tanh(self.topic(h)))
+      stops.append(self.stop(h)[..., 0])
+    return jnp.stack(topics, 1), jnp.stack(stops, 1)
+
+  def word_step(self, carries: list, token: jax.Array) -> tuple[list, jax.Array]:
+    x = self.embed(token)
+    new = []
+    for cell, carry in zip(self.word_cells, carries):
+      carry, x = cell(carry, x)
+      new.append(carry)
+    return new, self.out(x)
+
+  def start(self, topic: jax.Array) -> list:
+    """The word LSTM's initial state of a sentence: its topic as every layer's hidden and cell."""
+    return [(topic, topic) for _ in self.word_cells]
+
+  def __call__(self, images: jax.Array, blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    topics, stops = self.topics(images)
+    b, s, w = blocks.shape
+    t = topics.reshape(b * s, -1)
+    words = blocks.reshape(b * s, w)
+    inputs = jnp.concatenate([jnp.full((b * s, 1), -1, words.dtype), words[:, :-1]], 1)  # -1: the topic's slot
+    carries = self.start(t)
+    logits = []
+    for k in range(w):
+      token = jnp.maximum(inputs[:, k], 0)
+      if k == 0:  # the first word is predicted from the topic alone
+        x = t
+        new = []
+        for cell, carry in zip(self.word_cells, carries):
+          carry, x = cell(carry, x)
+          new.append(carry)
+        carries, out = new, self.out(x)
+      else:
+        carries, out = self.word_step(carries, token)
+      logits.append(out)
+    return stops, jnp.stack(logits, 1).reshape(b, s, w, -1)
+
+
+def loss(model: Model, params: Any, images: jax.Array, blocks: jax.Array, weight: jax.Array | None = None
+         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean word cross-entropy over the real words and each sentence's end (the 0 after its last word) + the
+  stop flags' BCE (a sentence exists: 0, else 1 at the first missing one), per report weighted by `weight`."""
+  stops, logits = model.apply({"params": params}, images, blocks)
+  words = jnp.sum(blocks > 0, -1)  # [B, S]
+  exists = (words > 0).astype(jnp.float32)
+  # the real words, and the 0 after a sentence's last word (so decoding learns where a sentence ends)
+  position = jnp.arange(blocks.shape[-1])[None, None, :]
+  word_mask = ((blocks > 0) | ((position == words[..., None]) & (words[..., None] > 0))).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, blocks)
+  w = jnp.ones(blocks.shape[0]) if weight is None else weight
+  word_loss = jnp.sum(ce * word_mask * w[:, None, None]) / jnp.maximum(jnp.sum(word_mask * w[:, None, None]), 1.0)
+  # stop after the last sentence: 0 while sentences exist, 1 at the first that does not; later ones unscored
+  scored = jnp.concatenate([jnp.ones_like(exists[:, :1]), exists[:, :-1]], 1)
+  stop_loss = jnp.sum(optax.sigmoid_binary_cross_entropy(stops, 1.0 - exists) * scored * w[:, None]) / jnp.maximum(
+      jnp.sum(scored * w[:, None]), 1.0)
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == blocks) * word_mask) / jnp.maximum(jnp.sum(word_mask), 1.0)
+  return word_loss + stop_loss, {"word_loss": word_loss, "stop_loss": stop_loss, "word_accuracy": accuracy}
+
+
+def generate(model: Model, params: Any, images: jax.Array) -> jax.Array:
+  """Greedy reports: word blocks [B, S, W]; a sentence ends at its first 0 (or after W words), and the
+  sentences from the first whose stop probability exceeds 1/2 on are 0."""
+  def run(m: Model, images: jax.Array) -> jax.Array:
+    topics, stops = m.topics(images)
+    b, s, h = topics.shape
+    t = topics.reshape(b * s, h)
+    carries = m.start(t)
+    x, new = t, []
+    for cell, carry in zip(m.word_cells, carries):
+      carry, x = cell(carry, x)
+      new.append(carry)
+    carries, out = new, m.out(x)
+    token = jnp.argmax(out, -1)
+    tokens = [token]
+    for _ in range(m.words - 1):
+      carries, out = m.word_step(carries, token)
+      token = jnp.argmax(out, -1)
+      tokens.append(token)
+    blocks = jnp.stack(tokens, 1).reshape(b, s, m.words)
+    ended = jnp.cumsum((blocks == 0).astype(jnp.int32), -1) > 0
+    blocks = jnp.where(ended, 0, blocks)
+    stopped = jnp.cumsum((jax.nn.sigmoid(stops) > 0.5).astype(jnp.int32), -1) > 0
+    return jnp.where(stopped[..., None], 0, blocks)
+  return nn.apply(run, model)({"params": params}, images)
+
+
+def load(path: str) -> Any:
+  """Parameters saved by `save` (an .npz of the flattened tree)."""
+  from flax import traverse_util
+  with np.load(path) as z:
+    return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files})
+
+
+__all__ = ["Model", "generate", "load", "loss", "sentence_blocks", "join_sentences", "PAD", "BOS", "EOS"]
