@@ -87,7 +87,7 @@ class Model(nn.Module):
     self.topic = nn.Dense(self.hidden, name="topic")
     self.stop = nn.Dense(1, name="stop")
     self.embed = nn.Embed(self.vocab_size, self.hidden, name="embed")
-    self.word_cells = [nn.LSTMCell(self.hidden, name=f"word_lstm{k}") for k in range(self.word_layers)]
+    self.word_rnns = [nn.RNN(nn.LSTMCell(self.hidden), name=f"word_lstm{k}") for k in range(self.word_layers)]
     self.out = nn.Dense(self.vocab_size, name="out")
 
   def topics(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -101,39 +101,47 @@ class Model(nn.Module):
       stops.append(self.stop(h)[..., 0])
     return jnp.stack(topics, 1), jnp.stack(stops, 1)
 
-  def word_step(self, carries: list, token: jax.Array) -> tuple[list, jax.Array]:
-    x = self.embed(token)
-    new = []
-    for cell, carry in zip(self.word_cells, carries):
-      carry, x = cell(carry, x)
-      new.append(carry)
-    return new, self.out(x)
-
-  def start(self, topic: jax.Array) -> list:
-    """The word LSTM's initial state of a sentence: its topic as every layer's hidden and cell."""
-    return [(topic, topic) for _ in self.word_cells]
-
   def __call__(self, images: jax.Array, blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
     topics, stops = self.topics(images)
     b, s, w = blocks.shape
     t = topics.reshape(b * s, -1)
     words = blocks.reshape(b * s, w)
-    inputs = jnp.concatenate([jnp.full((b * s, 1), -1, words.dtype), words[:, :-1]], 1)  # -1: the topic's slot
-    carries = self.start(t)
-    logits = []
-    for k in range(w):
-      token = jnp.maximum(inputs[:, k], 0)
-      if k == 0:  # the first word is predicted from the topic alone
-        x = t
-        new = []
-        for cell, carry in zip(self.word_cells, carries):
-          carry, x = cell(carry, x)
-          new.append(carry)
-        carries, out = new, self.out(x)
-      else:
-        carries, out = self.word_step(carries, token)
-      logits.append(out)
-    return stops, jnp.stack(logits, 1).reshape(b, s, w, -1)
+    # the topic is the first input (the first word is predicted from it alone), then the previous words
+    x = jnp.concatenate([t[:, None, :], self.embed(words[:, :-1])], 1)
+    for rnn in self.word_rnns:  # every layer starts from the sentence's topic
+      x = rnn(x, initial_carry=(t, t))
+    return stops, self.out(x).reshape(b, s, w, -1)
+
+
+def _free_run(model: Model, params: Any, images: jax.Array, feed: Any) -> tuple[jax.Array, jax.Array]:
+  """Runs the word LSTM free for `model.words` steps per sentence: `feed(logits) -> (next input embedding,
+  emitted)`. Returns (the emitted values [B, S, W, ...], stop logits [B, S])."""
+  topics, stops = model.apply({"params": params}, images, method=Model.topics)
+  b, s, h = topics.shape
+  t = topics.reshape(b * s, h)
+  cell = nn.LSTMCell(model.hidden)
+  dense = nn.Dense(model.vocab_size)
+
+  def step(carries, x):
+    new = []
+    for k in range(model.word_layers):
+      carry, x = cell.apply({"params": params[f"word_lstm{k}"]["cell"]}, carries[k], x)
+      new.append(carry)
+    logits = dense.apply({"params": params["out"]}, x)
+    nxt, emitted = feed(logits)
+    return tuple(new), (nxt, emitted)
+
+  carries = tuple((t, t) for _ in range(model.word_layers))
+  carries, (x, first) = step(carries, t)
+
+  def body(carry, _):
+    carries, x = carry
+    carries, (x, emitted) = step(carries, x)
+    return (carries, x), emitted
+  _, rest = jax.lax.scan(body, (carries, x), None, length=model.words - 1)
+  emitted = jnp.concatenate([first[None], rest], 0)  # [W, B*S, ...]
+  emitted = jnp.moveaxis(emitted, 0, 1)
+  return emitted.reshape((b, s, model.words) + emitted.shape[2:]), stops
 
 
 def loss(model: Model, params: Any, images: jax.Array, blocks: jax.Array, weight: jax.Array | None = None
@@ -160,28 +168,34 @@ def loss(model: Model, params: Any, images: jax.Array, blocks: jax.Array, weight
 def generate(model: Model, params: Any, images: jax.Array) -> jax.Array:
   """Greedy reports: word blocks [B, S, W]; a sentence ends at its first 0 (or after W words), and the
   sentences from the first whose stop probability exceeds 1/2 on are 0."""
-  def run(m: Model, images: jax.Array) -> jax.Array:
-    topics, stops = m.topics(images)
-    b, s, h = topics.shape
-    t = topics.reshape(b * s, h)
-    carries = m.start(t)
-    x, new = t, []
-    for cell, carry in zip(m.word_cells, carries):
-      carry, x = cell(carry, x)
-      new.append(carry)
-    carries, out = new, m.out(x)
-    token = jnp.argmax(out, -1)
-    tokens = [token]
-    for _ in range(m.words - 1):
-      carries, out = m.word_step(carries, token)
-      token = jnp.argmax(out, -1)
-      tokens.append(token)
-    blocks = jnp.stack(tokens, 1).reshape(b, s, m.words)
-    ended = jnp.cumsum((blocks == 0).astype(jnp.int32), -1) > 0
-    blocks = jnp.where(ended, 0, blocks)
-    stopped = jnp.cumsum((jax.nn.sigmoid(stops) > 0.5).astype(jnp.int32), -1) > 0
-    return jnp.where(stopped[..., None], 0, blocks)
-  return nn.apply(run, model)({"params": params}, images)
+  embedding = params["embed"]["embedding"]
+
+  def feed(logits):
+    token = jnp.argmax(logits, -1)
+    return embedding[token], token
+  blocks, stops = _free_run(model, params, images, feed)
+  ended = jnp.cumsum((blocks == 0).astype(jnp.int32), -1) > 0
+  blocks = jnp.where(ended, 0, blocks)
+  stopped = jnp.cumsum((jax.nn.sigmoid(stops) > 0.5).astype(jnp.int32), -1) > 0
+  return jnp.where(stopped[..., None], 0, blocks)
+
+
+def soft_generate(model: Model, params: Any, images: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """Free-running reports as word distributions [B, sentences * words, V], differentiable in the image and
+  the parameters: each word is the softmax of its logits / temperature, fed back as its expected
+  embedding; a sentence's words are scaled by the probability that no earlier stop fired, the rest of
+  the mass going to <pad> (id 0), as a real report's padding."""
+  embedding = params["embed"]["embedding"]
+
+  def feed(logits):
+    probs = jax.nn.softmax(logits / temperature, -1)
+    return probs @ embedding, probs
+  words, stops = _free_run(model, params, images, feed)
+  b, s = stops.shape
+  go_on = jnp.cumprod(1.0 - jax.nn.sigmoid(stops), axis=1)
+  alive = jnp.concatenate([jnp.ones_like(go_on[:, :1]), go_on[:, :-1]], axis=1)[..., None, None]
+  pad = jax.nn.one_hot(0, words.shape[-1], dtype=words.dtype)
+  return (alive * words + (1.0 - alive) * pad).reshape(b, s * model.words, -1)
 
 
 def load(path: str) -> Any:
@@ -191,4 +205,5 @@ def load(path: str) -> Any:
     return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files})
 
 
-__all__ = ["Model", "generate", "load", "loss", "sentence_blocks", "join_sentences", "PAD", "BOS", "EOS"]
+__all__ = ["Model", "generate", "load", "loss", "sentence_blocks", "soft_generate", "join_sentences", "PAD", "BOS",
+           "EOS"]

@@ -48,4 +48,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
     raise SynthMedError(f"train.optimizer.name={name!r}; choose one of {list(OPTIMIZERS)}.")
   if float(cfg.grad_clip) > 0:
     tx = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip)), tx)
+  every = int(cfg.get("every_k_steps", 1) or 1)
+  if every > 1:  # one update every k steps from the mean of their gradients (e.g. a GAN's D:G = 2:1)
+    tx = optax.MultiSteps(tx, every_k_schedule=every).gradient_transformation()
   return tx, sched
