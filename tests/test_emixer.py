@@ -79,3 +79,24 @@ def test_a_killed_emixer_run_resumes_to_the_same_networks(tmp_path):
   images, blocks = task.generate(full.state.params, jax.random.normal(jax.random.key(1), (3, 16)),
                                  jnp.eye(2)[jnp.array([0, 1, 0])])
   assert images.shape == (3, 16, 16, 1) and blocks.shape == (3, 2, 8) and np.isfinite(np.asarray(images)).all()
+
+
+@pytest.mark.slow
+def test_the_joint_discriminator_scores_matching_pairs_above_mismatched_ones(tmp_path):
+  """After 200 EMIXER steps on the 2-class toy (half the labels), D_joint scores a held-out image with its
+  own report above the same image with the other class's report (all pairs; chance 1/2)."""
+  model = emixer.Model(16, 1, 2, len(VOCAB), z_dim=16, width=16, sentences=2, words=8, hidden=32, word_layers=1)
+  task = EmixerTask(model, VOCAB.index["."], VOCAB.index[reports.EOS])
+  cfg = loop_config(steps=200, batch=32)
+  adam = ConfigDict({"name": "adam", "lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+                     "grad_clip": 0.0, "b1": 0.0, "b2": 0.999})
+  cfg.train.optimizer = ConfigDict({**adam.to_dict(), "every_k_steps": 2})
+  cfg.train.critic_optimizer = adam
+  cfg.train.checkpoint_every = 1000
+  result = train(task, cfg, TrainStream(ArraySource(_arrays(256, 0)), 32, seed=0, num_threads=0), str(tmp_path))
+  test = _arrays(128, 5)
+  x, _, _, _, words = task._inputs({k: jnp.asarray(v) for k, v in test.items()})
+  y = test["label"].argmax(1)
+  other = np.where(y[:, None] == y[None, :], -1, np.arange(128)[None, :]).max(1)  # an image of the other class
+  d = lambda w: np.asarray(model.d_joint.apply({"params": result.state.params["d_joint"]}, x, w))  # noqa: E731
+  assert np.mean(d(words) > d(words[other])) > 0.9

@@ -155,7 +155,7 @@ class ReportEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, words: jax.Array) -> jax.Array:
-    e = words @ self.param("embedding", nn.initializers.normal(0.1), (words.shape[-1], self.hidden))
+    e = words @ self.param("embedding", nn.initializers.normal(1.0), (words.shape[-1], self.hidden))
     h = nn.RNN(nn.LSTMCell(self.hidden), name="lstm")(e)
     words_mass = 1.0 - words[..., 0]  # how much of each position is a word, not <pad>
     h = jnp.sum(h * words_mass[..., None], 1) / jnp.maximum(jnp.sum(words_mass, 1, keepdims=True), 1e-6)
@@ -186,7 +186,10 @@ class JointDiscriminator(nn.Module):
     image = jnp.sum(nn.relu(x), axis=(1, 2))
     report = ReportEncoder(self.hidden, name="report")(words)
     joint = jnp.concatenate([image, report], -1)
-    return SNDense(1, name="out")(nn.leaky_relu(SNDense(self.hidden, name="hidden")(joint), 0.2))[:, 0]
+    # 003's linear layers on [image; report], plus a projection term ⟨W image, report⟩ (our addition, as
+    # the projection discriminator scores a label) so that the score can depend on whether they match
+    match = jnp.sum(SNDense(self.hidden, use_bias=False, name="match")(image) * report, -1)
+    return SNDense(1, name="out")(nn.leaky_relu(SNDense(self.hidden, name="hidden")(joint), 0.2))[:, 0] + match
 
 
 class Model:
