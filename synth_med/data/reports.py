@@ -10,6 +10,7 @@ report, and no single fixed sentence gives the label away.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -172,7 +173,8 @@ def chest_report(findings: Sequence[str], raw: np.ndarray, side_left: bool, seve
   return f"FINDINGS: {body} IMPRESSION: {impression[0].upper() + impression[1:]}"
 
 
-def chest_vocabulary(findings: Sequence[str]) -> Vocabulary:
+@functools.lru_cache(maxsize=None)
+def chest_vocabulary(findings: tuple[str, ...]) -> Vocabulary:
   """Every token the chest writer can produce, in a fixed order: the procedural world's vocabulary."""
   texts = [s for name in findings for s in _FINDING_SENTENCES[name] + _NEGATIONS[name]]
   texts += list(_HEDGES) + list(_DISTRACTORS) + list(_NORMAL_IMPRESSIONS) + list(_ABNORMAL_IMPRESSIONS) + list(_SEVERITY) + list(_ZONES)
