@@ -543,7 +543,8 @@ def analyse_learnt_weights(r: StudyRuns) -> dict[str, Any]:
     raise NotApplicable("no learnt-weights method in this study")
   kind, _ = r.info()
   classes = list(r.metrics(r.reference, r.runs(r.reference)[0])["classes"])
-  ref_preds = os.path.join(r.run_dir(r.reference, r.runs(r.reference)[0]), SYNTHETIC_PREDICTIONS_FILE)
+  ref_path = os.path.join(r.run_dir(r.reference, r.runs(r.reference)[0]), SYNTHETIC_PREDICTIONS_FILE)
+  ref_preds = load_predictions(ref_path) if os.path.exists(ref_path) else {}  # the verdicts on each store
   out: dict[str, Any] = {"methods": {}}
   rows, bars, strips = [], {}, []  # bars: {method: {class or value: mean weight}}
   for m, store in r.learnt_weights.items():
@@ -551,7 +552,7 @@ def analyse_learnt_weights(r: StudyRuns) -> dict[str, Any]:
     paths = [p for p in paths if os.path.exists(p)]
     if not paths or store not in r.stores:
       raise MissingInput(f"{m!r} has no finished run with {LEARNT_WEIGHTS_FILE} (run the classifiers stage)")
-    w = np.mean([np.load(p)["weight"] for p in paths], 0)  # [M, L], averaged over seeds
+    w = np.mean([load_features(p)["weight"] for p in paths], 0)  # [M, L], averaged over seeds
     arrays = r.store(store)
     label, mask = np.asarray(arrays["label"]), np.asarray(arrays["label_mask"])
     entry: dict[str, Any] = {"store": store, "seeds": len(paths), "mean": float(w.mean()),
@@ -570,9 +571,8 @@ def analyse_learnt_weights(r: StudyRuns) -> dict[str, Any]:
     if attr is not None and (np.asarray(attr) >= 0).any():
       names = r.value_names(r.attribute)
       entry["per_value"] = {names[v]: float(w[np.asarray(attr) == v].mean()) for v in np.unique(attr) if v >= 0}
-    if os.path.exists(ref_preds) and store in load_predictions(ref_preds):
-      p = load_predictions(ref_preds)[store]
-      entry["confirmation"] = weight_confirmation(w, requested_confirmed(label, mask, p.probs, kind))
+    if store in ref_preds:
+      entry["confirmation"] = weight_confirmation(w, requested_confirmed(label, mask, ref_preds[store].probs, kind))
     out["methods"][m] = entry
     bars[m] = {**entry["per_class"], **{f"{r.attribute}={v}": x for v, x in entry.get("per_value", {}).items()}}
     conf = entry.get("confirmation", {})

@@ -73,13 +73,10 @@ def save_learnt_weights(task: LearntWeightsTask, params: Any, mesh: jax.sharding
                         batch_size: int) -> np.ndarray:
   """The learnt weight of every row of the store in `folder` (its label as the condition), saved to `path`."""
   arrays = read_shards(folder).arrays
-  fn = jax.jit(lambda p, b: task.weights(p, b), out_shardings=sharding.replicated(mesh))
-  keys = ("image", "label", "label_mask")
-  out = []
-  for batch, valid in eval_batches(ArraySource({k: arrays[k] for k in keys}), batch_size):
-    keep = multihost_utils.process_allgather(valid, tiled=True)
-    out.append(np.asarray(jax.device_get(fn(params, sharding.to_global({k: batch[k] for k in keys}, mesh))))[keep])
-  weights = np.concatenate(out).astype(np.float32)
+  fn = jax.jit(task.weights, out_shardings=sharding.replicated(mesh))
+  source = ArraySource({k: arrays[k] for k in ("image", "label", "label_mask")})
+  weights = source_outputs(source, lambda batch: jax.device_get(fn(params, sharding.to_global(batch, mesh))),
+                           batch_size).astype(np.float32)
   artifacts.atomic_write(path, lambda f: np.savez_compressed(f, weight=weights), mode="wb", suffix=".npz")
   return weights
 
@@ -104,13 +101,18 @@ def make_embed(task: ClassifierTask, mesh: jax.sharding.Mesh):
   return _batch_fn(task, mesh, "embed", lambda logits, features: features)
 
 
-def embed_source(source: Any, embed: Any, batch_size: int) -> np.ndarray:
-  """Every example's features, in order, as float16."""
+def source_outputs(source: Any, fn: Any, batch_size: int) -> np.ndarray:
+  """fn(local batch dict) -> the global batch's outputs, for every example of `source`, in order."""
   out = []
   for batch, valid in eval_batches(source, batch_size):
     keep = multihost_utils.process_allgather(valid, tiled=True)
-    out.append(np.asarray(embed(batch))[keep].astype(np.float16))
+    out.append(np.asarray(fn(batch))[keep])
   return np.concatenate(out)
+
+
+def embed_source(source: Any, embed: Any, batch_size: int) -> np.ndarray:
+  """Every example's features, in order, as float16."""
+  return source_outputs(source, embed, batch_size).astype(np.float16)
 
 
 def load_embedder(config: Any, run_dir: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -3,8 +3,8 @@
   image features -> a sentence LSTM that, per sentence, emits a topic vector and a stop probability
                  -> a word LSTM (3 layers in 003) that writes each sentence from its topic.
 
-Reports are token ids (`data.reports`); `sentence_blocks` cuts them into [sentences, words] at the '.'
-token. Training is teacher-forced (`loss`: word cross-entropy over the real words + the stop flags' BCE);
+Reports are token ids (`data.reports`); `blocks_from_tokens` cuts them into [sentences, words] at the
+'.' token. Training is teacher-forced (`loss`: word cross-entropy over the real words + the stop flags' BCE);
 `generate` decodes greedily. The image encoder is a small strided CNN (the cascade's resolutions on CPU).
 """
 from __future__ import annotations
@@ -17,29 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from synth_med.data.reports import BOS, EOS, PAD
-
-
-def sentence_blocks(tokens: np.ndarray, period: int, eos: int, sentences: int, words: int) -> np.ndarray:
-  """int32[N, sentences, words]: each report's sentences (<bos> and <eos> dropped; each sentence keeps its
-  '.' as its last word), one per row, cut or 0-padded. A sentence without '.' (the last) ends at <eos>."""
-  tokens = np.asarray(tokens)
-  out = np.zeros((len(tokens), sentences, words), np.int32)
-  for i, row in enumerate(tokens):
-    s, w = 0, 0
-    for t in row[1:]:
-      if t == eos or t == 0 or s >= sentences:
-        break
-      if w < words:
-        out[i, s, w] = t
-      w += 1
-      if t == period:
-        s, w = s + 1, 0
-  return out
 
 
 def blocks_from_tokens(tokens: jax.Array, period: int, eos: int, sentences: int, words: int) -> jax.Array:
-  """`sentence_blocks` in jax (inside a jitted step): int32[B, L] report ids -> [B, sentences, words]."""
+  """int32[B, L] report ids -> [B, sentences, words]: each report's sentences (<bos> and <eos> dropped; each
+  sentence keeps its '.' as its last word), one per row, cut or 0-padded. A sentence without '.' (the last)
+  ends at <eos>. Runs inside a jitted step."""
   body = tokens[:, 1:]
   length = body.shape[1]
   valid = jnp.cumsum((body == eos) | (body == 0), axis=1) == 0
@@ -57,7 +40,7 @@ def blocks_from_tokens(tokens: jax.Array, period: int, eos: int, sentences: int,
 
 
 def join_sentences(blocks: np.ndarray) -> np.ndarray:
-  """The inverse of `sentence_blocks` for one report [sentences, words] -> its word ids in order."""
+  """The inverse of `blocks_from_tokens` for one report [sentences, words] -> its word ids in order."""
   return np.asarray([t for sentence in np.asarray(blocks) for t in sentence if t != 0], np.int32)
 
 
@@ -205,5 +188,4 @@ def load(path: str) -> Any:
     return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files})
 
 
-__all__ = ["Model", "generate", "load", "loss", "sentence_blocks", "soft_generate", "join_sentences", "PAD", "BOS",
-           "EOS"]
+__all__ = ["Model", "blocks_from_tokens", "generate", "join_sentences", "load", "loss", "soft_generate"]

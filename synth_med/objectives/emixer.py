@@ -71,7 +71,7 @@ class EmixerTask:
     m = self.model
     x, y, labelled, blocks, words = self._inputs(batch)
     b = x.shape[0]
-    z_rng, r_rng, f_rng, s_rng = jax.random.split(rng, 4)
+    z_rng, r_rng, f_rng = jax.random.split(rng, 3)
     z = jax.random.normal(z_rng, (b, m.z_dim))
     fake = m.generator.apply({"params": params["generator"]}, z, y)
     fake_words = report_decoder.soft_generate(m.decoder, params["decoder"], fake, self.temperature)
@@ -105,7 +105,6 @@ class EmixerTask:
            + jnp.mean(sp(-d_joint(sg(params["d_joint"]), fake, fake_words)))
            + self.rotation_weight * rotation_ce(sg(params["d_image"]), fake, f_rng))
     l_f, f_metrics = report_decoder.loss(m.decoder, params["decoder"], x, blocks)
-    del s_rng
     metrics = {"d_image": l_image, "d_report": l_report, "d_joint": l_joint, "rotation": l_rot_d,
                "generator": l_g, "decoder": l_f, "decoder_accuracy": f_metrics["word_accuracy"]}
     return l_d + l_g + l_f, metrics

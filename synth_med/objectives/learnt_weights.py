@@ -91,10 +91,6 @@ class LearntWeightsTask:
                                       self.ids.entropy)
 
   # -- what the rest of the project reads from a classifier task ----------------------------------------
-  @property
-  def model(self) -> Any:
-    return self.classifier.model
-
   def logits(self, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(logits, features) of the classifier part, for uint8 images."""
     return self.classifier.logits(params["classifier"], images)

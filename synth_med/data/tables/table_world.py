@@ -69,6 +69,7 @@ class TableWorld:
                             "CSV name the text column in data.columns.report; or set data.report_length=0.")
       # The training split's words seen twice or more (the rest are <unk>), so no test report shapes it.
       self._vocabulary = Vocabulary.build(table.reports[self._splits["train"]].tolist(), min_count=2)
+      self._report_ids = self._vocabulary.encode(table.reports.tolist(), self.report_length)  # once, not per batch
 
   @property
   def ood_domains(self) -> tuple[str, ...]:
@@ -155,7 +156,7 @@ class TableWorld:
     for a in self.spec.attributes:
       out[f"attrs/{a.name}"] = meta[f"attrs/{a.name}"]
     if self.report_length > 0:
-      out["report"] = self._vocabulary.encode(self.table.reports[ids].tolist(), self.report_length)
+      out["report"] = self._report_ids[ids]
     return out
 
   def report_vocabulary(self) -> Vocabulary:
